@@ -1,0 +1,70 @@
+"""The real broker: topics, headers round-trip, committed offsets."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from tests.conftest import unique
+from tm.adapters import kafka
+from tm.config import Settings
+from tm.errors import KafkaUnavailableError
+
+pytestmark = pytest.mark.integration
+
+
+def test_create_topics_creates_only_missing(settings: Settings, topic: str) -> None:
+    first = kafka.create_topics(settings.kafka, [topic], partitions=3)
+    second = kafka.create_topics(settings.kafka, [topic, f"{topic}-b"], partitions=2)
+    assert first == {topic: "created"}
+    assert second == {topic: "exists", f"{topic}-b": "created"}
+    topics = kafka.describe(settings.kafka, timeout_s=10).topics
+    assert topics[topic] == 3
+    assert topics[f"{topic}-b"] == 2
+
+
+def test_headers_round_trip_and_committed_offset(settings: Settings, topic: str) -> None:
+    kafka.create_topics(settings.kafka, [topic], partitions=1)
+    headers = [
+        ("task_type", b"web-crawl"),
+        ("status", b"new"),
+        ("timestamp", b"2025-08-10T10:18:59.023Z"),
+        ("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+    ]
+    base = kafka.client_config(settings.kafka)
+    producer = Producer({**base, "enable.idempotence": True, "acks": "all"})
+    producer.produce(topic, value=b'{"user_email":"a@b.co"}', key=None, headers=headers)
+    assert producer.flush(10) == 0
+
+    group = unique("tm-test-group")
+    consumer = Consumer(
+        {
+            **base,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        consumer.subscribe([topic])
+        message = None
+        for _ in range(60):
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                break
+        assert message is not None and message.error() is None
+        assert message.value() == b'{"user_email":"a@b.co"}'
+        assert message.key() is None
+        assert message.headers() == headers
+        consumer.commit(message=message, asynchronous=False)
+        committed = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+        assert committed[0].offset == message.offset() + 1
+    finally:
+        consumer.close()
+
+
+def test_describe_unreachable_broker_raises_transient(settings: Settings) -> None:
+    broken = msgspec.structs.replace(settings.kafka, brokers=("127.0.0.1:1",))
+    with pytest.raises(KafkaUnavailableError):
+        kafka.describe(broken, timeout_s=1.5)

@@ -1,0 +1,152 @@
+"""Settings: defaults, booleans, and one clear error for each kind of bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tm import config
+from tm.errors import ConfigError
+
+
+def test_defaults_follow_the_original_service() -> None:
+    s = config.load({})
+    assert s.kafka.brokers == ("localhost:9092",)
+    assert s.kafka.client_id == "task-manager"
+    assert s.kafka.group_id == "task-manager-group"
+    assert s.kafka.group_instance_id is None
+    assert s.kafka.task_status_topic == "task-status"
+    assert s.kafka.web_crawl_request_topic == "requests-web-crawl"
+    assert s.kafka.dlq_topic == "task-status.dlq"
+    assert (s.kafka.ssl_enabled, s.kafka.sasl_enabled) == (False, False)
+    assert (s.postgres.host, s.postgres.port) == ("localhost", 5432)
+    assert (s.postgres.user, s.postgres.password) == ("postgres", "password")
+    assert s.postgres.database == "tasks_manager"
+    assert s.postgres.ssl is False
+    assert s.postgres.max_connections == 10
+    assert s.http.port == 3000
+    assert s.http.api_token is None
+    assert s.http.metrics_default_hours == 24
+    assert s.http.metrics_available_hours == (1, 6, 12, 24, 48, 72)
+    assert s.log.format == "simple"
+    assert s.log.level == "info"
+    assert s.log.service_name == "Task Manager"
+    assert (s.log.colors, s.log.pii, s.log.directory) == (False, False, None)
+    assert s.otel.service_name == "task-manager"
+    assert s.otel.exporter_endpoint == "http://localhost:4318"
+    assert s.consumer.workers == (os.cpu_count() or 1)
+    assert s.consumer.graceful_shutdown_timeout_ms == 30000
+    assert s.consumer.max_result_chars == 1_048_576
+
+
+def test_settings_are_frozen() -> None:
+    s = config.load({})
+    with pytest.raises(AttributeError):
+        s.postgres.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        (" false ", False),
+    ],
+)
+def test_booleans(raw: str, expected: bool) -> None:
+    s = config.load({"POSTGRES_SSL": raw, "OTEL_ENABLED": raw, "LOG_COLORS": raw})
+    assert s.postgres.ssl is expected
+    assert s.otel.enabled is expected
+    assert s.log.colors is expected
+
+
+def test_empty_value_means_default() -> None:
+    assert config.load({"POSTGRES_PORT": "", "LOG_PII": "  "}).postgres.port == 5432
+
+
+def test_values_are_parsed() -> None:
+    s = config.load(
+        {
+            "KAFKA_BROKERS": " a:9092 , b:9093 ",
+            "POSTGRES_PORT": "6543",
+            "TM_WORKERS": "3",
+            "LOG_FORMAT": "Structured",
+            "METRICS_AVAILABLE_TIME_RANGES": "1,2,3",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "TRACING_SAMPLING_RATE": "0.25",
+            "KAFKA_SASL_ENABLED": "yes",
+            "KAFKA_SASL_USERNAME": "u",
+            "KAFKA_SASL_PASSWORD": "p",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        }
+    )
+    assert s.kafka.brokers == ("a:9092", "b:9093")
+    assert s.postgres.port == 6543
+    assert s.consumer.workers == 3
+    assert s.log.format == "structured"
+    assert s.http.metrics_available_hours == (1, 2, 3)
+    assert s.otel.exporter_endpoint == "http://collector:4318"
+    assert s.otel.sampling_rate == 0.25
+    assert s.kafka.sasl_mechanism == "scram-sha-512"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("POSTGRES_PORT", "abc", "an integer in 1..65535"),
+        ("POSTGRES_PORT", "70000", "an integer in 1..65535"),
+        ("TM_WORKERS", "0", "an integer in 1..256"),
+        ("POSTGRES_SSL", "maybe", "one of true/false"),
+        ("LOG_FORMAT", "xml", "one of simple, structured, otel"),
+        ("LOG_LEVEL", "verbose", "one of debug, info, warn, error"),
+        ("TASK_STATUS_TOPIC", "bad topic!", "a Kafka topic name"),
+        ("KAFKA_BROKERS", "localhost", "a list of host:port"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "an http(s) base URL"),
+        ("TRACING_SAMPLING_RATE", "2", "a number in 0.0..1.0"),
+        ("METRICS_AVAILABLE_TIME_RANGES", "1,x", "positive integers"),
+        ("KAFKA_SASL_MECHANISM", "gssapi", "one of plain"),
+    ],
+)
+def test_bad_value_names_variable_value_and_expectation(
+    variable: str, value: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load({variable: value})
+    message = str(info.value)
+    assert (info.value.variable, info.value.value) == (variable, value)
+    assert message.startswith(f"{variable}={value!r} is invalid: expected ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_sasl_without_credentials_is_refused() -> None:
+    with pytest.raises(ConfigError, match="KAFKA_SASL_USERNAME"):
+        config.load({"KAFKA_SASL_ENABLED": "true"})
+
+
+def test_backoff_cap_below_initial_is_refused() -> None:
+    with pytest.raises(ConfigError, match="TM_RETRY_BACKOFF_MAX_MS"):
+        config.load({"TM_RETRY_BACKOFF_INITIAL_MS": "500", "TM_RETRY_BACKOFF_MAX_MS": "100"})
+
+
+def test_cli_exits_2_with_one_line_on_a_bad_setting() -> None:
+    env = {**os.environ, "POSTGRES_PORT": "not-a-port"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tm", "check"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "tm: POSTGRES_PORT='not-a-port' is invalid: expected an integer in 1..65535"
+    ]

@@ -1,0 +1,60 @@
+"""Command line: ``tm <command>``. Parses argv, loads the settings once, runs the command.
+
+Exit status: 0 success, 1 failure, 2 bad settings or usage (one line on stderr naming it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tm import commands, config
+from tm.errors import ConfigError, TmError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tm", description="Task manager of the web-crawl system")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="db-command"
+    )
+    db.add_parser("migrate", help="apply pending migrations from sql/ (a second run does nothing)")
+
+    sub.add_parser("check", help="say whether PostgreSQL and Kafka answer; non-zero if not")
+
+    topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(
+        dest="topics_command", required=True, metavar="topics-command"
+    )
+    create = topics.add_parser("create", help="create task-status, requests and DLQ topics")
+    create.add_argument(
+        "--partitions", type=int, default=None, help="partition count (TM_TOPIC_PARTITIONS)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = config.load()
+        if args.command == "db":
+            return commands.db_migrate(settings)
+        if args.command == "check":
+            return commands.check(settings)
+        if args.command == "topics":
+            if args.partitions is not None and args.partitions < 1:
+                raise ConfigError("--partitions", str(args.partitions), "a positive integer")
+            return commands.topics_create(settings, args.partitions)
+    except ConfigError as exc:
+        print(f"tm: {exc}", file=sys.stderr)
+        return 2
+    except TmError as exc:
+        print(f"tm: {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The operator commands behind ``tm db migrate``, ``tm check`` and ``tm topics create``.
+
+Each returns the process exit status and prints one line per thing it did or found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tm.adapters import kafka, migrations, postgres
+from tm.config import Settings
+from tm.errors import TmError
+
+CHECK_TIMEOUT_S = 5.0  # per dependency; long enough for a slow broker, short for a probe
+
+
+def db_migrate(settings: Settings) -> int:
+    async def run() -> list[migrations.Migration]:
+        conn = await postgres.connect(settings.postgres)
+        try:
+            return await migrations.migrate(conn)
+        except BaseException as exc:
+            raise postgres.translate_error(exc) from exc
+        finally:
+            await conn.close()
+
+    applied = asyncio.run(run())
+    for migration in applied:
+        print(f"applied {migration.version:04d}_{migration.name}")
+    if not applied:
+        print("schema is up to date; nothing to apply")
+    return 0
+
+
+def check(settings: Settings) -> int:
+    """One line per dependency: reached or not, and why. Non-zero when any is not reached."""
+    ok = True
+    for name, probe in (("postgres", _check_postgres), ("kafka", _check_kafka)):
+        started = time.perf_counter()
+        try:
+            detail = probe(settings)
+        except TmError as exc:
+            ok = False
+            print(f"{name}: NOT reached: {exc}")
+        else:
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            print(f"{name}: reached in {elapsed_ms:.0f} ms: {detail}")
+    return 0 if ok else 1
+
+
+def _check_postgres(settings: Settings) -> str:
+    pg = settings.postgres
+
+    async def run() -> str:
+        conn = await postgres.connect(pg)
+        try:
+            version = await conn.fetchval("SHOW server_version")
+            state = await migrations.status(conn)
+        except BaseException as exc:
+            raise postgres.translate_error(exc) from exc
+        finally:
+            await conn.close()
+        pending = ", ".join(f"{m.version:04d}_{m.name}" for m in state.pending)
+        schema = f"{len(state.pending)} pending ({pending})" if pending else "migrated"
+        return f"{pg.host}:{pg.port}/{pg.database} PostgreSQL {version}, schema {schema}"
+
+    return asyncio.run(asyncio.wait_for(run(), CHECK_TIMEOUT_S * 2))
+
+
+def _check_kafka(settings: Settings) -> str:
+    info = kafka.describe(settings.kafka, timeout_s=CHECK_TIMEOUT_S)
+    k = settings.kafka
+    wanted = (k.task_status_topic, k.web_crawl_request_topic, k.dlq_topic)
+    topics = ", ".join(
+        f"{t} ({info.topics[t]} partitions)" if t in info.topics else f"{t} missing" for t in wanted
+    )
+    return f"{','.join(k.brokers)} ({info.brokers} broker(s)); topics: {topics}"
+
+
+def topics_create(settings: Settings, partitions: int | None) -> int:
+    k = settings.kafka
+    count = partitions or k.topic_partitions
+    names = [k.task_status_topic, k.web_crawl_request_topic, k.dlq_topic]
+    for name, what in kafka.create_topics(k, names, partitions=count).items():
+        print(f"{what} {name}" + (f" ({count} partitions)" if what == "created" else ""))
+    return 0
