@@ -3,7 +3,7 @@
 -- Written to run on an empty database and on a database the original service created (its
 -- schema files applied by hand, with the `data`/`result` drift): existing rows are kept.
 
-CREATE EXTENSION IF NOT EXISTS pgcrypto;
+CREATE EXTENSION IF NOT EXISTS pgcrypto SCHEMA public;
 
 DO $$
 BEGIN

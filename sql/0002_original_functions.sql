@@ -5,10 +5,13 @@
 
 -- Versions the original left behind in some databases: the 8-argument create of its first
 -- schema, and the timestamp (not timestamptz) overload of update from its migration 001, which
--- made untyped calls ambiguous. The find functions change their result column (data -> result),
--- which CREATE OR REPLACE cannot do.
+-- made untyped calls ambiguous. Older shapes of some functions differ in what CREATE OR REPLACE
+-- cannot change: the find functions' result column (data -> result), update's parameter name
+-- (p_data before the original's 816988b), the metrics' result columns (no total before e517c49).
 DROP FUNCTION IF EXISTS create_web_crawl_task(uuid, varchar, text, varchar, timestamptz, task_status, timestamptz, timestamptz);
 DROP FUNCTION IF EXISTS update_web_crawl_task(uuid, task_status, text, timestamp, timestamp);
+DROP FUNCTION IF EXISTS update_web_crawl_task(uuid, task_status, text, timestamptz, timestamptz);
+DROP FUNCTION IF EXISTS get_web_crawl_metrics(integer);
 DROP FUNCTION IF EXISTS find_web_crawl_task_by_id(uuid);
 DROP FUNCTION IF EXISTS find_web_crawl_tasks_by_status(task_status);
 DROP VIEW IF EXISTS completed_web_crawl_tasks;
@@ -82,7 +85,7 @@ LANGUAGE sql STABLE AS $$
            t.finished_at, t.created_at, t.updated_at
     FROM web_crawl_tasks t
     WHERE t.status = p_status
-    ORDER BY t.created_at DESC
+    ORDER BY t.created_at DESC, t.id DESC
 $$;
 
 CREATE OR REPLACE FUNCTION count_web_crawl_tasks_by_status(p_status task_status)

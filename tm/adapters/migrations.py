@@ -53,7 +53,7 @@ def discover(directory: Path = SQL_DIR) -> list[Migration]:
         version = int(match.group(1))
         if version in migrations:
             raise MigrationError(f"{path.name}: version {version} is used twice")
-        migrations[version] = Migration(version, match.group(2), path.read_text())
+        migrations[version] = Migration(version, match.group(2), path.read_text(encoding="utf-8"))
     if not migrations:
         raise MigrationError(f"no migrations found in {directory}")
     return [migrations[v] for v in sorted(migrations)]
@@ -99,6 +99,7 @@ async def status(conn: asyncpg.Connection, directory: Path = SQL_DIR) -> Status:
 
 async def migrate(conn: asyncpg.Connection, directory: Path = SQL_DIR) -> list[Migration]:
     """Apply every pending migration, each in its own transaction; return those applied."""
+    discover(directory)  # refuse a bad tree before touching the database
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await _ensure_ledger(conn)

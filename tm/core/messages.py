@@ -1,13 +1,18 @@
-"""Message vocabulary shared by the consumer and the database: task states and batch outcomes.
+"""Message vocabulary: task states, batch outcomes, the inbound body Structs and their decoders,
+and the decoded forms the pipeline works with (``NewTask``, ``StatusUpdate``, ``Rejected``).
 
 ``TaskStatus`` is the Python side of the PostgreSQL enum ``task_status``; a test reads ``pg_enum``
-and fails when the two lists drift apart. ``Outcome`` names what the set-based functions return
-for each input row.
+and fails when the two lists drift apart. Decoders are built once, at import (msgspec perf tips).
 """
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
+
+import msgspec
 
 
 class TaskStatus(StrEnum):
@@ -27,3 +32,94 @@ class Outcome(StrEnum):
     UNCHANGED = "unchanged"
     TASK_NOT_FOUND = "task_not_found"
     INVALID_TRANSITION = "invalid_transition"
+
+
+class Reason(StrEnum):
+    """The stable codes of the ``dlq_reason`` header."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_HEADERS = "invalid_headers"
+    INVALID_BODY = "invalid_body"
+    TASK_NOT_FOUND = "task_not_found"
+    INVALID_TRANSITION = "invalid_transition"
+    RESULT_TOO_LARGE = "result_too_large"
+    ROW_REJECTED = "row_rejected"
+
+
+TASK_TYPE = "web-crawl"
+# Namespace of the UUIDv5 ids given to `new` events without a task_id header; fixed forever,
+# because a redelivered event must get the same id.
+TASK_ID_NAMESPACE = uuid.UUID("5b7c36f2-9a0e-4c1e-8f57-7d1f0c2f6a10")
+MAX_ERROR_CHARS = 1000  # longer error texts are truncated with a marker, not rejected
+
+# Header names of dead letters (DESIGN §2).
+DLQ_REASON = "dlq_reason"
+DLQ_ERROR = "dlq_error"
+DLQ_TOPIC = "dlq_topic"
+DLQ_PARTITION = "dlq_partition"
+DLQ_OFFSET = "dlq_offset"
+DLQ_TIMESTAMP = "dlq_timestamp"
+DLQ_HEADERS = (DLQ_REASON, DLQ_ERROR, DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_TIMESTAMP)
+
+
+class NewTaskBody(msgspec.Struct):
+    user_email: Annotated[str, msgspec.Meta(max_length=255)]
+    user_query: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    base_url: Annotated[str, msgspec.Meta(max_length=2048)]
+
+
+class CompletedBody(msgspec.Struct):
+    crawl_result: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class ErrorBody(msgspec.Struct):
+    error: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+NEW_TASK_DECODER = msgspec.json.Decoder(NewTaskBody)
+COMPLETED_DECODER = msgspec.json.Decoder(CompletedBody)
+ERROR_DECODER = msgspec.json.Decoder(ErrorBody)
+
+
+class NewTask(msgspec.Struct, gc=False):
+    """A valid ``new`` event: the row to create and the crawl request to send."""
+
+    id: uuid.UUID
+    user_email: str
+    user_query: str
+    base_url: str
+    received_at: datetime
+    traceparent: str | None
+    tracestate: str | None
+
+
+class StatusUpdate(msgspec.Struct, gc=False):
+    """A valid ``completed`` or ``error`` event."""
+
+    id: uuid.UUID
+    status: TaskStatus
+    result: str
+    finished_at: datetime
+    traceparent: str | None
+    tracestate: str | None
+
+
+class Rejected(msgspec.Struct, gc=False):
+    """A message that can never succeed, with its dead-letter reason and a readable error."""
+
+    reason: Reason
+    error: str
+
+
+Decoded = NewTask | StatusUpdate | Rejected
+
+
+class CrawlRequest(msgspec.Struct):
+    """The value of an outbound crawl request (wire names of the original service)."""
+
+    user_email: str
+    user_query: str
+    base_url: str
+
+
+CRAWL_REQUEST_ENCODER = msgspec.json.Encoder()

@@ -1,0 +1,195 @@
+"""Raw Kafka message parts -> ``NewTask | StatusUpdate | Rejected``.
+
+Pure and cheap (a few microseconds per message): no I/O, no clock. The Kafka coordinates are
+passed in because a ``new`` event without a ``task_id`` header gets a UUIDv5 of them, so a
+redelivery finds the same row.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import msgspec
+
+from tm.core.messages import (
+    COMPLETED_DECODER,
+    ERROR_DECODER,
+    MAX_ERROR_CHARS,
+    NEW_TASK_DECODER,
+    TASK_ID_NAMESPACE,
+    TASK_TYPE,
+    Decoded,
+    NewTask,
+    Reason,
+    Rejected,
+    StatusUpdate,
+    TaskStatus,
+)
+
+_EMAIL_RE = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+_TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_STATUSES = {s.value: s for s in TaskStatus}
+_WANTED = frozenset({"task_type", "status", "timestamp", "task_id", "traceparent", "tracestate"})
+_MAX_TRACESTATE = 512
+# Epoch milliseconds accepted in the timestamp header: years 1970..9999.
+_MAX_EPOCH_MS = 253_402_300_799_999
+
+Headers = Sequence[tuple[str, bytes | None]] | None
+
+
+class DecodeStats:
+    """Counts the pipeline reports as metrics: trace contexts dropped as invalid."""
+
+    __slots__ = ("invalid_trace_context",)
+
+    def __init__(self) -> None:
+        self.invalid_trace_context = 0
+
+
+def parse_timestamp(raw: str) -> datetime | None:
+    """ISO-8601 (a missing zone means UTC) or epoch-milliseconds digits; None if neither."""
+    if raw.isdigit():
+        millis = int(raw)
+        if millis > _MAX_EPOCH_MS:
+            return None
+        return datetime.fromtimestamp(millis / 1000, UTC)
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def valid_traceparent(raw: str) -> bool:
+    match = _TRACEPARENT_RE.match(raw)
+    return (
+        match is not None
+        and match.group(1) != "ff"
+        and match.group(2) != _ZERO_TRACE
+        and match.group(3) != _ZERO_SPAN
+    )
+
+
+def new_task_id(topic: str, partition: int, offset: int, timestamp_ms: int) -> uuid.UUID:
+    """The id of a ``new`` event without a task_id header: stable across redeliveries."""
+    return uuid.uuid5(TASK_ID_NAMESPACE, f"{topic}/{partition}/{offset}/{timestamp_ms}")
+
+
+def truncate_error(text: str) -> str:
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_CHARS]}… [truncated: {len(text)} chars in all]"
+
+
+def _valid_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and " " not in url
+    except ValueError:
+        return False
+
+
+def decode(
+    headers: Headers,
+    value: bytes | None,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+    max_result_chars: int,
+    stats: DecodeStats,
+) -> Decoded:
+    """Validate one message; never raises for bad input (the result says why)."""
+    found: dict[str, str] = {}
+    if headers:
+        for key, raw in headers:
+            if key in _WANTED and key not in found and raw is not None:
+                try:
+                    found[key] = raw.decode()
+                except UnicodeDecodeError:
+                    return Rejected(Reason.INVALID_HEADERS, f"header {key}: not valid UTF-8")
+
+    task_type = found.get("task_type")
+    if task_type != TASK_TYPE:
+        got = "missing" if task_type is None else f"got {task_type!r}"
+        return Rejected(Reason.INVALID_HEADERS, f"header task_type: expected 'web-crawl', {got}")
+    status = _STATUSES.get(found.get("status", ""))
+    if status is None:
+        got = "missing" if "status" not in found else f"got {found['status']!r}"
+        return Rejected(
+            Reason.INVALID_HEADERS, f"header status: expected new, completed or error, {got}"
+        )
+    raw_ts = found.get("timestamp")
+    if raw_ts is None:
+        return Rejected(Reason.INVALID_HEADERS, "header timestamp: missing")
+    timestamp = parse_timestamp(raw_ts)
+    if timestamp is None:
+        return Rejected(
+            Reason.INVALID_HEADERS,
+            f"header timestamp: expected ISO-8601 or epoch milliseconds, got {raw_ts!r}",
+        )
+    raw_id = found.get("task_id")
+    task_id: uuid.UUID | None = None
+    if raw_id is not None:
+        try:
+            task_id = uuid.UUID(raw_id)
+        except ValueError:
+            return Rejected(Reason.INVALID_HEADERS, f"header task_id: not a UUID: {raw_id!r}")
+    elif status is not TaskStatus.NEW:
+        return Rejected(Reason.INVALID_HEADERS, f"header task_id: required for status {status}")
+
+    traceparent = found.get("traceparent")
+    tracestate = found.get("tracestate")
+    if traceparent is not None and not valid_traceparent(traceparent):
+        stats.invalid_trace_context += 1
+        traceparent = tracestate = None
+    elif tracestate is not None and (traceparent is None or len(tracestate) > _MAX_TRACESTATE):
+        tracestate = None
+
+    body = value if value is not None else b"{}"
+    try:
+        if status is TaskStatus.NEW:
+            new = NEW_TASK_DECODER.decode(body)
+            if not _EMAIL_RE.match(new.user_email):
+                return Rejected(
+                    Reason.INVALID_BODY, "Expected an e-mail address - at `$.user_email`"
+                )
+            if not _valid_url(new.base_url):
+                return Rejected(
+                    Reason.INVALID_BODY, "Expected an http(s) URL with a host - at `$.base_url`"
+                )
+            return NewTask(
+                task_id or new_task_id(topic, partition, offset, timestamp_ms),
+                new.user_email,
+                new.user_query,
+                new.base_url,
+                timestamp,
+                traceparent,
+                tracestate,
+            )
+        if status is TaskStatus.COMPLETED:
+            result = COMPLETED_DECODER.decode(body).crawl_result
+            if len(result) > max_result_chars:
+                return Rejected(
+                    Reason.RESULT_TOO_LARGE,
+                    f"crawl_result has {len(result)} chars; the limit is {max_result_chars}"
+                    " - at `$.crawl_result`",
+                )
+        else:
+            result = truncate_error(ERROR_DECODER.decode(body).error)
+    except msgspec.ValidationError as exc:
+        return Rejected(Reason.INVALID_BODY, str(exc))
+    except msgspec.DecodeError as exc:
+        return Rejected(Reason.INVALID_JSON, str(exc))
+    assert task_id is not None  # checked above for completed/error  # noqa: S101
+    return StatusUpdate(task_id, status, result, timestamp, traceparent, tracestate)
