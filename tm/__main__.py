@@ -21,6 +21,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     db.add_parser("migrate", help="apply pending migrations from sql/ (a second run does nothing)")
 
+    sub.add_parser("run", help="consume task events: the supervisor and its workers")
+    send = sub.add_parser("send", help="sample traffic in the producers' wire format")
+    send.add_argument("kind", choices=["new", "updates"], help="new tasks, or updates of new ones")
+    send.add_argument("--count", type=int, default=10, help="how many messages (default 10)")
+    send.add_argument("--rate", type=float, default=None, help="messages per second (default: max)")
+    send.add_argument(
+        "--error-ratio", type=float, default=0.2, help="updates: share of `error` (default 0.2)"
+    )
     sub.add_parser("check", help="say whether PostgreSQL and Kafka answer; non-zero if not")
 
     topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(
@@ -37,6 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = config.load()
+        if args.command == "run":
+            from tm import supervisor
+            from tm.observability import logs
+
+            logs.setup(settings.log)
+            return supervisor.run(settings)
+        if args.command == "send":
+            from tm import traffic
+
+            if args.count < 0:
+                raise ConfigError("--count", str(args.count), "a non-negative integer")
+            if args.kind == "new":
+                sent = traffic.send_new(settings, args.count, args.rate)
+            else:
+                sent = traffic.send_updates(settings, args.count, args.error_ratio, args.rate)
+            print(f"sent {sent} {args.kind} message(s) to {settings.kafka.task_status_topic}")
+            return 0
         if args.command == "db":
             return commands.db_migrate(settings)
         if args.command == "check":

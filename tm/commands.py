@@ -20,7 +20,7 @@ def db_migrate(settings: Settings) -> int:
         conn = await postgres.connect(settings.postgres)
         try:
             return await migrations.migrate(conn)
-        except BaseException as exc:
+        except Exception as exc:
             raise postgres.translate_error(exc) from exc
         finally:
             await conn.close()
@@ -57,7 +57,7 @@ def _check_postgres(settings: Settings) -> str:
         try:
             version = await conn.fetchval("SHOW server_version")
             state = await migrations.status(conn)
-        except BaseException as exc:
+        except Exception as exc:
             raise postgres.translate_error(exc) from exc
         finally:
             await conn.close()
@@ -85,3 +85,44 @@ def topics_create(settings: Settings, partitions: int | None) -> int:
     for name, what in kafka.create_topics(k, names, partitions=count).items():
         print(f"{what} {name}" + (f" ({count} partitions)" if what == "created" else ""))
     return 0
+
+
+def preflight_problem(settings: Settings) -> str | None:
+    """What stops tm from starting, in one line: a dependency that does not answer, a schema
+    not migrated, a missing topic. None when all is well."""
+    pg = settings.postgres
+
+    async def schema() -> str | None:
+        conn = await postgres.connect(pg)
+        try:
+            state = await migrations.status(conn)
+        except Exception as exc:
+            raise postgres.translate_error(exc) from exc
+        finally:
+            await conn.close()
+        if state.pending:
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in state.pending)
+            return f"the schema is not migrated ({names} pending): run `tm db migrate`"
+        return None
+
+    try:
+        problem = asyncio.run(asyncio.wait_for(schema(), CHECK_TIMEOUT_S * 2))
+    except TmError as exc:
+        return f"PostgreSQL at {pg.host}:{pg.port}/{pg.database}: {exc}"
+    except TimeoutError:
+        return f"PostgreSQL at {pg.host}:{pg.port} did not answer in {CHECK_TIMEOUT_S * 2:.0f} s"
+    if problem:
+        return problem
+    k = settings.kafka
+    try:
+        info = kafka.describe(k, timeout_s=CHECK_TIMEOUT_S)
+    except TmError as exc:
+        return f"Kafka at {','.join(k.brokers)}: {exc}"
+    missing = [
+        t
+        for t in (k.task_status_topic, k.web_crawl_request_topic, k.dlq_topic)
+        if t not in info.topics
+    ]
+    if missing:
+        return f"topic(s) {', '.join(missing)} do not exist: run `tm topics create`"
+    return None

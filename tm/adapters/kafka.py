@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -123,3 +123,169 @@ def create_topics(
             else:
                 raise translate_error(exc) from exc
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The consumer and the producer of a worker. Built after the fork, used from worker threads.
+
+# Per-partition fetch queue of the consumer; librdkafka's default (64 MiB) times partitions
+# times workers would blow the 512 MiB memory budget on its own.
+QUEUED_MAX_KBYTES = 8192
+# How long the producer batches before sending: a batch's publishes go out together anyway,
+# and waiting for the acknowledgements dominates.
+PRODUCER_LINGER_MS = 2
+
+
+def consumer_config(settings: KafkaSettings, *, slot: int) -> dict[str, Any]:
+    config = client_config(settings)
+    config.update(
+        {
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": settings.session_timeout_ms,
+            "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+            "queued.max.messages.kbytes": QUEUED_MAX_KBYTES,
+            "client.id": f"{settings.client_id}-{slot}",
+        }
+    )
+    if settings.group_instance_id:
+        config["group.instance.id"] = f"{settings.group_instance_id}-{slot}"
+    return config
+
+
+def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+    config = client_config(settings)
+    config.update(
+        {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": PRODUCER_LINGER_MS,
+            "compression.type": "lz4",
+            "message.timeout.ms": settings.request_timeout_ms,
+            "request.timeout.ms": settings.request_timeout_ms,
+        }
+    )
+    return config
+
+
+class KafkaSink:
+    """The producer: crawl requests and dead letters. ``produce`` only enqueues; ``flush``
+    blocks until every enqueued message is acknowledged (call it from a thread)."""
+
+    def __init__(self, settings: KafkaSettings, *, logger: Any = None) -> None:
+        config = producer_config(settings)
+        self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
+        self._producer = Producer(config, logger=logger) if logger else Producer(config)
+        # Failed delivery reports since the last flush; appended from the flushing thread.
+        self._failures: list[str] = []
+
+    def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self._failures.append(f"{error.name()}: {error.str()}")
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        key: bytes | str | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | str | None]],
+        timestamp_ms: int = 0,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    timestamp=timestamp_ms,
+                    on_delivery=self._on_delivery,
+                )
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room.
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                raise translate_error(exc) from exc
+
+    def flush(self) -> None:
+        """Wait for the acknowledgement of everything produced since the last flush; raise
+        KafkaUnavailableError if any message was not delivered."""
+        remaining = self._producer.flush(self._flush_timeout_s)
+        failures, self._failures = self._failures, []
+        if remaining:
+            raise KafkaUnavailableError(f"{remaining} message(s) not acknowledged in time")
+        if failures:
+            raise KafkaUnavailableError(f"{len(failures)} message(s) not delivered: {failures[0]}")
+
+    def close(self, timeout_s: float) -> int:
+        """Flush what is queued; return how many messages were left undelivered."""
+        return int(self._producer.flush(timeout_s))
+
+
+class KafkaSource:
+    """The consumer of one worker. Every method blocks; the worker calls them from its Kafka
+    thread (``poll``, ``close``: rebalance callbacks run inside them) or its commit thread."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        slot: int,
+        on_assign: Any,
+        on_revoke: Any,
+        on_lost: Any,
+        logger: Any = None,
+        error_cb: Any = None,
+    ) -> None:
+        config = consumer_config(settings, slot=slot)
+        if error_cb is not None:
+            config["error_cb"] = error_cb
+        self.topic = settings.task_status_topic
+        self._consumer = Consumer(config, logger=logger) if logger else Consumer(config)
+        self._consumer.subscribe(
+            [self.topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
+        )
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
+        try:
+            return self._consumer.consume(max_messages, timeout_s)
+        except KafkaException as exc:
+            raise translate_error(exc) from exc
+
+    def commit(self, committable: dict[int, int]) -> None:
+        if not committable:
+            return
+        offsets = [TopicPartition(self.topic, p, o) for p, o in committable.items()]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise translate_error(exc) from exc
+
+    def rewind(self, first_offsets: dict[int, int]) -> None:
+        """Seek each partition back so that its next fetch starts at the given offset."""
+        for partition, offset in first_offsets.items():
+            try:
+                self._consumer.seek(TopicPartition(self.topic, partition, offset))
+            except KafkaException as exc:
+                raise translate_error(exc) from exc
+
+    def pause(self, partitions: list[int]) -> None:
+        if partitions:
+            self._consumer.pause([TopicPartition(self.topic, p) for p in partitions])
+
+    def resume(self, partitions: list[int]) -> None:
+        if partitions:
+            self._consumer.resume([TopicPartition(self.topic, p) for p in partitions])
+
+    def committed(self, partitions: list[int], timeout_s: float) -> dict[int, int]:
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        return {tp.partition: tp.offset for tp in self._consumer.committed(tps, timeout_s)}
+
+    def close(self) -> None:
+        """Leave the group (runs the revoke callback) and free the client."""
+        self._consumer.close()

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from tm.config import PostgresSettings
+from tm.core.messages import NewTask, StatusUpdate
 from tm.errors import (
     DatabaseUnavailableError,
     FatalError,
@@ -52,7 +53,7 @@ async def connect(settings: PostgresSettings) -> asyncpg.Connection:
     """Open one connection, translating failures (a wrong password is fatal, not transient)."""
     try:
         return await asyncpg.connect(**connect_kwargs(settings))
-    except BaseException as exc:
+    except Exception as exc:
         raise translate_error(exc) from exc
 
 
@@ -74,3 +75,89 @@ def translate_error(exc: BaseException) -> BaseException:
     if isinstance(exc, (OSError, asyncio.TimeoutError)):
         return DatabaseUnavailableError(f"{type(exc).__name__}: {exc}".rstrip(": "))
     return exc
+
+
+_CREATE_SQL = (
+    "SELECT outcome FROM tm_create_tasks($1::uuid[], $2::text[], $3::text[], $4::text[],"
+    " $5::timestamptz[]) ORDER BY ord"
+)
+_UPDATE_SQL = (
+    "SELECT outcome FROM tm_apply_status_updates($1::uuid[], $2::task_status[], $3::text[],"
+    " $4::timestamptz[]) ORDER BY ord"
+)
+
+
+class Database:
+    """The worker's pool and its one write: a batch through the set-based functions."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, settings: PostgresSettings, *, max_size: int | None = None) -> Database:
+        size = max_size or settings.max_connections
+        try:
+            pool = await asyncpg.create_pool(
+                **connect_kwargs(settings),
+                min_size=1,
+                max_size=size,
+                max_inactive_connection_lifetime=settings.idle_timeout_ms / 1000 or 0,
+            )
+        except Exception as exc:
+            raise translate_error(exc) from exc
+        return cls(pool)
+
+    async def apply(
+        self, creates: list[NewTask], updates: list[StatusUpdate]
+    ) -> tuple[list[str], list[str]]:
+        """Apply new tasks, then status updates, in one transaction; one outcome per row, in
+        order. Raises RowRejectedError (a row's data), DatabaseUnavailableError, FatalError."""
+        try:
+            async with self._pool.acquire() as conn:
+                if creates and updates:
+                    async with conn.transaction():
+                        created = await _create(conn, creates)
+                        updated = await _update(conn, updates)
+                    return created, updated
+                if creates:
+                    return await _create(conn, creates), []
+                if updates:
+                    return [], await _update(conn, updates)
+                return [], []
+        except Exception as exc:
+            raise translate_error(exc) from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._pool.fetchval("SELECT 1")
+        except Exception as exc:
+            raise translate_error(exc) from exc
+
+    async def close(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout_s)
+        except TimeoutError:
+            self._pool.terminate()
+
+
+async def _create(conn: asyncpg.Connection, creates: list[NewTask]) -> list[str]:
+    rows = await conn.fetch(
+        _CREATE_SQL,
+        [t.id for t in creates],
+        [t.user_email for t in creates],
+        [t.user_query for t in creates],
+        [t.base_url for t in creates],
+        [t.received_at for t in creates],
+    )
+    return [row[0] for row in rows]
+
+
+async def _update(conn: asyncpg.Connection, updates: list[StatusUpdate]) -> list[str]:
+    rows = await conn.fetch(
+        _UPDATE_SQL,
+        [u.id for u in updates],
+        [u.status.value for u in updates],
+        [u.result for u in updates],
+        [u.finished_at for u in updates],
+    )
+    return [row[0] for row in rows]

@@ -1,0 +1,261 @@
+"""The pipeline of one worker, wired in one place: decode a poll into a batch, apply it with one
+set-based call per kind, publish crawl requests and dead letters, wait for their
+acknowledgements, and commit the batch's offsets last.
+
+Nothing here swallows an error. A TransientError leaves the batch uncommitted for the worker to
+rewind and retry; a row the database refuses is isolated by splitting the batch and only that
+row is dead-lettered; FatalError stops the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import Protocol, cast
+
+from confluent_kafka import Message
+
+from tm.config import Settings
+from tm.core.batch import Batch
+from tm.core.decode import DecodeStats, decode
+from tm.core.messages import (
+    CRAWL_REQUEST_ENCODER,
+    DLQ_ERROR,
+    DLQ_OFFSET,
+    DLQ_PARTITION,
+    DLQ_REASON,
+    DLQ_TIMESTAMP,
+    DLQ_TOPIC,
+    CrawlRequest,
+    NewTask,
+    Outcome,
+    Reason,
+    StatusUpdate,
+)
+from tm.core.policy import RowRejectionLimit, halves
+from tm.errors import RowRejectedError
+
+# What a consumed message's headers() returns (the stubs also allow a dict, for produce()).
+_Headers = list[tuple[str, bytes | None]] | None
+_PUBLISHED = frozenset({Outcome.CREATED, Outcome.DUPLICATE})
+_DEAD = {
+    Outcome.TASK_NOT_FOUND: Reason.TASK_NOT_FOUND,
+    Outcome.INVALID_TRANSITION: Reason.INVALID_TRANSITION,
+}
+
+
+class Sink(Protocol):
+    """The producer. ``produce`` only enqueues and never blocks for long; ``flush`` blocks
+    until every message produced since the last flush is acknowledged and raises
+    KafkaUnavailableError when any was not (run it in a thread)."""
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        key: bytes | str | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | str | None]],
+        timestamp_ms: int = 0,
+    ) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class Committer(Protocol):
+    """The consumer's commit: blocks until the broker has stored the offsets; raises
+    KafkaUnavailableError or FatalError."""
+
+    def commit(self, committable: dict[int, int]) -> None: ...
+
+
+class Database(Protocol):
+    """One transaction per call: new tasks first, then status updates; one outcome per row, in
+    order. Raises RowRejectedError when one row's data is refused (nothing is written),
+    DatabaseUnavailableError when the call may succeed later, FatalError otherwise."""
+
+    async def apply(
+        self, creates: list[NewTask], updates: list[StatusUpdate]
+    ) -> tuple[list[str], list[str]]: ...
+
+
+def iso(moment: datetime) -> str:
+    """ISO-8601 in UTC with milliseconds and a Z, like the gateway writes it."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Summary:
+    """What one batch did, for metrics and the per-batch debug line."""
+
+    __slots__ = ("committed", "dead_letters", "outcomes", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.outcomes: Counter[str] = Counter()
+        self.dead_letters: Counter[str] = Counter()
+        self.committed: dict[int, int] = {}
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        database: Database,
+        sink: Sink,
+        committer: Committer,
+        io_executor: Executor,
+        owned: set[int],
+    ) -> None:
+        self._topic = settings.kafka.task_status_topic
+        self._requests_topic = settings.kafka.web_crawl_request_topic
+        self._dlq_topic = settings.kafka.dlq_topic
+        self._max_result_chars = settings.consumer.max_result_chars
+        self._database = database
+        self._sink = sink
+        self._committer = committer
+        self._io = io_executor
+        self._owned = owned
+        self._row_limit = RowRejectionLimit()
+        self.decode_stats = DecodeStats()
+
+    def assemble(self, messages: Sequence[Message]) -> Batch:
+        """Decode a poll's messages into a batch (a few microseconds per message)."""
+        batch = Batch()
+        topic = self._topic
+        limit = self._max_result_chars
+        stats = self.decode_stats
+        for ref, message in enumerate(messages):
+            partition = message.partition()
+            offset = message.offset()
+            if partition is None or offset is None:  # pragma: no cover (errors are filtered)
+                continue
+            item = decode(
+                cast(_Headers, message.headers()),
+                message.value(),
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                timestamp_ms=message.timestamp()[1],
+                max_result_chars=limit,
+                stats=stats,
+            )
+            batch.add(ref, partition, offset, item)
+        return batch
+
+    async def process(self, batch: Batch, messages: Sequence[Message]) -> Summary:
+        """Apply, publish, wait for acknowledgements, commit. Raises TransientError (nothing
+        committed) or FatalError."""
+        summary = Summary(batch.size)
+        created, updated, refused = await self._apply(batch)
+        for task, outcome in zip(batch.creates, created, strict=True):
+            if outcome is None:
+                continue
+            summary.outcomes[outcome] += 1
+            if outcome in _PUBLISHED:
+                self._publish_request(task)
+        for update, ref, outcome in zip(batch.updates, batch.update_refs, updated, strict=True):
+            if outcome is None:
+                continue
+            summary.outcomes[outcome] += 1
+            reason = _DEAD.get(Outcome(outcome))
+            if reason is not None:
+                text = (
+                    f"task {update.id} does not exist"
+                    if reason is Reason.TASK_NOT_FOUND
+                    else f"task {update.id} cannot move to {update.status} from its current"
+                    " status (allowed: new -> completed|error, error -> completed)"
+                )
+                self._dead_letter(messages[ref], reason, text, summary)
+        for ref, rejected in batch.rejected:
+            self._dead_letter(messages[ref], rejected.reason, rejected.error, summary)
+        for ref, text in refused:
+            self._dead_letter(messages[ref], Reason.ROW_REJECTED, text, summary)
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self._sink.flush)
+        committable = {p: o for p, o in batch.committable.items() if p in self._owned}
+        await loop.run_in_executor(self._io, self._committer.commit, committable)
+        summary.committed = committable
+        return summary
+
+    async def _apply(
+        self, batch: Batch
+    ) -> tuple[list[str | None], list[str | None], list[tuple[int, str]]]:
+        """Apply every row; isolate rows the database refuses by splitting the batch in halves.
+        Returns the outcomes (None for a refused row) and ``(message ref, error)`` of refused
+        rows."""
+        creates, updates = batch.creates, batch.updates
+        n = len(creates)
+        created: list[str | None] = [None] * n
+        updated: list[str | None] = [None] * len(updates)
+        refused: list[tuple[int, str]] = []
+
+        async def run(start: int, stop: int) -> None:
+            some_creates = creates[start:stop] if start < n else []
+            some_updates = updates[max(start - n, 0) : max(stop - n, 0)]
+            try:
+                got_created, got_updated = await self._database.apply(some_creates, some_updates)
+            except RowRejectedError as exc:
+                if stop - start == 1:
+                    ref = batch.create_refs[start] if start < n else batch.update_refs[start - n]
+                    refused.append((ref, str(exc)))
+                    return
+                for part in halves(start, stop):
+                    await run(*part)
+                return
+            created[start : start + len(got_created)] = got_created
+            first_update = max(start - n, 0)
+            updated[first_update : first_update + len(got_updated)] = got_updated
+
+        rows = n + len(updates)
+        if rows:
+            await run(0, rows)
+            self._row_limit.record(rejected=len(refused), applied=rows - len(refused))
+        return created, updated, refused
+
+    def _publish_request(self, task: NewTask) -> None:
+        task_id = str(task.id)
+        headers: list[tuple[str, bytes | str | None]] = [
+            ("task_id", task_id),
+            ("timestamp", iso(task.received_at)),
+        ]
+        if task.traceparent is not None:
+            headers.append(("traceparent", task.traceparent))
+            if task.tracestate is not None:
+                headers.append(("tracestate", task.tracestate))
+        value = CRAWL_REQUEST_ENCODER.encode(
+            CrawlRequest(task.user_email, task.user_query, task.base_url)
+        )
+        self._sink.produce(self._requests_topic, key=task_id, value=value, headers=headers)
+
+    def _dead_letter(
+        self,
+        message: Message,
+        reason: Reason,
+        error: str,
+        summary: Summary,
+    ) -> None:
+        summary.dead_letters[reason] += 1
+        headers: list[tuple[str, bytes | str | None]] = list(
+            cast(_Headers, message.headers()) or ()
+        )
+        headers += [
+            (DLQ_REASON, reason.value),
+            (DLQ_ERROR, error),
+            (DLQ_TOPIC, message.topic() or self._topic),
+            (DLQ_PARTITION, str(message.partition())),
+            (DLQ_OFFSET, str(message.offset())),
+            (DLQ_TIMESTAMP, iso(datetime.now(UTC))),
+        ]
+        self._sink.produce(
+            self._dlq_topic,
+            key=message.key(),
+            value=message.value(),
+            headers=headers,
+            # Keep the original timestamp: a replayed `new` event gets back its task id.
+            timestamp_ms=message.timestamp()[1],
+        )

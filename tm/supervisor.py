@@ -1,0 +1,346 @@
+"""The parent process: check the dependencies, fork the workers, keep them alive, stop them.
+
+A short loop in the shape of gunicorn's arbiter. Signal handlers only record the signal (the
+wakeup fd interrupts ``select``); the loop dispatches. Each worker reports on a pipe (see
+:mod:`tm.worker`): a worker that dies is restarted with backoff, one that stops sending
+heartbeats is killed and restarted, and workers that keep failing before they boot halt the
+service with the worker's error in one line (a wrong password must not become a restart storm).
+
+Nothing here imports Kafka or PostgreSQL clients: librdkafka's threads must not cross a fork.
+The pre-flight check and the workers import them in their own children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tm.config import Settings
+
+log = logging.getLogger("tm.supervisor")
+
+LOOP_TICK_S = 0.5
+MAX_BOOT_FAILURES = 3  # consecutive failures before boot, per slot, before halting
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_AFTER_S = 60.0  # a worker up this long resets its slot's restart backoff
+PREFLIGHT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Slot:
+    number: int
+    pid: int = 0
+    fd: int = -1
+    buffer: bytes = b""
+    started_at: float = 0.0
+    last_heartbeat: float = 0.0
+    booted: bool = False
+    owned_partitions: int = 0
+    boot_failures: int = 0
+    restarts: int = 0
+    restart_at: float | None = None
+    last_error: str = ""
+    exit_codes: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._slots = [Slot(n) for n in range(settings.consumer.workers)]
+        self._signals: list[int] = []
+        self._stopping_since: float | None = None
+        self._halt_error: str | None = None
+        self._wakeup_r, self._wakeup_w = os.pipe()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        os.set_blocking(self._wakeup_w, False)
+        os.set_blocking(self._wakeup_r, False)
+        signal.set_wakeup_fd(self._wakeup_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _spawn(self, slot: Slot) -> None:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                os.close(read_fd)
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGTERM, signal.SIGCHLD):
+                    signal.signal(signum, signal.SIG_DFL)
+                for other in self._slots:
+                    if other.fd >= 0:
+                        os.close(other.fd)
+                os.close(self._wakeup_r)
+                os.close(self._wakeup_w)
+                from tm import worker
+
+                code = worker.main(self._settings, slot=slot.number, report_fd=write_fd)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        now = time.monotonic()
+        slot.pid, slot.fd, slot.buffer = pid, read_fd, b""
+        slot.started_at = slot.last_heartbeat = now
+        slot.booted, slot.owned_partitions, slot.restart_at = False, 0, None
+        log.info("worker spawned", extra={"fields": {"slot": slot.number, "pid": pid}})
+
+    def _read(self, slot: Slot) -> None:
+        try:
+            chunk = os.read(slot.fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        slot.buffer += chunk
+        *lines, slot.buffer = slot.buffer.split(b"\n")
+        now = time.monotonic()
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            slot.last_heartbeat = now
+            if line == "B":
+                slot.booted = True
+                slot.boot_failures = 0
+            elif line.startswith("A "):
+                slot.owned_partitions = int(line[2:] or 0)
+            elif line.startswith("F "):
+                slot.last_error = line[2:]
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self._slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            self._read(slot)
+            os.close(slot.fd)
+            slot.pid, slot.fd = 0, -1
+            slot.exit_codes.append(code)
+            if self._stopping_since is not None:
+                log.info("worker exited", extra={"fields": {"slot": slot.number, "code": code}})
+                continue
+            self._schedule_restart(slot, code)
+
+    def _schedule_restart(self, slot: Slot, code: int) -> None:
+        now = time.monotonic()
+        if not slot.booted:
+            slot.boot_failures += 1
+            if slot.boot_failures >= MAX_BOOT_FAILURES:
+                self._halt_error = (
+                    f"worker {slot.number} failed {slot.boot_failures} times before it booted: "
+                    f"{slot.last_error or f'exit status {code}'}"
+                )
+                return
+        if now - slot.started_at >= STABLE_AFTER_S:
+            slot.restarts = 0
+        delay = RESTART_BACKOFF_S[min(slot.restarts, len(RESTART_BACKOFF_S) - 1)]
+        slot.restarts += 1
+        slot.restart_at = now + delay
+        log.error(
+            "worker died; restarting",
+            extra={
+                "fields": {
+                    "slot": slot.number,
+                    "code": code,
+                    "error": slot.last_error or "-",
+                    "restart_in_s": delay,
+                }
+            },
+        )
+        slot.last_error = ""
+
+    def _check_heartbeats(self) -> None:
+        timeout_s = self._settings.consumer.heartbeat_timeout_ms / 1000
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.pid and now - slot.last_heartbeat > timeout_s:
+                log.error(
+                    "worker stopped sending heartbeats; killing it",
+                    extra={"fields": {"slot": slot.number, "pid": slot.pid}},
+                )
+                slot.last_error = f"no heartbeat for {timeout_s:.0f} s"
+                _kill(slot.pid, signal.SIGKILL)
+                slot.last_heartbeat = now  # killed once; the reaper restarts it
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._install_signals()
+        for slot in self._slots:
+            self._spawn(slot)
+        while True:
+            fds = [self._wakeup_r] + [s.fd for s in self._slots if s.fd >= 0]
+            try:
+                readable, _, _ = select.select(fds, [], [], LOOP_TICK_S)
+            except InterruptedError:
+                readable = []
+            if self._wakeup_r in readable:
+                _drain(self._wakeup_r)
+            for slot in self._slots:
+                if slot.fd in readable:
+                    self._read(slot)
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGCHLD:
+                    self._reap()
+                elif self._stopping_since is None:
+                    self._begin_stop(signum)
+                else:
+                    log.warning("second signal: killing workers and exiting at once")
+                    self._kill_all(signal.SIGKILL)
+                    return 128 + signum
+            self._reap()
+            if self._halt_error is not None:
+                return self._halt()
+            if self._stopping_since is not None:
+                if all(s.pid == 0 for s in self._slots):
+                    return self._stopped()
+                if time.monotonic() - self._stopping_since > self._grace_s():
+                    log.error("workers did not stop in time; killing them")
+                    self._kill_all(signal.SIGKILL)
+                    self._wait_all()
+                    return 1
+                continue
+            self._check_heartbeats()
+            now = time.monotonic()
+            for slot in self._slots:
+                if slot.pid == 0 and slot.restart_at is not None and now >= slot.restart_at:
+                    self._spawn(slot)
+
+    def _grace_s(self) -> float:
+        return self._settings.consumer.graceful_shutdown_timeout_ms / 1000
+
+    def _begin_stop(self, signum: int) -> None:
+        log.info(
+            "stopping workers",
+            extra={"fields": {"signal": signal.Signals(signum).name, "grace_s": self._grace_s()}},
+        )
+        self._stopping_since = time.monotonic()
+        self._kill_all(signal.SIGTERM)
+
+    def _stopped(self) -> int:
+        clean = all(s.exit_codes and s.exit_codes[-1] == 0 for s in self._slots)
+        log.info("stopped", extra={"fields": {"clean": clean}})
+        return 0 if clean else 1
+
+    def _halt(self) -> int:
+        log.error("halting: %s", self._halt_error)
+        self._stopping_since = time.monotonic()
+        self._kill_all(signal.SIGTERM)
+        deadline = time.monotonic() + self._grace_s()
+        while any(s.pid for s in self._slots) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            self._reap()
+        self._kill_all(signal.SIGKILL)
+        self._wait_all()
+        print(f"tm: {self._halt_error}", file=sys.stderr)
+        return 1
+
+    def _kill_all(self, signum: int) -> None:
+        for slot in self._slots:
+            if slot.pid:
+                _kill(slot.pid, signum)
+
+    def _wait_all(self) -> None:
+        for slot in self._slots:
+            if slot.pid:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(slot.pid, 0)
+                slot.pid = 0
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
+
+
+def preflight(settings: Settings) -> str | None:
+    """Check PostgreSQL, the schema and Kafka in a child process (so that no client thread
+    lives in this one before it forks). Returns the problem in one line, or None."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            from tm.commands import preflight_problem
+
+            problem = preflight_problem(settings)
+            os.write(write_fd, (problem or "").encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    deadline = time.monotonic() + PREFLIGHT_TIMEOUT_S
+    chunks: list[bytes] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            _kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_fd)
+            return f"pre-flight check did not finish in {PREFLIGHT_TIMEOUT_S:.0f} s"
+        readable, _, _ = select.select([read_fd], [], [], remaining)
+        if readable:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return "pre-flight check crashed"
+    return b"".join(chunks).decode() or None
+
+
+def run(settings: Settings) -> int:
+    started = time.monotonic()
+    problem = preflight(settings)
+    if problem is not None:
+        print(f"tm: cannot start: {problem}", file=sys.stderr)
+        return 1
+    log.info(
+        "starting",
+        extra={
+            "fields": {
+                "workers": settings.consumer.workers,
+                "topic": settings.kafka.task_status_topic,
+                "group": settings.kafka.group_id,
+                "preflight_s": round(time.monotonic() - started, 3),
+            }
+        },
+    )
+    return Supervisor(settings).run()

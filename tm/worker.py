@@ -1,0 +1,344 @@
+"""One worker process: everything with a socket or a thread is built here, after the fork.
+
+The worker runs on uvloop. Its Kafka consumer is driven from one thread (``poll``, ``close``:
+rebalance callbacks run inside those calls), acknowledgements and commits wait in another, and
+the event loop decodes, talks to PostgreSQL and decides. While batch N is in the database, the
+poll of batch N+1 is already running, so polling and decoding overlap the database call.
+
+A transient failure commits nothing: the worker seeks the partitions of the failed batch (and of
+the batch polled meanwhile, which is dropped) back to their first offsets, pauses everything it
+owns, backs off, resumes, and the messages come again. It keeps polling so it stays in the group.
+
+The supervisor hears from the worker through a pipe: ``B`` booted, ``H`` heartbeat (every
+second, from the event loop: a stuck loop stops them), ``A n`` partitions owned, and ``F text``
+the one-line reason before a fatal exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import uvloop
+from confluent_kafka import KafkaError, Message
+
+from tm.adapters.kafka import KafkaSink, KafkaSource
+from tm.adapters.postgres import Database
+from tm.config import Settings
+from tm.core.batch import Batch, merge_first_offsets
+from tm.core.policy import backoff_s
+from tm.errors import FatalError, TmError, TransientError
+from tm.pipeline import Pipeline, Summary
+
+log = logging.getLogger("tm.worker")
+
+HEARTBEAT_INTERVAL_S = 1.0
+REVOKE_BUDGET_S = 20.0  # time given to the in-flight batch on revoke; < session timeout
+PAUSED_POLL_S = 0.2  # poll timeout while backing off: keeps the group alive, wakes up soon
+POOL_SIZE = 2  # one batch in the database at a time, plus one spare
+
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_FATAL = 3  # broken invariant or bad deploy: the supervisor does not hurry a restart
+
+
+class Reporter:
+    """Writes status lines to the supervisor's pipe; never blocks (drops when full)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._fd, (line.replace("\n", " ") + "\n").encode())
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, slot: int, reporter: Reporter) -> None:
+        self._settings = settings
+        self._slot = slot
+        self._reporter = reporter
+        self._stopping = asyncio.Event()
+        self._owned: set[int] = set()
+        self._paused = False
+        self._inflight: asyncio.Task[Summary] | None = None
+        self._poll_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}")
+        self._io_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-io-{slot}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.applied_messages = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGTERM, self._on_signal)
+        settings = self._settings
+        database = await Database.open(settings.postgres, max_size=POOL_SIZE)
+        kafka_log = logging.getLogger("tm.kafka")
+        sink = KafkaSink(settings.kafka, logger=kafka_log)
+        source = KafkaSource(
+            settings.kafka,
+            slot=self._slot,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+            logger=kafka_log,
+            error_cb=self._on_kafka_error,
+        )
+        pipeline = Pipeline(
+            settings=settings,
+            database=database,
+            sink=sink,
+            committer=source,
+            io_executor=self._io_thread,
+            owned=self._owned,
+        )
+        self._reporter.send("B")
+        log.info(
+            "worker started",
+            extra={"fields": {"slot": self._slot, "pid": os.getpid(), "topic": source.topic}},
+        )
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._consume(source, pipeline)
+        finally:
+            heartbeat.cancel()
+            await self._close(source, sink, database)
+        return EXIT_OK
+
+    def _on_signal(self) -> None:
+        # Only the first SIGTERM counts: a signal sent to the whole process group (a terminal,
+        # `timeout`, `kill -- -pgid`) arrives twice, once directly and once forwarded by the
+        # supervisor. "A second signal exits at once" is the supervisor's job: it SIGKILLs.
+        if self._stopping.is_set():
+            return
+        log.info("stopping: finishing the in-flight batch", extra={"fields": {"slot": self._slot}})
+        self._stopping.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._reporter.send("H")
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _close(self, source: KafkaSource, sink: KafkaSink, database: Database) -> None:
+        loop = asyncio.get_running_loop()
+        # Leaving the group runs the revoke callback, which needs this loop: run it in the thread.
+        await loop.run_in_executor(self._poll_thread, source.close)
+        left = await loop.run_in_executor(self._io_thread, sink.close, 10.0)
+        if left:
+            log.error("producer closed with undelivered messages", extra={"fields": {"n": left}})
+        await database.close(5.0)
+        self._poll_thread.shutdown(wait=False)
+        self._io_thread.shutdown(wait=False)
+        log.info(
+            "worker stopped",
+            extra={"fields": {"slot": self._slot, "applied_messages": self.applied_messages}},
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _consume(self, source: KafkaSource, pipeline: Pipeline) -> None:
+        loop = asyncio.get_running_loop()
+        consumer = self._settings.consumer
+        max_messages = consumer.batch_max_messages
+        linger_s = consumer.batch_linger_ms / 1000
+        attempt = 0
+        resume_at: float | None = None
+        inflight_batch: Batch | None = None
+        while not self._stopping.is_set():
+            if resume_at is not None and loop.time() >= resume_at:
+                source.resume(sorted(self._owned))
+                self._paused = False
+                resume_at = None
+            timeout_s = linger_s if resume_at is None else PAUSED_POLL_S
+            polled = await loop.run_in_executor(
+                self._poll_thread, source.poll, max_messages, timeout_s
+            )
+            messages = self._without_errors(polled)
+            batch = pipeline.assemble(messages) if messages else None
+
+            if self._inflight is not None:
+                failure = await self._settle(self._inflight)
+                self._inflight = None
+                if failure is not None:
+                    assert inflight_batch is not None  # noqa: S101
+                    pending = [inflight_batch.first_offsets]
+                    if batch is not None:
+                        pending.append(batch.first_offsets)
+                    resume_at = loop.time() + self._back_off(
+                        source, merge_first_offsets(*pending), attempt, failure
+                    )
+                    attempt += 1
+                    continue
+                attempt = 0
+            if batch is not None:
+                inflight_batch = batch
+                self._inflight = asyncio.create_task(pipeline.process(batch, messages))
+
+        if self._inflight is not None:
+            failure = await self._settle(self._inflight)
+            self._inflight = None
+            if failure is not None:
+                log.warning(
+                    "last batch not applied; it will be consumed again after restart",
+                    extra={"fields": {"error": str(failure)}},
+                )
+
+    async def _settle(self, task: asyncio.Task[Summary]) -> TransientError | None:
+        """Wait for a batch; return its transient failure, raise a fatal one."""
+        try:
+            summary = await task
+        except TransientError as exc:
+            return exc
+        self.applied_messages += summary.size
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch done",
+                extra={
+                    "fields": {
+                        "size": summary.size,
+                        **summary.outcomes,
+                        **{f"dlq_{k}": v for k, v in summary.dead_letters.items()},
+                    }
+                },
+            )
+        return None
+
+    def _back_off(
+        self, source: KafkaSource, first_offsets: dict[int, int], attempt: int, error: TmError
+    ) -> float:
+        """Rewind the owned partitions of the failed batches, pause everything; return the
+        delay before resuming."""
+        consumer = self._settings.consumer
+        rewind = {p: o for p, o in first_offsets.items() if p in self._owned}
+        source.rewind(rewind)
+        source.pause(sorted(self._owned))
+        self._paused = True
+        delay = backoff_s(
+            attempt,
+            initial_s=consumer.retry_backoff_initial_ms / 1000,
+            cap_s=consumer.retry_backoff_max_ms / 1000,
+            jitter=random.random(),  # noqa: S311 (spreading retries, not security)
+        )
+        log.warning(
+            "batch failed; nothing committed, retrying",
+            extra={
+                "fields": {
+                    "error": str(error),
+                    "attempt": attempt + 1,
+                    "retry_in_s": round(delay, 3),
+                    "rewound": rewind,
+                }
+            },
+        )
+        return delay
+
+    def _without_errors(self, polled: list[Message]) -> list[Message]:
+        if all(m.error() is None for m in polled):
+            return polled
+        good = []
+        for message in polled:
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.fatal() or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise FatalError(f"consumer: {error.name()}: {error.str()}")
+            else:
+                log.warning("consumer error", extra={"fields": {"error": error.str()}})
+        return good
+
+    # -- rebalance callbacks: they run in the poll thread, inside consume()/close() ----------
+
+    def _call_in_loop(self, coro: Any, timeout_s: float) -> None:
+        assert self._loop is not None  # noqa: S101
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()
+
+    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
+        self._call_in_loop(self._assigned([tp.partition for tp in partitions]), 10.0)
+
+    def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
+        self._call_in_loop(self._revoked([tp.partition for tp in partitions]), REVOKE_BUDGET_S + 5)
+
+    def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
+        # Lost, not revoked: another member may own them already; never commit them again.
+        self._call_in_loop(self._forget([tp.partition for tp in partitions]), 10.0)
+
+    def _on_kafka_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            log.error("kafka fatal error", extra={"fields": {"error": error.str()}})
+        else:
+            log.warning("kafka error", extra={"fields": {"error": error.str()}})
+
+    async def _assigned(self, partitions: list[int]) -> None:
+        self._owned.update(partitions)
+        self._reporter.send(f"A {len(self._owned)}")
+        log.info("partitions assigned", extra={"fields": {"partitions": sorted(partitions)}})
+
+    async def _revoked(self, partitions: list[int]) -> None:
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            # Let the in-flight batch commit while the partitions are still ours.
+            await asyncio.wait({inflight}, timeout=REVOKE_BUDGET_S)
+        await self._forget(partitions)
+
+    async def _forget(self, partitions: list[int]) -> None:
+        self._owned.difference_update(partitions)
+        self._reporter.send(f"A {len(self._owned)}")
+        log.info("partitions revoked", extra={"fields": {"partitions": sorted(partitions)}})
+
+
+def _stop_with_parent() -> None:
+    """Ask Linux for a SIGTERM when the supervisor dies (even by SIGKILL): no orphan workers."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the heartbeat pipe closing is the fallback
+        return
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(settings: Settings, *, slot: int, report_fd: int | None) -> int:
+    """Entry point of a forked worker; returns the exit status."""
+    from tm.observability import logs
+
+    logs.setup(settings.log)
+    reporter = Reporter(report_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards a SIGTERM
+    _stop_with_parent()
+    started = time.monotonic()
+    try:
+        return uvloop.run(Worker(settings, slot=slot, reporter=reporter).run())
+    except FatalError as exc:
+        reporter.send(f"F {exc}")
+        log.error("worker stopped: fatal error", extra={"fields": {"error": str(exc)}})
+        return EXIT_FATAL
+    except TmError as exc:
+        reporter.send(f"F {exc}")
+        log.error("worker stopped", extra={"fields": {"error": str(exc)}})
+        return EXIT_CRASH
+    except Exception as exc:
+        reporter.send(f"F {type(exc).__name__}: {exc}")
+        log.exception(
+            "worker crashed",
+            extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}},
+        )
+        return EXIT_CRASH
