@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv lint unit test
+.PHONY: venv lint unit test run
 .DEFAULT_GOAL := test
 
 # The virtual environment, rebuilt when pyproject.toml changes.
@@ -27,6 +27,13 @@ unit: venv
 # which make treats as the failure it is.
 test: venv stack-up lint
 	$(VENV)/bin/pytest
+
+# The main job on the local stack: services up, schema migrated, topics present, then the
+# supervisor and its workers in the foreground (Ctrl-C drains and stops).
+run: venv stack-up
+	$(VENV)/bin/tm db migrate
+	$(VENV)/bin/tm topics create
+	exec $(VENV)/bin/tm run
 
 # The stack's readiness probe imports confluent-kafka from the venv.
 stack-up: venv

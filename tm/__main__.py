@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--error-ratio", type=float, default=0.2, help="updates: share of `error` (default 0.2)"
     )
+    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(
+        dest="dlq_command", required=True, metavar="dlq-command"
+    )
+    replay = dlq.add_parser("replay", help="put dead letters back on their source topic")
+    replay.add_argument("--reason", default=None, help="only dead letters of this dlq_reason")
+    replay.add_argument("--dry-run", action="store_true", help="count, do not produce")
     sub.add_parser("check", help="say whether PostgreSQL and Kafka answer; non-zero if not")
 
     topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(
@@ -61,6 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sent = traffic.send_updates(settings, args.count, args.error_ratio, args.rate)
             print(f"sent {sent} {args.kind} message(s) to {settings.kafka.task_status_topic}")
+            return 0
+        if args.command == "dlq":
+            from tm import dlq
+            from tm.core.messages import Reason
+
+            reasons = [r.value for r in Reason]
+            if args.reason is not None and args.reason not in reasons:
+                raise ConfigError("--reason", args.reason, "one of " + ", ".join(reasons))
+            result = dlq.replay(settings, reason=args.reason, dry_run=args.dry_run)
+            verb = "would replay" if args.dry_run else "replayed"
+            print(
+                f"{verb} {result.replayed} dead letter(s) from {settings.kafka.dlq_topic}"
+                f" (skipped {result.skipped} with another reason)"
+            )
             return 0
         if args.command == "db":
             return commands.db_migrate(settings)
