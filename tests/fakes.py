@@ -1,0 +1,126 @@
+"""In-memory fakes of tm's own Protocols (tm.pipeline.Sink, Committer, Database) and of the
+consumed-message shape, for unit tests of the pipeline. No client library is mocked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tm.core.messages import NewTask, StatusUpdate, TaskStatus
+from tm.errors import KafkaUnavailableError, RowRejectedError, TransientError
+
+
+@dataclass
+class FakeMessage:
+    """What the pipeline reads from a consumed confluent-kafka message."""
+
+    _headers: list[tuple[str, bytes]] | None
+    _value: bytes | None
+    _partition: int = 0
+    _offset: int = 0
+    _key: bytes | None = None
+    _topic: str = "task-status"
+    _timestamp_ms: int = 1_700_000_000_000
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._headers
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def topic(self) -> str:
+        return self._topic
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._timestamp_ms)
+
+    def error(self) -> None:
+        return None
+
+
+@dataclass
+class FakeDatabase:
+    """The state machine of sql/0003 over a dict; rows whose e-mail or result contains
+    ``refuse`` make the whole call fail like SQLSTATE 22021 does."""
+
+    tasks: dict[Any, tuple[TaskStatus, str | None]] = field(default_factory=dict)
+    calls: list[tuple[int, int]] = field(default_factory=list)
+    fail_with: TransientError | None = None
+
+    async def apply(
+        self, creates: list[NewTask], updates: list[StatusUpdate]
+    ) -> tuple[list[str], list[str]]:
+        self.calls.append((len(creates), len(updates)))
+        if self.fail_with is not None:
+            raise self.fail_with
+        if any("refuse" in t.user_email for t in creates) or any(
+            "refuse" in u.result for u in updates
+        ):
+            raise RowRejectedError("invalid byte sequence", sqlstate="22021")
+        staged = dict(self.tasks)
+        created = []
+        for task in creates:
+            if task.id in staged:
+                created.append("duplicate")
+            else:
+                staged[task.id] = (TaskStatus.NEW, None)
+                created.append("created")
+        updated = []
+        for update in updates:
+            current = staged.get(update.id)
+            if current is None:
+                updated.append("task_not_found")
+            elif current == (update.status, update.result):
+                updated.append("unchanged")
+            elif (current[0], update.status) in {
+                (TaskStatus.NEW, TaskStatus.COMPLETED),
+                (TaskStatus.NEW, TaskStatus.ERROR),
+                (TaskStatus.ERROR, TaskStatus.COMPLETED),
+            }:
+                staged[update.id] = (update.status, update.result)
+                updated.append("updated")
+            else:
+                updated.append("invalid_transition")
+        self.tasks = staged
+        return created, updated
+
+
+@dataclass
+class FakeSink:
+    produced: list[dict[str, Any]] = field(default_factory=list)
+    acknowledged: list[dict[str, Any]] = field(default_factory=list)
+    fail_flush: bool = False
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        key: bytes | str | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | str | None]],
+        timestamp_ms: int = 0,
+    ) -> None:
+        self.produced.append({"topic": topic, "key": key, "value": value, "headers": dict(headers)})
+
+    def flush(self) -> None:
+        pending, self.produced = self.produced, []
+        if self.fail_flush:
+            raise KafkaUnavailableError("1 message(s) not delivered: _MSG_TIMED_OUT")
+        self.acknowledged.extend(pending)
+
+
+@dataclass
+class FakeCommitter:
+    commits: list[dict[int, int]] = field(default_factory=list)
+
+    def commit(self, committable: dict[int, int]) -> None:
+        self.commits.append(dict(committable))

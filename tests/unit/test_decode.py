@@ -1,0 +1,126 @@
+"""Decoding against the golden corpus in tests/messages/ (one file per case), plus properties:
+bad input never raises, and ids of `new` events are stable across redeliveries."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tm.core.decode import DecodeStats, decode, new_task_id, parse_timestamp
+from tm.core.messages import NewTask, Rejected, StatusUpdate
+
+CORPUS = Path(__file__).resolve().parents[1] / "messages"
+CASES = sorted(CORPUS.glob("*/*.json"))
+
+
+def _run(case: dict[str, Any], stats: DecodeStats | None = None) -> Any:
+    headers = [(k, v.encode()) for k, v in case["headers"]]
+    if "raw_header" in case:
+        key, hex_value = case["raw_header"]
+        headers = [(k, v) for k, v in headers if k != key] + [(key, bytes.fromhex(hex_value))]
+    value = case["value"].encode() if case["value"] is not None else None
+    return decode(
+        headers,
+        value,
+        topic="task-status",
+        partition=3,
+        offset=42,
+        timestamp_ms=1_754_821_139_023,
+        max_result_chars=case.get("max_result_chars", 1_048_576),
+        stats=stats or DecodeStats(),
+    )
+
+
+def test_corpus_is_not_empty() -> None:
+    assert len([c for c in CASES if c.parent.name == "valid"]) >= 5
+    assert len([c for c in CASES if c.parent.name == "invalid"]) >= 10
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_corpus_case(path: Path) -> None:
+    case = json.loads(path.read_text())
+    expect = case["expect"]
+    stats = DecodeStats()
+    result = _run(case, stats)
+    kind = expect["kind"]
+    if kind == "rejected":
+        assert isinstance(result, Rejected), result
+        assert result.reason == expect["reason"]
+        assert expect.get("error_contains", "") in result.error
+        return
+    if kind == "new":
+        assert isinstance(result, NewTask), result
+        expected_id = expect.get("id") or str(new_task_id("task-status", 3, 42, 1_754_821_139_023))
+        assert str(result.id) == expected_id
+    else:
+        assert isinstance(result, StatusUpdate), result
+        assert result.status == kind
+    for field in ("user_email", "base_url", "traceparent", "tracestate", "result"):
+        if field in expect:
+            assert getattr(result, field) == expect[field]
+    if "result_startswith" in expect:
+        assert result.result == expect["result_startswith"]
+    for field in ("received_at", "finished_at"):
+        if field in expect:
+            assert getattr(result, field).isoformat() == expect[field]
+    assert stats.invalid_trace_context == expect.get("invalid_trace_context", 0)
+
+
+def test_new_task_id_is_a_stable_uuid5() -> None:
+    first = new_task_id("task-status", 1, 2, 3)
+    assert first == new_task_id("task-status", 1, 2, 3)
+    assert first.version == 5
+    assert first != new_task_id("task-status", 1, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "iso"),
+    [
+        ("2025-08-10T10:18:59.023Z", "2025-08-10T10:18:59.023000+00:00"),
+        ("2025-08-10T12:18:59+02:00", "2025-08-10T12:18:59+02:00"),
+        ("2025-08-10T10:18:59", "2025-08-10T10:18:59+00:00"),
+        ("1754821139023", "2025-08-10T10:18:59.023000+00:00"),
+    ],
+)
+def test_parse_timestamp(raw: str, iso: str) -> None:
+    parsed = parse_timestamp(raw)
+    assert parsed is not None and parsed.isoformat() == iso
+
+
+@pytest.mark.parametrize("raw", ["", "soon", "2025-13-01", "99999999999999999999"])
+def test_parse_timestamp_refuses(raw: str) -> None:
+    assert parse_timestamp(raw) is None
+
+
+_header_names = st.sampled_from(
+    ["task_type", "status", "timestamp", "task_id", "traceparent", "tracestate", "other"]
+)
+_header_values = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"web-crawl", b"new", b"completed", b"error", b"2025-08-10T10:18:59Z"]),
+    st.just(str(uuid.uuid4()).encode()),
+)
+
+
+@given(
+    headers=st.lists(st.tuples(_header_names, _header_values), max_size=8),
+    value=st.one_of(st.none(), st.binary(max_size=200), st.just(b'{"user_email": 1}')),
+)
+def test_decode_never_raises(headers: list[tuple[str, bytes]], value: bytes | None) -> None:
+    result = decode(
+        headers,
+        value,
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        max_result_chars=100,
+        stats=DecodeStats(),
+    )
+    assert isinstance(result, NewTask | StatusUpdate | Rejected)

@@ -1,0 +1,166 @@
+"""The pipeline with in-memory fakes: what is published, dead-lettered and committed."""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.fakes import FakeCommitter, FakeDatabase, FakeMessage, FakeSink
+from tm import config
+from tm.errors import DatabaseUnavailableError, FatalError, KafkaUnavailableError
+from tm.pipeline import Pipeline
+
+TS = b"2025-08-10T10:18:59.023Z"
+
+
+def new(n: int, *, partition: int = 0, email: str | None = None) -> FakeMessage:
+    headers = [("task_type", b"web-crawl"), ("status", b"new"), ("timestamp", TS)]
+    body = {
+        "user_email": email or f"user{n}@example.com",
+        "user_query": "q",
+        "base_url": "https://example.com",
+    }
+    return FakeMessage(headers, orjson.dumps(body), partition, n)
+
+
+def update(
+    n: int, task_id: uuid.UUID, status: str, text: str, *, partition: int = 0
+) -> FakeMessage:
+    headers = [
+        ("task_type", b"web-crawl"),
+        ("status", status.encode()),
+        ("task_id", str(task_id).encode()),
+        ("timestamp", TS),
+    ]
+    field = "crawl_result" if status == "completed" else "error"
+    return FakeMessage(headers, orjson.dumps({field: text}), partition, n)
+
+
+class Parts:
+    """A pipeline wired to fakes."""
+
+    def __init__(self) -> None:
+        self.database = FakeDatabase()
+        self.sink = FakeSink()
+        self.committer = FakeCommitter()
+        self.owned = {0, 1, 2}
+        self.pipeline = Pipeline(
+            settings=config.load({}),
+            database=self.database,
+            sink=self.sink,
+            committer=self.committer,
+            io_executor=ThreadPoolExecutor(1),
+            owned=self.owned,
+        )
+
+    async def run(self, messages: list[FakeMessage]) -> Any:
+        batch = self.pipeline.assemble(messages)  # type: ignore[arg-type]
+        return await self.pipeline.process(batch, messages)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def parts() -> Parts:
+    return Parts()
+
+
+async def test_created_tasks_get_crawl_requests_and_the_batch_is_committed(parts: Parts) -> None:
+    summary = await parts.run([new(0), new(1, partition=1), new(2)])
+    requests = [m for m in parts.sink.acknowledged if m["topic"] == "requests-web-crawl"]
+    assert len(requests) == 3
+    assert summary.outcomes == {"created": 3}
+    assert parts.committer.commits == [{0: 3, 1: 2}]
+
+
+async def test_redelivered_new_tasks_are_duplicates_and_republished_identically(
+    parts: Parts,
+) -> None:
+    await parts.run([new(0), new(1)])
+    first = list(parts.sink.acknowledged)
+    parts.sink.acknowledged.clear()
+    summary = await parts.run([new(0), new(1)])
+    assert summary.outcomes == {"duplicate": 2}
+    assert parts.sink.acknowledged == first
+
+
+async def test_refused_rows_are_isolated_and_dead_lettered_alone(parts: Parts) -> None:
+    messages = [new(n, email="refuse@example.com" if n in (3, 6) else None) for n in range(8)]
+    summary = await parts.run(messages)
+    dead = [m for m in parts.sink.acknowledged if m["topic"] == "task-status.dlq"]
+    assert sorted(int(m["headers"]["dlq_offset"]) for m in dead) == [3, 6]
+    assert {m["headers"]["dlq_reason"] for m in dead} == {"row_rejected"}
+    assert summary.outcomes == {"created": 6}
+    assert len(parts.database.tasks) == 6
+    assert parts.committer.commits == [{0: 8}]
+
+
+async def test_update_outcomes_dead_letter_unknown_tasks_and_refused_transitions(
+    parts: Parts,
+) -> None:
+    await parts.run([new(0)])
+    task_id = next(iter(parts.database.tasks))
+    unknown = uuid.uuid4()
+    summary = await parts.run(
+        [
+            update(1, task_id, "completed", "done"),
+            update(2, task_id, "error", "late failure"),
+            update(3, unknown, "completed", "x"),
+            update(4, task_id, "completed", "done"),
+        ]
+    )
+    assert summary.outcomes == {
+        "updated": 1,
+        "invalid_transition": 1,
+        "task_not_found": 1,
+        "unchanged": 1,
+    }
+    dead = {
+        m["headers"]["dlq_offset"]: m
+        for m in parts.sink.acknowledged
+        if "dlq_reason" in m["headers"]
+    }
+    assert dead["2"]["headers"]["dlq_reason"] == "invalid_transition"
+    assert dead["3"]["headers"]["dlq_reason"] == "task_not_found"
+    assert str(unknown) in dead["3"]["headers"]["dlq_error"]
+
+
+async def test_a_transient_database_failure_commits_nothing(parts: Parts) -> None:
+    parts.database.fail_with = DatabaseUnavailableError("connection refused")
+    with pytest.raises(DatabaseUnavailableError):
+        await parts.run([new(0), new(1)])
+    assert parts.sink.acknowledged == []
+    assert parts.committer.commits == []
+
+
+async def test_unacknowledged_publishes_commit_nothing(parts: Parts) -> None:
+    parts.sink.fail_flush = True
+    with pytest.raises(KafkaUnavailableError):
+        await parts.run([new(0)])
+    assert parts.committer.commits == []
+
+
+async def test_partitions_no_longer_owned_are_not_committed(parts: Parts) -> None:
+    parts.owned.discard(1)
+    await parts.run([new(0), new(1, partition=1), new(2, partition=2)])
+    assert parts.committer.commits == [{0: 1, 2: 3}]
+
+
+async def test_bad_messages_are_dead_lettered_with_their_original_bytes(parts: Parts) -> None:
+    bad = FakeMessage([("task_type", b"web-crawl")], b"{oops", 0, 0, _key=b"k")
+    summary = await parts.run([bad, new(1)])
+    (dead,) = [m for m in parts.sink.acknowledged if m["topic"] == "task-status.dlq"]
+    assert (dead["key"], dead["value"]) == (b"k", b"{oops")
+    assert dead["headers"]["task_type"] == b"web-crawl"
+    assert dead["headers"]["dlq_reason"] == "invalid_headers"
+    assert summary.outcomes == {"created": 1}
+    assert parts.committer.commits == [{0: 2}]
+
+
+async def test_a_run_of_refused_rows_stops_the_worker(parts: Parts) -> None:
+    messages = [new(n, email="refuse@example.com") for n in range(101)]
+    with pytest.raises(FatalError, match="refused by PostgreSQL"):
+        await parts.run(messages)
+    assert parts.committer.commits == []
