@@ -168,7 +168,7 @@ class Worker:
             polled = await loop.run_in_executor(
                 self._poll_thread, source.poll, max_messages, timeout_s
             )
-            messages = self._without_errors(polled)
+            messages = self._usable(polled)
             batch = pipeline.assemble(messages) if messages else None
 
             if self._inflight is not None:
@@ -247,19 +247,23 @@ class Worker:
         )
         return delay
 
-    def _without_errors(self, polled: list[Message]) -> list[Message]:
-        if all(m.error() is None for m in polled):
+    def _usable(self, polled: list[Message]) -> list[Message]:
+        """The polled messages that are real and of partitions still owned (a revoke can land
+        between the fetch and the return of a poll)."""
+        owned = self._owned
+        if all(m.error() is None and m.partition() in owned for m in polled):
             return polled
-        good = []
+        usable = []
         for message in polled:
             error = message.error()
             if error is None:
-                good.append(message)
+                if message.partition() in owned:
+                    usable.append(message)
             elif error.fatal() or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise FatalError(f"consumer: {error.name()}: {error.str()}")
             else:
                 log.warning("consumer error", extra={"fields": {"error": error.str()}})
-        return good
+        return usable
 
     # -- rebalance callbacks: they run in the poll thread, inside consume()/close() ----------
 
