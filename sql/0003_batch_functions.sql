@@ -38,8 +38,10 @@ $$;
 -- Status updates, following the task state machine:
 --   new -> completed, new -> error, error -> completed (a retried crawl succeeded);
 --   completed is final; an update identical to the stored state (status and result) is
---   `unchanged` and writes nothing; any other move is `invalid_transition`; an unknown id is
---   `task_not_found`.
+--   `unchanged` and writes nothing; a refused move older than the stored state (its
+--   finished_at before the stored finished_at) is stale history, for example the `error` of an
+--   error -> completed pair delivered again, and is `unchanged` too; any other move is
+--   `invalid_transition`; an unknown id is `task_not_found`.
 -- Several updates for one id in one call are applied in input order (a recursive fold over each
 -- id's updates), and each row is written once with its final state. The stored rows are locked
 -- (in id order, so concurrent batches cannot deadlock on each other) before they are read.
@@ -79,6 +81,8 @@ LANGUAGE sql AS $$
                 WHEN (f.status = 'new' AND i.status IN ('completed', 'error'))
                   OR (f.status = 'error' AND i.status = 'completed')
                     THEN 'updated'
+                WHEN i.finished_at < f.finished_at
+                    THEN 'unchanged'  -- stale: older than the state it would replace
                 ELSE 'invalid_transition'
             END AS outcome
         ) d

@@ -29,6 +29,7 @@ from tm.core.messages import (
     DLQ_REASON,
     DLQ_TIMESTAMP,
     DLQ_TOPIC,
+    DLQ_VALUE_BYTES,
     CrawlRequest,
     NewTask,
     Outcome,
@@ -41,6 +42,10 @@ from tm.errors import RowRejectedError
 # What a consumed message's headers() returns (the stubs also allow a dict, for produce()).
 _Headers = list[tuple[str, bytes | None]] | None
 _PUBLISHED = frozenset({Outcome.CREATED, Outcome.DUPLICATE})
+# Largest dead-letter value: librdkafka refuses a message over message.max.bytes (1,000,000 by
+# default) before compression, and a source message over the limit can still reach the topic
+# compressed. Longer values are cut, and DLQ_VALUE_BYTES says how long the original was.
+DLQ_MAX_VALUE_BYTES = 900_000
 _DEAD = {
     Outcome.TASK_NOT_FOUND: Reason.TASK_NOT_FOUND,
     Outcome.INVALID_TRANSITION: Reason.INVALID_TRANSITION,
@@ -243,6 +248,11 @@ class Pipeline:
         headers: list[tuple[str, bytes | str | None]] = list(
             cast(_Headers, message.headers()) or ()
         )
+        value = message.value()
+        if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
+            # Kafka holds it compressed on the source topic, but not as a dead letter.
+            headers.append((DLQ_VALUE_BYTES, str(len(value))))
+            value = value[:DLQ_MAX_VALUE_BYTES]
         headers += [
             (DLQ_REASON, reason.value),
             (DLQ_ERROR, error),
@@ -254,7 +264,7 @@ class Pipeline:
         self._sink.produce(
             self._dlq_topic,
             key=message.key(),
-            value=message.value(),
+            value=value,
             headers=headers,
             # Keep the original timestamp: a replayed `new` event gets back its task id.
             timestamp_ms=message.timestamp()[1],

@@ -55,6 +55,7 @@ _FATAL_CODES = frozenset(
         KafkaError.GROUP_AUTHORIZATION_FAILED,
         KafkaError.CLUSTER_AUTHORIZATION_FAILED,
         KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.MSG_SIZE_TOO_LARGE,  # will never pass: crash loudly rather than loop
         KafkaError._AUTHENTICATION,  # noqa: SLF001 (librdkafka's local error codes)
         KafkaError._INVALID_ARG,  # noqa: SLF001
     }
@@ -180,11 +181,11 @@ class KafkaSink:
         self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
         self._producer = Producer(config, logger=logger) if logger else Producer(config)
         # Failed delivery reports since the last flush; appended from the flushing thread.
-        self._failures: list[str] = []
+        self._failures: list[KafkaError] = []
 
     def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
         if error is not None:
-            self._failures.append(f"{error.name()}: {error.str()}")
+            self._failures.append(error)
 
     def produce(
         self,
@@ -214,13 +215,17 @@ class KafkaSink:
 
     def flush(self) -> None:
         """Wait for the acknowledgement of everything produced since the last flush; raise
-        KafkaUnavailableError if any message was not delivered."""
+        KafkaUnavailableError if any message was not delivered (FatalError if it never will)."""
         remaining = self._producer.flush(self._flush_timeout_s)
         failures, self._failures = self._failures, []
         if remaining:
             raise KafkaUnavailableError(f"{remaining} message(s) not acknowledged in time")
         if failures:
-            raise KafkaUnavailableError(f"{len(failures)} message(s) not delivered: {failures[0]}")
+            first = failures[0]
+            text = f"{len(failures)} message(s) not delivered: {first.name()}: {first.str()}"
+            if any(f.fatal() or f.code() in _FATAL_CODES for f in failures):
+                raise FatalError(text)
+            raise KafkaUnavailableError(text)
 
     def close(self, timeout_s: float) -> int:
         """Flush what is queued; return how many messages were left undelivered."""

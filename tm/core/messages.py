@@ -59,7 +59,16 @@ DLQ_TOPIC = "dlq_topic"
 DLQ_PARTITION = "dlq_partition"
 DLQ_OFFSET = "dlq_offset"
 DLQ_TIMESTAMP = "dlq_timestamp"
-DLQ_HEADERS = (DLQ_REASON, DLQ_ERROR, DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_TIMESTAMP)
+DLQ_VALUE_BYTES = "dlq_value_bytes"  # set when the value was cut to fit: its original length
+DLQ_HEADERS = (
+    DLQ_REASON,
+    DLQ_ERROR,
+    DLQ_TOPIC,
+    DLQ_PARTITION,
+    DLQ_OFFSET,
+    DLQ_TIMESTAMP,
+    DLQ_VALUE_BYTES,
+)
 
 
 class NewTaskBody(msgspec.Struct):
