@@ -1,4 +1,4 @@
-"""In-memory fakes of tm's own Protocols (tm.pipeline.Sink, Committer, Database) and of the
+"""In-memory fakes of tm's own Protocols (tm.pipeline.Sink, Database) and of the
 consumed-message shape, for unit tests of the pipeline. No client library is mocked."""
 
 from __future__ import annotations
@@ -116,11 +116,3 @@ class FakeSink:
         if self.fail_flush:
             raise KafkaUnavailableError("1 message(s) not delivered: _MSG_TIMED_OUT")
         self.acknowledged.extend(pending)
-
-
-@dataclass
-class FakeCommitter:
-    commits: list[dict[int, int]] = field(default_factory=list)
-
-    def commit(self, committable: dict[int, int]) -> None:
-        self.commits.append(dict(committable))

@@ -1,6 +1,7 @@
 """The pipeline of one worker, wired in one place: decode a poll into a batch, apply it with one
-set-based call per kind, publish crawl requests and dead letters, wait for their
-acknowledgements, and commit the batch's offsets last.
+set-based call per kind, publish crawl requests and dead letters and wait for their
+acknowledgements. What comes out is a Summary whose ``committable`` offsets the worker commits
+last (from its event loop, or from inside a revoke callback: see tm.worker).
 
 Nothing here swallows an error. A TransientError leaves the batch uncommitted for the worker to
 rewind and retry; a row the database refuses is isolated by splitting the batch and only that
@@ -70,13 +71,6 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
 
-class Committer(Protocol):
-    """The consumer's commit: blocks until the broker has stored the offsets; raises
-    KafkaUnavailableError or FatalError."""
-
-    def commit(self, committable: dict[int, int]) -> None: ...
-
-
 class Database(Protocol):
     """One transaction per call: new tasks first, then status updates; one outcome per row, in
     order. Raises RowRejectedError when one row's data is refused (nothing is written),
@@ -95,13 +89,14 @@ def iso(moment: datetime) -> str:
 class Summary:
     """What one batch did, for metrics and the per-batch debug line."""
 
-    __slots__ = ("committed", "dead_letters", "outcomes", "size")
+    __slots__ = ("committable", "committed", "dead_letters", "outcomes", "size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, committable: dict[int, int]) -> None:
         self.size = size
+        self.committable = committable
+        self.committed = False  # set by whoever commits it (the loop, or a revoke callback)
         self.outcomes: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
-        self.committed: dict[int, int] = {}
 
 
 class Pipeline:
@@ -111,9 +106,7 @@ class Pipeline:
         settings: Settings,
         database: Database,
         sink: Sink,
-        committer: Committer,
         io_executor: Executor,
-        owned: set[int],
     ) -> None:
         self._topic = settings.kafka.task_status_topic
         self._requests_topic = settings.kafka.web_crawl_request_topic
@@ -121,9 +114,7 @@ class Pipeline:
         self._max_result_chars = settings.consumer.max_result_chars
         self._database = database
         self._sink = sink
-        self._committer = committer
         self._io = io_executor
-        self._owned = owned
         self._row_limit = RowRejectionLimit()
         self.decode_stats = DecodeStats()
 
@@ -152,9 +143,9 @@ class Pipeline:
         return batch
 
     async def process(self, batch: Batch, messages: Sequence[Message]) -> Summary:
-        """Apply, publish, wait for acknowledgements, commit. Raises TransientError (nothing
-        committed) or FatalError."""
-        summary = Summary(batch.size)
+        """Apply, publish, wait for the acknowledgements; the batch is then ready to commit.
+        Raises TransientError (retry the batch) or FatalError."""
+        summary = Summary(batch.size, batch.committable)
         created, updated, refused = await self._apply(batch)
         for task, outcome in zip(batch.creates, created, strict=True):
             if outcome is None:
@@ -180,11 +171,7 @@ class Pipeline:
         for ref, text in refused:
             self._dead_letter(messages[ref], Reason.ROW_REJECTED, text, summary)
 
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self._sink.flush)
-        committable = {p: o for p, o in batch.committable.items() if p in self._owned}
-        await loop.run_in_executor(self._io, self._committer.commit, committable)
-        summary.committed = committable
+        await asyncio.get_running_loop().run_in_executor(self._io, self._sink.flush)
         return summary
 
     async def _apply(

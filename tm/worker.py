@@ -76,6 +76,7 @@ class Worker:
         self._owned: set[int] = set()
         self._paused = False
         self._inflight: asyncio.Task[Summary] | None = None
+        self._source: KafkaSource | None = None
         self._poll_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-io-{slot}")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,13 +100,9 @@ class Worker:
             logger=kafka_log,
             error_cb=self._on_kafka_error,
         )
+        self._source = source
         pipeline = Pipeline(
-            settings=settings,
-            database=database,
-            sink=sink,
-            committer=source,
-            io_executor=self._io_thread,
-            owned=self._owned,
+            settings=settings, database=database, sink=sink, io_executor=self._io_thread
         )
         self._reporter.send("B")
         log.info(
@@ -172,7 +169,7 @@ class Worker:
             batch = pipeline.assemble(messages) if messages else None
 
             if self._inflight is not None:
-                failure = await self._settle(self._inflight)
+                failure = await self._finish(self._inflight, source)
                 self._inflight = None
                 if failure is not None:
                     assert inflight_batch is not None  # noqa: S101
@@ -190,7 +187,7 @@ class Worker:
                 self._inflight = asyncio.create_task(pipeline.process(batch, messages))
 
         if self._inflight is not None:
-            failure = await self._settle(self._inflight)
+            failure = await self._finish(self._inflight, source)
             self._inflight = None
             if failure is not None:
                 log.warning(
@@ -198,10 +195,18 @@ class Worker:
                     extra={"fields": {"error": str(failure)}},
                 )
 
-    async def _settle(self, task: asyncio.Task[Summary]) -> TransientError | None:
-        """Wait for a batch; return its transient failure, raise a fatal one."""
+    async def _finish(
+        self, task: asyncio.Task[Summary], source: KafkaSource
+    ) -> TransientError | None:
+        """Wait for a batch and commit it; return its transient failure, raise a fatal one."""
         try:
             summary = await task
+            if not summary.committed:
+                committable = self._owned_offsets(summary)
+                await asyncio.get_running_loop().run_in_executor(
+                    self._io_thread, source.commit, committable
+                )
+                summary.committed = True
         except TransientError as exc:
             return exc
         self.applied_messages += summary.size
@@ -217,6 +222,9 @@ class Worker:
                 },
             )
         return None
+
+    def _owned_offsets(self, summary: Summary) -> dict[int, int]:
+        return {p: o for p, o in summary.committable.items() if p in self._owned}
 
     def _back_off(
         self, source: KafkaSource, first_offsets: dict[int, int], attempt: int, error: TmError
@@ -279,7 +287,20 @@ class Worker:
         self._call_in_loop(self._assigned([tp.partition for tp in partitions]), 10.0)
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
-        self._call_in_loop(self._revoked([tp.partition for tp in partitions]), REVOKE_BUDGET_S + 5)
+        revoked = [tp.partition for tp in partitions]
+        assert self._loop is not None and self._source is not None  # noqa: S101
+        future = asyncio.run_coroutine_threadsafe(self._ready_to_commit(), self._loop)
+        try:
+            committable = future.result(REVOKE_BUDGET_S + 5)
+        except TimeoutError:
+            future.cancel()
+            committable = {}
+        if committable:
+            try:
+                self._source.commit(committable)  # inside the callback: still our partitions
+            except TmError as exc:
+                log.warning("commit on revoke failed", extra={"fields": {"error": str(exc)}})
+        self._call_in_loop(self._forget(revoked), 10.0)
 
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         # Lost, not revoked: another member may own them already; never commit them again.
@@ -296,12 +317,21 @@ class Worker:
         self._reporter.send(f"A {len(self._owned)}")
         log.info("partitions assigned", extra={"fields": {"partitions": sorted(partitions)}})
 
-    async def _revoked(self, partitions: list[int]) -> None:
+    async def _ready_to_commit(self) -> dict[int, int]:
+        """On revoke: wait for the in-flight batch (up to the budget); if it succeeded and is
+        not committed yet, claim its commit and return its owned offsets."""
         inflight = self._inflight
-        if inflight is not None and not inflight.done():
-            # Let the in-flight batch commit while the partitions are still ours.
+        if inflight is None:
+            return {}
+        if not inflight.done():
             await asyncio.wait({inflight}, timeout=REVOKE_BUDGET_S)
-        await self._forget(partitions)
+        if not inflight.done() or inflight.cancelled() or inflight.exception() is not None:
+            return {}  # abandoned or failed: the loop rewinds what is still ours
+        summary = inflight.result()
+        if summary.committed:
+            return {}
+        summary.committed = True
+        return self._owned_offsets(summary)
 
     async def _forget(self, partitions: list[int]) -> None:
         self._owned.difference_update(partitions)

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.fakes import FakeCommitter, FakeDatabase, FakeMessage, FakeSink
+from tests.fakes import FakeDatabase, FakeMessage, FakeSink
 from tm import config
 from tm.errors import DatabaseUnavailableError, FatalError, KafkaUnavailableError
 from tm.pipeline import Pipeline
@@ -46,15 +46,11 @@ class Parts:
     def __init__(self) -> None:
         self.database = FakeDatabase()
         self.sink = FakeSink()
-        self.committer = FakeCommitter()
-        self.owned = {0, 1, 2}
         self.pipeline = Pipeline(
             settings=config.load({}),
             database=self.database,
             sink=self.sink,
-            committer=self.committer,
             io_executor=ThreadPoolExecutor(1),
-            owned=self.owned,
         )
 
     async def run(self, messages: list[FakeMessage]) -> Any:
@@ -72,7 +68,7 @@ async def test_created_tasks_get_crawl_requests_and_the_batch_is_committed(parts
     requests = [m for m in parts.sink.acknowledged if m["topic"] == "requests-web-crawl"]
     assert len(requests) == 3
     assert summary.outcomes == {"created": 3}
-    assert parts.committer.commits == [{0: 3, 1: 2}]
+    assert summary.committable == {0: 3, 1: 2}
 
 
 async def test_redelivered_new_tasks_are_duplicates_and_republished_identically(
@@ -94,7 +90,7 @@ async def test_refused_rows_are_isolated_and_dead_lettered_alone(parts: Parts) -
     assert {m["headers"]["dlq_reason"] for m in dead} == {"row_rejected"}
     assert summary.outcomes == {"created": 6}
     assert len(parts.database.tasks) == 6
-    assert parts.committer.commits == [{0: 8}]
+    assert summary.committable == {0: 8}
 
 
 async def test_update_outcomes_dead_letter_unknown_tasks_and_refused_transitions(
@@ -127,25 +123,17 @@ async def test_update_outcomes_dead_letter_unknown_tasks_and_refused_transitions
     assert str(unknown) in dead["3"]["headers"]["dlq_error"]
 
 
-async def test_a_transient_database_failure_commits_nothing(parts: Parts) -> None:
+async def test_a_transient_database_failure_publishes_nothing(parts: Parts) -> None:
     parts.database.fail_with = DatabaseUnavailableError("connection refused")
     with pytest.raises(DatabaseUnavailableError):
         await parts.run([new(0), new(1)])
     assert parts.sink.acknowledged == []
-    assert parts.committer.commits == []
 
 
-async def test_unacknowledged_publishes_commit_nothing(parts: Parts) -> None:
+async def test_unacknowledged_publishes_fail_the_batch(parts: Parts) -> None:
     parts.sink.fail_flush = True
     with pytest.raises(KafkaUnavailableError):
         await parts.run([new(0)])
-    assert parts.committer.commits == []
-
-
-async def test_partitions_no_longer_owned_are_not_committed(parts: Parts) -> None:
-    parts.owned.discard(1)
-    await parts.run([new(0), new(1, partition=1), new(2, partition=2)])
-    assert parts.committer.commits == [{0: 1, 2: 3}]
 
 
 async def test_bad_messages_are_dead_lettered_with_their_original_bytes(parts: Parts) -> None:
@@ -156,11 +144,10 @@ async def test_bad_messages_are_dead_lettered_with_their_original_bytes(parts: P
     assert dead["headers"]["task_type"] == b"web-crawl"
     assert dead["headers"]["dlq_reason"] == "invalid_headers"
     assert summary.outcomes == {"created": 1}
-    assert parts.committer.commits == [{0: 2}]
+    assert summary.committable == {0: 2}
 
 
 async def test_a_run_of_refused_rows_stops_the_worker(parts: Parts) -> None:
     messages = [new(n, email="refuse@example.com") for n in range(101)]
     with pytest.raises(FatalError, match="refused by PostgreSQL"):
         await parts.run(messages)
-    assert parts.committer.commits == []
