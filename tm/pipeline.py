@@ -21,7 +21,7 @@ from confluent_kafka import Message
 
 from tm.config import Settings
 from tm.core.batch import Batch
-from tm.core.decode import DecodeStats, decode
+from tm.core.decode import DecodeStats, decode, iso_utc
 from tm.core.messages import (
     CRAWL_REQUEST_ENCODER,
     DLQ_ERROR,
@@ -47,9 +47,9 @@ _PUBLISHED = frozenset({Outcome.CREATED, Outcome.DUPLICATE})
 # default) before compression, and a source message over the limit can still reach the topic
 # compressed. Longer values are cut, and DLQ_VALUE_BYTES says how long the original was.
 DLQ_MAX_VALUE_BYTES = 900_000
-_DEAD = {
-    Outcome.TASK_NOT_FOUND: Reason.TASK_NOT_FOUND,
-    Outcome.INVALID_TRANSITION: Reason.INVALID_TRANSITION,
+_DEAD: dict[str, Reason] = {
+    Outcome.TASK_NOT_FOUND.value: Reason.TASK_NOT_FOUND,
+    Outcome.INVALID_TRANSITION.value: Reason.INVALID_TRANSITION,
 }
 
 
@@ -79,11 +79,6 @@ class Database(Protocol):
     async def apply(
         self, creates: list[NewTask], updates: list[StatusUpdate]
     ) -> tuple[list[str], list[str]]: ...
-
-
-def iso(moment: datetime) -> str:
-    """ISO-8601 in UTC with milliseconds and a Z, like the gateway writes it."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Summary:
@@ -157,7 +152,7 @@ class Pipeline:
             if outcome is None:
                 continue
             summary.outcomes[outcome] += 1
-            reason = _DEAD.get(Outcome(outcome))
+            reason = _DEAD.get(outcome)
             if reason is not None:
                 text = (
                     f"task {update.id} does not exist"
@@ -210,10 +205,10 @@ class Pipeline:
         return created, updated, refused
 
     def _publish_request(self, task: NewTask) -> None:
-        task_id = str(task.id)
+        task_id = task.id
         headers: list[tuple[str, bytes | str | None]] = [
             ("task_id", task_id),
-            ("timestamp", iso(task.received_at)),
+            ("timestamp", task.timestamp),
         ]
         if task.traceparent is not None:
             headers.append(("traceparent", task.traceparent))
@@ -246,7 +241,7 @@ class Pipeline:
             (DLQ_TOPIC, message.topic() or self._topic),
             (DLQ_PARTITION, str(message.partition())),
             (DLQ_OFFSET, str(message.offset())),
-            (DLQ_TIMESTAMP, iso(datetime.now(UTC))),
+            (DLQ_TIMESTAMP, iso_utc(datetime.now(UTC))),
         ]
         self._sink.produce(
             self._dlq_topic,

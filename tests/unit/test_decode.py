@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tm.core.decode import DecodeStats, decode, new_task_id, parse_timestamp
-from tm.core.messages import NewTask, Rejected, StatusUpdate
+from tm.core.messages import TASK_ID_NAMESPACE, NewTask, Rejected, StatusUpdate
 
 CORPUS = Path(__file__).resolve().parents[1] / "messages"
 CASES = sorted(CORPUS.glob("*/*.json"))
@@ -72,11 +72,34 @@ def test_corpus_case(path: Path) -> None:
     assert stats.invalid_trace_context == expect.get("invalid_trace_context", 0)
 
 
-def test_new_task_id_is_a_stable_uuid5() -> None:
+def test_new_task_id_is_the_uuid5_of_the_coordinates() -> None:
     first = new_task_id("task-status", 1, 2, 3)
     assert first == new_task_id("task-status", 1, 2, 3)
-    assert first.version == 5
+    assert first == str(uuid.uuid5(TASK_ID_NAMESPACE, "task-status/1/2/3"))
     assert first != new_task_id("task-status", 1, 3, 3)
+    assert first != new_task_id("other-topic", 1, 2, 3)
+
+
+def test_task_id_header_is_canonicalised() -> None:
+    upper = "6F1C2D3E-4B5A-4978-8A6B-5C4D3E2F1A0B"
+    headers = [
+        ("task_type", b"web-crawl"),
+        ("status", b"error"),
+        ("task_id", upper.encode()),
+        ("timestamp", b"2025-08-10T10:18:59Z"),
+    ]
+    result = decode(
+        headers,
+        b'{"error": "e"}',
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        max_result_chars=10,
+        stats=DecodeStats(),
+    )
+    assert isinstance(result, StatusUpdate)
+    assert result.id == upper.lower()
 
 
 @pytest.mark.parametrize(

@@ -91,21 +91,24 @@ ERROR_DECODER = msgspec.json.Decoder(ErrorBody)
 
 
 class NewTask(msgspec.Struct, gc=False):
-    """A valid ``new`` event: the row to create and the crawl request to send."""
+    """A valid ``new`` event: the row to create and the crawl request to send. ``id`` is the
+    canonical (lower-case, hyphenated) text of a UUID; ``timestamp`` is ``received_at`` as
+    ISO-8601 in UTC with milliseconds, for the crawl request's header."""
 
-    id: uuid.UUID
+    id: str
     user_email: str
     user_query: str
     base_url: str
     received_at: datetime
+    timestamp: str
     traceparent: str | None
     tracestate: str | None
 
 
 class StatusUpdate(msgspec.Struct, gc=False):
-    """A valid ``completed`` or ``error`` event."""
+    """A valid ``completed`` or ``error`` event (``id`` as in NewTask)."""
 
-    id: uuid.UUID
+    id: str
     status: TaskStatus
     result: str
     finished_at: datetime
