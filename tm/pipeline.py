@@ -11,6 +11,7 @@ row is dead-lettered; FatalError stops the worker.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -84,7 +85,17 @@ class Database(Protocol):
 class Summary:
     """What one batch did, for metrics and the per-batch debug line."""
 
-    __slots__ = ("committable", "committed", "dead_letters", "outcomes", "size")
+    __slots__ = (
+        "commit_s",
+        "committable",
+        "committed",
+        "db_s",
+        "dead_letters",
+        "decode_s",
+        "outcomes",
+        "publish_s",
+        "size",
+    )
 
     def __init__(self, size: int, committable: dict[int, int]) -> None:
         self.size = size
@@ -92,6 +103,8 @@ class Summary:
         self.committed = False  # set by whoever commits it (the loop, or a revoke callback)
         self.outcomes: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
+        # Stage durations in seconds; decode and commit are timed by the worker.
+        self.decode_s = self.db_s = self.publish_s = self.commit_s = 0.0
 
 
 class Pipeline:
@@ -141,7 +154,10 @@ class Pipeline:
         """Apply, publish, wait for the acknowledgements; the batch is then ready to commit.
         Raises TransientError (retry the batch) or FatalError."""
         summary = Summary(batch.size, batch.committable)
+        started = time.perf_counter()
         created, updated, refused = await self._apply(batch)
+        applied = time.perf_counter()
+        summary.db_s = applied - started
         for task, outcome in zip(batch.creates, created, strict=True):
             if outcome is None:
                 continue
@@ -167,6 +183,7 @@ class Pipeline:
             self._dead_letter(messages[ref], Reason.ROW_REJECTED, text, summary)
 
         await asyncio.get_running_loop().run_in_executor(self._io, self._sink.flush)
+        summary.publish_s = time.perf_counter() - applied
         return summary
 
     async def _apply(

@@ -77,6 +77,7 @@ class Worker:
         self._paused = False
         self._inflight: asyncio.Task[Summary] | None = None
         self._source: KafkaSource | None = None
+        self._inflight_decode_s = 0.0
         self._poll_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-io-{slot}")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,7 +167,9 @@ class Worker:
                 self._poll_thread, source.poll, max_messages, timeout_s
             )
             messages = self._usable(polled)
+            decode_started = time.perf_counter()
             batch = pipeline.assemble(messages) if messages else None
+            decode_s = time.perf_counter() - decode_started
 
             if self._inflight is not None:
                 failure = await self._finish(self._inflight, source)
@@ -185,6 +188,7 @@ class Worker:
             if batch is not None:
                 inflight_batch = batch
                 self._inflight = asyncio.create_task(pipeline.process(batch, messages))
+                self._inflight_decode_s = decode_s
 
         if self._inflight is not None:
             failure = await self._finish(self._inflight, source)
@@ -201,11 +205,14 @@ class Worker:
         """Wait for a batch and commit it; return its transient failure, raise a fatal one."""
         try:
             summary = await task
+            summary.decode_s = self._inflight_decode_s
             if not summary.committed:
                 committable = self._owned_offsets(summary)
+                started = time.perf_counter()
                 await asyncio.get_running_loop().run_in_executor(
                     self._io_thread, source.commit, committable
                 )
+                summary.commit_s = time.perf_counter() - started
                 summary.committed = True
         except TransientError as exc:
             return exc
@@ -216,6 +223,10 @@ class Worker:
                 extra={
                     "fields": {
                         "size": summary.size,
+                        "decode_ms": round(summary.decode_s * 1000, 1),
+                        "db_ms": round(summary.db_s * 1000, 1),
+                        "publish_ms": round(summary.publish_s * 1000, 1),
+                        "commit_ms": round(summary.commit_s * 1000, 1),
                         **summary.outcomes,
                         **{f"dlq_{k}": v for k, v in summary.dead_letters.items()},
                     }
