@@ -49,3 +49,10 @@ stack-down:
 	PYTHON=$(STACK_PYTHON) bash stack/stack.sh down
 stack-status:
 	PYTHON=$(STACK_PYTHON) bash stack/stack.sh status
+
+# Performance (DESIGN §8, bench/README.md): the end-to-end benchmark with its defaults (fresh
+# database and topics on the local stack, about 3 minutes), then the micro-benchmarks.
+.PHONY: bench
+bench: venv stack-up
+	$(VENV)/bin/python -m bench.e2e
+	$(VENV)/bin/pytest bench/test_micro.py --benchmark-only -q -p no:cacheprovider
