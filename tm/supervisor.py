@@ -57,6 +57,7 @@ class Supervisor:
         self._signals: list[int] = []
         self._stopping_since: float | None = None
         self._halt_error: str | None = None
+        self._draining: list[Slot] = []
         self._wakeup_r, self._wakeup_w = os.pipe()
 
     # -- signals -----------------------------------------------------------------------------
@@ -212,6 +213,7 @@ class Supervisor:
                 else:
                     log.warning("second signal: killing workers and exiting at once")
                     self._kill_all(signal.SIGKILL)
+                    self._wait_all()
                     return 128 + signum
             self._reap()
             if self._halt_error is not None:
@@ -240,10 +242,13 @@ class Supervisor:
             extra={"fields": {"signal": signal.Signals(signum).name, "grace_s": self._grace_s()}},
         )
         self._stopping_since = time.monotonic()
+        self._draining = [s for s in self._slots if s.pid]
         self._kill_all(signal.SIGTERM)
 
     def _stopped(self) -> int:
-        clean = all(s.exit_codes and s.exit_codes[-1] == 0 for s in self._slots)
+        # Clean: every worker running when the stop began drained and exited 0 (a slot that
+        # was dead, waiting for its restart, had nothing in flight).
+        clean = all(s.exit_codes and s.exit_codes[-1] == 0 for s in self._draining)
         log.info("stopped", extra={"fields": {"clean": clean}})
         return 0 if clean else 1
 

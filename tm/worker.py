@@ -191,8 +191,10 @@ class Worker:
                 self._inflight_decode_s = decode_s
 
         if self._inflight is not None:
-            failure = await self._finish(self._inflight, source)
-            self._inflight = None
+            # The last batch is committed by the revoke callback when close() leaves the group:
+            # a commit from here could wait on a rebalance that needs us to poll. So the task
+            # stays in self._inflight for _ready_to_commit to find.
+            failure = await self._finish(self._inflight, source, commit=False)
             if failure is not None:
                 log.warning(
                     "last batch not applied; it will be consumed again after restart",
@@ -200,13 +202,13 @@ class Worker:
                 )
 
     async def _finish(
-        self, task: asyncio.Task[Summary], source: KafkaSource
+        self, task: asyncio.Task[Summary], source: KafkaSource, *, commit: bool = True
     ) -> TransientError | None:
         """Wait for a batch and commit it; return its transient failure, raise a fatal one."""
         try:
             summary = await task
             summary.decode_s = self._inflight_decode_s
-            if not summary.committed:
+            if commit and not summary.committed:
                 committable = self._owned_offsets(summary)
                 started = time.perf_counter()
                 await asyncio.get_running_loop().run_in_executor(

@@ -69,8 +69,9 @@ def translate_error(exc: BaseException) -> BaseException:
         if code[:2] in _ROW_CLASSES or code in _ROW_CODES:
             return RowRejectedError(message, sqlstate=code)
         return FatalError(f"{message} (SQLSTATE {code})")
-    if isinstance(exc, asyncpg.InterfaceError):
-        # Connection closed underneath us, pool closing, and the like.
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)):
+        # Connection closed underneath us, pool closing, a protocol left in a bad state by a
+        # backend terminated while idle, and the like: a fresh connection will do.
         return DatabaseUnavailableError(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, (OSError, asyncio.TimeoutError)):
         return DatabaseUnavailableError(f"{type(exc).__name__}: {exc}".rstrip(": "))
@@ -125,7 +126,11 @@ class Database:
                     return [], await _update(conn, updates)
                 return [], []
         except Exception as exc:
-            raise translate_error(exc) from exc
+            translated = translate_error(exc)
+            if isinstance(translated, DatabaseUnavailableError):
+                # The other pooled connections likely died with this one: start afresh.
+                await self._pool.expire_connections()
+            raise translated from exc
 
     async def ping(self) -> None:
         try:
