@@ -307,7 +307,7 @@ def _consumer(env: _Env) -> ConsumerSettings:
     return ConsumerSettings(
         workers=env.integer("TM_WORKERS", os.cpu_count() or 1, lo=1, hi=256),
         batch_max_messages=env.integer("TM_BATCH_MAX_MESSAGES", 2000, lo=1, hi=100_000),
-        batch_linger_ms=env.integer("TM_BATCH_LINGER_MS", 10, lo=0, hi=60_000),
+        batch_linger_ms=env.integer("TM_BATCH_LINGER_MS", 5, lo=0, hi=60_000),
         retry_backoff_initial_ms=initial,
         retry_backoff_max_ms=cap,
         max_result_chars=env.integer("TM_MAX_RESULT_CHARS", 1_048_576, lo=1, hi=100_000_000),
