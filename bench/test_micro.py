@@ -107,7 +107,7 @@ def _assemble(poll: list[tuple[int, int, Raw]]) -> Batch:
             max_result_chars=MAX_RESULT_CHARS,
             stats=stats,
         )
-        batch.add(ref, partition, offset, item)
+        batch.add(ref, partition, offset, item, TIMESTAMP_MS)
     return batch
 
 

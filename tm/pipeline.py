@@ -95,11 +95,13 @@ class Summary:
         "outcomes",
         "publish_s",
         "size",
+        "timestamps_ms",
     )
 
-    def __init__(self, size: int, committable: dict[int, int]) -> None:
-        self.size = size
-        self.committable = committable
+    def __init__(self, batch: Batch) -> None:
+        self.size = batch.size
+        self.committable = batch.committable
+        self.timestamps_ms = batch.timestamps_ms
         self.committed = False  # set by whoever commits it (the loop, or a revoke callback)
         self.outcomes: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
@@ -137,23 +139,24 @@ class Pipeline:
             offset = message.offset()
             if partition is None or offset is None:  # pragma: no cover (errors are filtered)
                 continue
+            timestamp_ms = message.timestamp()[1]
             item = decode(
                 cast(_Headers, message.headers()),
                 message.value(),
                 topic=topic,
                 partition=partition,
                 offset=offset,
-                timestamp_ms=message.timestamp()[1],
+                timestamp_ms=timestamp_ms,
                 max_result_chars=limit,
                 stats=stats,
             )
-            batch.add(ref, partition, offset, item)
+            batch.add(ref, partition, offset, item, timestamp_ms)
         return batch
 
     async def process(self, batch: Batch, messages: Sequence[Message]) -> Summary:
         """Apply, publish, wait for the acknowledgements; the batch is then ready to commit.
         Raises TransientError (retry the batch) or FatalError."""
-        summary = Summary(batch.size, batch.committable)
+        summary = Summary(batch)
         started = time.perf_counter()
         created, updated, refused = await self._apply(batch)
         applied = time.perf_counter()

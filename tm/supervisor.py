@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import select
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from tm.config import Settings
 
 log = logging.getLogger("tm.supervisor")
 
 LOOP_TICK_S = 0.5
+STATE_INTERVAL_S = 0.5  # how often gauges and the API's state line are refreshed
 MAX_BOOT_FAILURES = 3  # consecutive failures before boot, per slot, before halting
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 60.0  # a worker up this long resets its slot's restart backoff
@@ -36,12 +41,15 @@ PREFLIGHT_TIMEOUT_S = 60.0
 @dataclass
 class Slot:
     number: int
+    role: str = "worker"  # or "api": the HTTP process
     pid: int = 0
+    state_fd: int = -1  # api only: where the supervisor writes its state lines
     fd: int = -1
     buffer: bytes = b""
     started_at: float = 0.0
     last_heartbeat: float = 0.0
     booted: bool = False
+    joined: bool = False  # has had a first assignment (possibly empty) since it started
     owned_partitions: int = 0
     boot_failures: int = 0
     restarts: int = 0
@@ -50,10 +58,24 @@ class Slot:
     exit_codes: list[int] = field(default_factory=list)
 
 
+def metrics() -> ModuleType:
+    """tm.observability.metrics, imported only once ``run`` has set PROMETHEUS_MULTIPROC_DIR
+    (prometheus-client picks its storage when first imported)."""
+    from tm.observability import metrics as module
+
+    return module
+
+
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, started: float) -> None:
         self._settings = settings
-        self._slots = [Slot(n) for n in range(settings.consumer.workers)]
+        self._workers = [Slot(n) for n in range(settings.consumer.workers)]
+        self._api = Slot(-1, role="api")
+        self._slots = [*self._workers, self._api]
+        self._started = started
+        self._started_wall = time.time() - (time.monotonic() - started)
+        self._ready_once = False
+        self._last_state = 0.0
         self._signals: list[int] = []
         self._stopping_since: float | None = None
         self._halt_error: str | None = None
@@ -76,6 +98,9 @@ class Supervisor:
 
     def _spawn(self, slot: Slot) -> None:
         read_fd, write_fd = os.pipe()
+        state_r = state_w = -1
+        if slot.role == "api":
+            state_r, state_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -85,24 +110,38 @@ class Supervisor:
                 for signum in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
                 for other in self._slots:
-                    if other.fd >= 0:
-                        os.close(other.fd)
+                    for fd in (other.fd, other.state_fd):
+                        if fd >= 0:
+                            os.close(fd)
                 os.close(self._wakeup_r)
                 os.close(self._wakeup_w)
-                from tm import worker
+                if slot.role == "api":
+                    os.close(state_w)
+                    from tm.api.server import main as api_main
 
-                code = worker.main(self._settings, slot=slot.number, report_fd=write_fd)
+                    code = api_main(self._settings, state_fd=state_r, report_fd=write_fd)
+                else:
+                    from tm import worker
+
+                    code = worker.main(self._settings, slot=slot.number, report_fd=write_fd)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
+        if slot.role == "api":
+            os.close(state_r)
+            os.set_blocking(state_w, False)
+            slot.state_fd = state_w
         now = time.monotonic()
         slot.pid, slot.fd, slot.buffer = pid, read_fd, b""
         slot.started_at = slot.last_heartbeat = now
-        slot.booted, slot.owned_partitions, slot.restart_at = False, 0, None
-        log.info("worker spawned", extra={"fields": {"slot": slot.number, "pid": pid}})
+        slot.booted, slot.joined, slot.owned_partitions, slot.restart_at = False, False, 0, None
+        if slot.role == "api":
+            log.info("api spawned", extra={"fields": {"pid": pid}})
+        else:
+            log.info("worker spawned", extra={"fields": {"slot": slot.number, "pid": pid}})
 
     def _read(self, slot: Slot) -> None:
         try:
@@ -121,6 +160,7 @@ class Supervisor:
                 slot.booted = True
                 slot.boot_failures = 0
             elif line.startswith("A "):
+                slot.joined = True
                 slot.owned_partitions = int(line[2:] or 0)
             elif line.startswith("F "):
                 slot.last_error = line[2:]
@@ -139,10 +179,15 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             self._read(slot)
             os.close(slot.fd)
-            slot.pid, slot.fd = 0, -1
+            if slot.state_fd >= 0:
+                os.close(slot.state_fd)
+            slot.pid, slot.fd, slot.state_fd = 0, -1, -1
             slot.exit_codes.append(code)
+            metrics().forget_process(pid)
             if self._stopping_since is not None:
-                log.info("worker exited", extra={"fields": {"slot": slot.number, "code": code}})
+                log.info(
+                    f"{slot.role} exited", extra={"fields": {"slot": slot.number, "code": code}}
+                )
                 continue
             self._schedule_restart(slot, code)
 
@@ -151,8 +196,9 @@ class Supervisor:
         if not slot.booted:
             slot.boot_failures += 1
             if slot.boot_failures >= MAX_BOOT_FAILURES:
+                who = "the API process" if slot.role == "api" else f"worker {slot.number}"
                 self._halt_error = (
-                    f"worker {slot.number} failed {slot.boot_failures} times before it booted: "
+                    f"{who} failed {slot.boot_failures} times before it booted: "
                     f"{slot.last_error or f'exit status {code}'}"
                 )
                 return
@@ -161,8 +207,9 @@ class Supervisor:
         delay = RESTART_BACKOFF_S[min(slot.restarts, len(RESTART_BACKOFF_S) - 1)]
         slot.restarts += 1
         slot.restart_at = now + delay
+        metrics().worker_restarts.inc()
         log.error(
-            "worker died; restarting",
+            f"{slot.role} died; restarting",
             extra={
                 "fields": {
                     "slot": slot.number,
@@ -216,6 +263,7 @@ class Supervisor:
                     self._wait_all()
                     return 128 + signum
             self._reap()
+            self._publish_state()
             if self._halt_error is not None:
                 return self._halt()
             if self._stopping_since is not None:
@@ -233,16 +281,54 @@ class Supervisor:
                 if slot.pid == 0 and slot.restart_at is not None and now >= slot.restart_at:
                     self._spawn(slot)
 
+    def _publish_state(self) -> None:
+        """Gauges, the one-time "ready" line, and the state line the API process serves."""
+        now = time.monotonic()
+        if now - self._last_state < STATE_INTERVAL_S:
+            return
+        self._last_state = now
+        m = metrics()
+        running = [w for w in self._workers if w.pid]
+        joined = [w for w in running if w.joined]
+        m.workers_running.set(len(running))
+        m.workers_assigned.set(len(joined))
+        m.record_memory("supervisor")
+        if not self._ready_once and len(joined) == len(self._workers):
+            self._ready_once = True
+            m.startup_seconds.set(now - self._started)
+            log.info("ready", extra={"fields": {"startup_s": round(now - self._started, 3)}})
+        if self._api.state_fd < 0:
+            return
+        state = {
+            "started_at": self._started_wall,
+            "stopping": self._stopping_since is not None,
+            "workers": [
+                {
+                    "slot": w.number,
+                    "pid": w.pid,
+                    "booted": w.booted,
+                    "joined": w.joined,
+                    "partitions": w.owned_partitions,
+                    "restarts": w.restarts,
+                }
+                for w in self._workers
+            ],
+        }
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._api.state_fd, (json.dumps(state) + "\n").encode())
+
     def _grace_s(self) -> float:
         return self._settings.consumer.graceful_shutdown_timeout_ms / 1000
 
     def _begin_stop(self, signum: int) -> None:
+        self._last_state = 0.0  # tell the API at once: readiness falls during the drain
         log.info(
             "stopping workers",
             extra={"fields": {"signal": signal.Signals(signum).name, "grace_s": self._grace_s()}},
         )
         self._stopping_since = time.monotonic()
         self._draining = [s for s in self._slots if s.pid]
+        self._publish_state()
         self._kill_all(signal.SIGTERM)
 
     def _stopped(self) -> int:
@@ -331,6 +417,21 @@ def preflight(settings: Settings) -> str | None:
     return b"".join(chunks).decode() or None
 
 
+def _metrics_directory() -> str | None:
+    """Point prometheus-client's multiprocess mode at an empty directory; return it if we made
+    it (to remove it on exit). An operator's PROMETHEUS_MULTIPROC_DIR is emptied and used."""
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        os.makedirs(configured, exist_ok=True)
+        for name in os.listdir(configured):
+            if name.endswith(".db"):
+                os.remove(os.path.join(configured, name))
+        return None
+    made = tempfile.mkdtemp(prefix="tm-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
+
+
 def run(settings: Settings) -> int:
     started = time.monotonic()
     problem = preflight(settings)
@@ -348,4 +449,9 @@ def run(settings: Settings) -> int:
             }
         },
     )
-    return Supervisor(settings).run()
+    made = _metrics_directory()
+    try:
+        return Supervisor(settings, started=started).run()
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)

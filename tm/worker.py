@@ -34,8 +34,10 @@ from tm.adapters.kafka import KafkaSink, KafkaSource
 from tm.adapters.postgres import Database
 from tm.config import Settings
 from tm.core.batch import Batch, merge_first_offsets
+from tm.core.decode import DecodeStats
 from tm.core.policy import backoff_s
 from tm.errors import FatalError, TmError, TransientError
+from tm.observability import metrics
 from tm.pipeline import Pipeline, Summary
 
 log = logging.getLogger("tm.worker")
@@ -78,6 +80,8 @@ class Worker:
         self._inflight: asyncio.Task[Summary] | None = None
         self._source: KafkaSource | None = None
         self._inflight_decode_s = 0.0
+        self._database: Database | None = None
+        self._decode_stats = DecodeStats()
         self._poll_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-io-{slot}")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -105,6 +109,8 @@ class Worker:
         pipeline = Pipeline(
             settings=settings, database=database, sink=sink, io_executor=self._io_thread
         )
+        self._decode_stats = pipeline.decode_stats
+        self._database = database
         self._reporter.send("B")
         log.info(
             "worker started",
@@ -130,6 +136,11 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             self._reporter.send("H")
+            metrics.record_memory("worker")
+            if self._database is not None:
+                in_use, idle = self._database.pool_usage()
+                metrics.db_pool_connections.labels("in_use").set(in_use)
+                metrics.db_pool_connections.labels("idle").set(idle)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _close(self, source: KafkaSource, sink: KafkaSink, database: Database) -> None:
@@ -219,6 +230,7 @@ class Worker:
         except TransientError as exc:
             return exc
         self.applied_messages += summary.size
+        self._record(summary)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "batch done",
@@ -236,6 +248,28 @@ class Worker:
             )
         return None
 
+    def _record(self, summary: Summary) -> None:
+        """Metrics of a committed batch: a handful of updates per batch, none per message."""
+        metrics.messages_consumed.inc(summary.size)
+        metrics.batch_size.observe(summary.size)
+        for outcome, count in summary.outcomes.items():
+            metrics.messages_applied.labels(outcome).inc(count)
+        for reason, count in summary.dead_letters.items():
+            metrics.dead_letters.labels(reason).inc(count)
+        for stage, seconds in (
+            ("decode", summary.decode_s),
+            ("db", summary.db_s),
+            ("publish", summary.publish_s),
+            ("commit", summary.commit_s),
+        ):
+            metrics.stage_duration.labels(stage).observe(seconds)
+        now_ms = time.time() * 1000
+        metrics.observe_latencies((now_ms - ts) / 1000 for ts in summary.timestamps_ms)
+        invalid = self._decode_stats.invalid_trace_context
+        if invalid:
+            metrics.invalid_trace_context.inc(invalid)
+            self._decode_stats.invalid_trace_context = 0
+
     def _owned_offsets(self, summary: Summary) -> dict[int, int]:
         return {p: o for p, o in summary.committable.items() if p in self._owned}
 
@@ -249,6 +283,7 @@ class Worker:
         source.rewind(rewind)
         source.pause(sorted(self._owned))
         self._paused = True
+        metrics.batch_retries.inc()
         delay = backoff_s(
             attempt,
             initial_s=consumer.retry_backoff_initial_ms / 1000,
@@ -300,6 +335,7 @@ class Worker:
         self._call_in_loop(self._assigned([tp.partition for tp in partitions]), 10.0)
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
+        metrics.rebalances.labels("revoke").inc()
         revoked = [tp.partition for tp in partitions]
         assert self._loop is not None and self._source is not None  # noqa: S101
         future = asyncio.run_coroutine_threadsafe(self._ready_to_commit(), self._loop)
@@ -317,6 +353,7 @@ class Worker:
 
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         # Lost, not revoked: another member may own them already; never commit them again.
+        metrics.rebalances.labels("lost").inc()
         self._call_in_loop(self._forget([tp.partition for tp in partitions]), 10.0)
 
     def _on_kafka_error(self, error: KafkaError) -> None:
@@ -326,6 +363,7 @@ class Worker:
             log.warning("kafka error", extra={"fields": {"error": error.str()}})
 
     async def _assigned(self, partitions: list[int]) -> None:
+        metrics.rebalances.labels("assign").inc()
         self._owned.update(partitions)
         self._reporter.send(f"A {len(self._owned)}")
         log.info("partitions assigned", extra={"fields": {"partitions": sorted(partitions)}})

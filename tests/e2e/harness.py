@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -211,13 +212,27 @@ def make_stack(settings: Settings, *, partitions: int = 6) -> Iterator[Stack]:
             future.result(30)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for tm's API, so that runs can overlap)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class TmRun:
     """`python -m tm run` as a subprocess, in its own session (so a test can signal it the
     way Kubernetes does: the supervisor only). Output goes to a file the test can read."""
 
     def __init__(self, stack: Stack, tmp_path: Path, **extra_env: str) -> None:
         self.log_path = tmp_path / f"tm-{unique('run')}.log"
-        env = {**os.environ, **stack.env, "TM_BATCH_LINGER_MS": "5", **extra_env}
+        self.port = free_port()
+        env = {
+            **os.environ,
+            **stack.env,
+            "TM_BATCH_LINGER_MS": "5",
+            "APP_PORT": str(self.port),
+            **extra_env,
+        }
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tm", "run"],

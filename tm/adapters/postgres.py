@@ -132,6 +132,12 @@ class Database:
                 await self._pool.expire_connections()
             raise translated from exc
 
+    def pool_usage(self) -> tuple[int, int]:
+        """(connections in use, idle connections) of the pool."""
+        size = self._pool.get_size()
+        idle = self._pool.get_idle_size()
+        return size - idle, idle
+
     async def ping(self) -> None:
         try:
             await self._pool.fetchval("SELECT 1")

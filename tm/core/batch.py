@@ -18,6 +18,7 @@ class Batch:
         "first_offsets",
         "rejected",
         "size",
+        "timestamps_ms",
         "update_refs",
         "updates",
     )
@@ -30,12 +31,14 @@ class Batch:
         self.rejected: list[tuple[int, Rejected]] = []
         self.first_offsets: dict[int, int] = {}
         self.committable: dict[int, int] = {}
+        self.timestamps_ms: list[int] = []  # Kafka timestamps, for the end-to-end latency
         self.size = 0
 
-    def add(self, ref: int, partition: int, offset: int, item: Decoded) -> None:
+    def add(self, ref: int, partition: int, offset: int, item: Decoded, timestamp_ms: int) -> None:
         if partition not in self.first_offsets:
             self.first_offsets[partition] = offset
         self.committable[partition] = offset + 1
+        self.timestamps_ms.append(timestamp_ms)
         self.size += 1
         if type(item) is NewTask:
             self.creates.append(item)
