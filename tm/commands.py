@@ -9,8 +9,8 @@ import asyncio
 import time
 
 from tm.adapters import kafka, migrations, postgres
-from tm.config import Settings
-from tm.errors import TmError
+from tm.config import PostgresSettings, Settings
+from tm.errors import DatabaseUnavailableError, TmError
 
 CHECK_TIMEOUT_S = 5.0  # per dependency; long enough for a slow broker, short for a probe
 
@@ -49,40 +49,55 @@ def check(settings: Settings) -> int:
     return 0 if ok else 1
 
 
-def _check_postgres(settings: Settings) -> str:
-    pg = settings.postgres
+def _schema_state(pg: PostgresSettings) -> tuple[str, migrations.Status]:
+    """The server's version and the migration status; raises TmError (a timeout included)."""
 
-    async def run() -> str:
+    async def run() -> tuple[str, migrations.Status]:
         conn = await postgres.connect(pg)
         try:
-            version = await conn.fetchval("SHOW server_version")
-            state = await migrations.status(conn)
+            return await conn.fetchval("SHOW server_version"), await migrations.status(conn)
         except Exception as exc:
             raise postgres.translate_error(exc) from exc
         finally:
             await conn.close()
-        pending = ", ".join(f"{m.version:04d}_{m.name}" for m in state.pending)
-        schema = f"{len(state.pending)} pending ({pending})" if pending else "migrated"
-        return f"{pg.host}:{pg.port}/{pg.database} PostgreSQL {version}, schema {schema}"
 
-    return asyncio.run(asyncio.wait_for(run(), CHECK_TIMEOUT_S * 2))
+    timeout_s = CHECK_TIMEOUT_S * 2
+    try:
+        return asyncio.run(asyncio.wait_for(run(), timeout_s))
+    except TimeoutError as exc:
+        raise DatabaseUnavailableError(f"no answer in {timeout_s:.0f} s") from exc
+
+
+def _pending(state: migrations.Status) -> str:
+    return ", ".join(f"{m.version:04d}_{m.name}" for m in state.pending)
+
+
+def _topics(settings: Settings) -> tuple[str, str, str]:
+    k = settings.kafka
+    return (k.task_status_topic, k.web_crawl_request_topic, k.dlq_topic)
+
+
+def _check_postgres(settings: Settings) -> str:
+    pg = settings.postgres
+    version, state = _schema_state(pg)
+    schema = f"{len(state.pending)} pending ({_pending(state)})" if state.pending else "migrated"
+    return f"{pg.host}:{pg.port}/{pg.database} PostgreSQL {version}, schema {schema}"
 
 
 def _check_kafka(settings: Settings) -> str:
     info = kafka.describe(settings.kafka, timeout_s=CHECK_TIMEOUT_S)
     k = settings.kafka
-    wanted = (k.task_status_topic, k.web_crawl_request_topic, k.dlq_topic)
     topics = ", ".join(
-        f"{t} ({info.topics[t]} partitions)" if t in info.topics else f"{t} missing" for t in wanted
+        f"{t} ({info.topics[t]} partitions)" if t in info.topics else f"{t} missing"
+        for t in _topics(settings)
     )
     return f"{','.join(k.brokers)} ({info.brokers} broker(s)); topics: {topics}"
 
 
 def topics_create(settings: Settings, partitions: int | None) -> int:
-    k = settings.kafka
-    count = partitions or k.topic_partitions
-    names = [k.task_status_topic, k.web_crawl_request_topic, k.dlq_topic]
-    for name, what in kafka.create_topics(k, names, partitions=count).items():
+    count = partitions or settings.kafka.topic_partitions
+    names = list(_topics(settings))
+    for name, what in kafka.create_topics(settings.kafka, names, partitions=count).items():
         print(f"{what} {name}" + (f" ({count} partitions)" if what == "created" else ""))
     return 0
 
@@ -91,38 +106,18 @@ def preflight_problem(settings: Settings) -> str | None:
     """What stops tm from starting, in one line: a dependency that does not answer, a schema
     not migrated, a missing topic. None when all is well."""
     pg = settings.postgres
-
-    async def schema() -> str | None:
-        conn = await postgres.connect(pg)
-        try:
-            state = await migrations.status(conn)
-        except Exception as exc:
-            raise postgres.translate_error(exc) from exc
-        finally:
-            await conn.close()
-        if state.pending:
-            names = ", ".join(f"{m.version:04d}_{m.name}" for m in state.pending)
-            return f"the schema is not migrated ({names} pending): run `tm db migrate`"
-        return None
-
     try:
-        problem = asyncio.run(asyncio.wait_for(schema(), CHECK_TIMEOUT_S * 2))
+        _, state = _schema_state(pg)
     except TmError as exc:
         return f"PostgreSQL at {pg.host}:{pg.port}/{pg.database}: {exc}"
-    except TimeoutError:
-        return f"PostgreSQL at {pg.host}:{pg.port} did not answer in {CHECK_TIMEOUT_S * 2:.0f} s"
-    if problem:
-        return problem
+    if state.pending:
+        return f"the schema is not migrated ({_pending(state)} pending): run `tm db migrate`"
     k = settings.kafka
     try:
         info = kafka.describe(k, timeout_s=CHECK_TIMEOUT_S)
     except TmError as exc:
         return f"Kafka at {','.join(k.brokers)}: {exc}"
-    missing = [
-        t
-        for t in (k.task_status_topic, k.web_crawl_request_topic, k.dlq_topic)
-        if t not in info.topics
-    ]
+    missing = [t for t in _topics(settings) if t not in info.topics]
     if missing:
         return f"topic(s) {', '.join(missing)} do not exist: run `tm topics create`"
     return None

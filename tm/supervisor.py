@@ -50,6 +50,7 @@ class Slot:
     last_heartbeat: float = 0.0
     booted: bool = False
     joined: bool = False  # has had a first assignment (possibly empty) since it started
+    retrying: bool = False  # backing off after a transient failure (database or Kafka down)
     owned_partitions: int = 0
     boot_failures: int = 0
     restarts: int = 0
@@ -137,7 +138,8 @@ class Supervisor:
         now = time.monotonic()
         slot.pid, slot.fd, slot.buffer = pid, read_fd, b""
         slot.started_at = slot.last_heartbeat = now
-        slot.booted, slot.joined, slot.owned_partitions, slot.restart_at = False, False, 0, None
+        slot.booted, slot.joined, slot.retrying = False, False, False
+        slot.owned_partitions, slot.restart_at = 0, None
         if slot.role == "api":
             log.info("api spawned", extra={"fields": {"pid": pid}})
         else:
@@ -162,6 +164,8 @@ class Supervisor:
             elif line.startswith("A "):
                 slot.joined = True
                 slot.owned_partitions = int(line[2:] or 0)
+            elif line.startswith("R "):
+                slot.retrying = line == "R 1"
             elif line.startswith("F "):
                 slot.last_error = line[2:]
 
@@ -310,6 +314,7 @@ class Supervisor:
                     "joined": w.joined,
                     "partitions": w.owned_partitions,
                     "restarts": w.restarts,
+                    "retrying": w.retrying,
                 }
                 for w in self._workers
             ],

@@ -10,8 +10,9 @@ the batch polled meanwhile, which is dropped) back to their first offsets, pause
 owns, backs off, resumes, and the messages come again. It keeps polling so it stays in the group.
 
 The supervisor hears from the worker through a pipe: ``B`` booted, ``H`` heartbeat (every
-second, from the event loop: a stuck loop stops them), ``A n`` partitions owned, and ``F text``
-the one-line reason before a fatal exit.
+second, from the event loop: a stuck loop stops them), ``A n`` partitions owned, ``R 1``/``R 0``
+retrying after a transient failure or through again, and ``F text`` the one-line reason before
+a fatal exit.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class Worker:
         self._reporter = reporter
         self._stopping = asyncio.Event()
         self._owned: set[int] = set()
-        self._paused = False
         self._inflight: asyncio.Task[Summary] | None = None
         self._source: KafkaSource | None = None
         self._inflight_decode_s = 0.0
@@ -171,7 +171,6 @@ class Worker:
         while not self._stopping.is_set():
             if resume_at is not None and loop.time() >= resume_at:
                 source.resume(sorted(self._owned))
-                self._paused = False
                 resume_at = None
             timeout_s = linger_s if resume_at is None else PAUSED_POLL_S
             polled = await loop.run_in_executor(
@@ -195,6 +194,8 @@ class Worker:
                     )
                     attempt += 1
                     continue
+                if attempt:
+                    self._reporter.send("R 0")  # a batch went through again
                 attempt = 0
             if batch is not None:
                 inflight_batch = batch
@@ -282,7 +283,7 @@ class Worker:
         rewind = {p: o for p, o in first_offsets.items() if p in self._owned}
         source.rewind(rewind)
         source.pause(sorted(self._owned))
-        self._paused = True
+        self._reporter.send("R 1")  # retrying: readiness reports the degraded state
         metrics.batch_retries.inc()
         delay = backoff_s(
             attempt,
