@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             from tm import supervisor
             from tm.observability import logs
 
-            logs.setup(settings.log)
+            logs.setup(settings.log, settings.otel, environment=settings.environment)
             return supervisor.run(settings)
         if args.command == "send":
             from tm import traffic
