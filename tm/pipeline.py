@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from confluent_kafka import Message
 
@@ -40,6 +40,9 @@ from tm.core.messages import (
 )
 from tm.core.policy import RowRejectionLimit, halves
 from tm.errors import RowRejectedError
+
+if TYPE_CHECKING:
+    from tm.observability.tracing import BatchTrace, Tracing
 
 # What a consumed message's headers() returns (the stubs also allow a dict, for produce()).
 _Headers = list[tuple[str, bytes | None]] | None
@@ -117,7 +120,9 @@ class Pipeline:
         database: Database,
         sink: Sink,
         io_executor: Executor,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing  # None: tracing is off, and costs one `if` per batch/request
         self._topic = settings.kafka.task_status_topic
         self._requests_topic = settings.kafka.web_crawl_request_topic
         self._dlq_topic = settings.kafka.dlq_topic
@@ -156,21 +161,40 @@ class Pipeline:
     async def process(self, batch: Batch, messages: Sequence[Message]) -> Summary:
         """Apply, publish, wait for the acknowledgements; the batch is then ready to commit.
         Raises TransientError (retry the batch) or FatalError."""
+        if self._tracing is None:
+            return await self._process(batch, messages, None)
+        trace = self._tracing.start_batch(batch, messages)
+        with trace.active():  # the batch span is current; an exception ends the spans with it
+            summary = await self._process(batch, messages, trace)
+        trace.end(summary.outcomes, summary.dead_letters)
+        return summary
+
+    async def _process(
+        self, batch: Batch, messages: Sequence[Message], trace: BatchTrace | None
+    ) -> Summary:
         summary = Summary(batch)
         started = time.perf_counter()
+        if trace is not None:
+            trace.db_started(rows=len(batch.creates) + len(batch.updates))
         created, updated, refused = await self._apply(batch)
         applied = time.perf_counter()
+        if trace is not None:
+            trace.db_ended()
         summary.db_s = applied - started
-        for task, outcome in zip(batch.creates, created, strict=True):
+        for task, ref, outcome in zip(batch.creates, batch.create_refs, created, strict=True):
             if outcome is None:
                 continue
             summary.outcomes[outcome] += 1
+            if trace is not None:
+                trace.outcome(ref, task.id, outcome)
             if outcome in _PUBLISHED:
-                self._publish_request(task)
+                self._publish_request(task, ref, trace)
         for update, ref, outcome in zip(batch.updates, batch.update_refs, updated, strict=True):
             if outcome is None:
                 continue
             summary.outcomes[outcome] += 1
+            if trace is not None:
+                trace.outcome(ref, update.id, outcome)
             reason = _DEAD.get(outcome)
             if reason is not None:
                 text = (
@@ -180,10 +204,16 @@ class Pipeline:
                     " status (allowed: new -> completed|error, error -> completed)"
                 )
                 self._dead_letter(messages[ref], reason, text, summary)
+                if trace is not None:
+                    trace.dead_lettered(ref, reason, self._dlq_topic)
         for ref, rejected in batch.rejected:
             self._dead_letter(messages[ref], rejected.reason, rejected.error, summary)
+            if trace is not None:
+                trace.dead_lettered(ref, rejected.reason, self._dlq_topic)
         for ref, text in refused:
             self._dead_letter(messages[ref], Reason.ROW_REJECTED, text, summary)
+            if trace is not None:
+                trace.dead_lettered(ref, Reason.ROW_REJECTED, self._dlq_topic)
 
         await asyncio.get_running_loop().run_in_executor(self._io, self._sink.flush)
         summary.publish_s = time.perf_counter() - applied
@@ -224,14 +254,19 @@ class Pipeline:
             self._row_limit.record(rejected=len(refused), applied=rows - len(refused))
         return created, updated, refused
 
-    def _publish_request(self, task: NewTask) -> None:
+    def _publish_request(self, task: NewTask, ref: int, trace: BatchTrace | None) -> None:
         task_id = task.id
         headers: list[tuple[str, bytes | str | None]] = [
             ("task_id", task_id),
             ("timestamp", task.timestamp),
         ]
-        if task.traceparent is not None:
-            headers.append(("traceparent", task.traceparent))
+        traceparent = task.traceparent
+        if traceparent is not None:
+            # Traced: the message's consumer span is the parent (DESIGN §2). Otherwise the
+            # upstream context passes through unchanged: tm exported nothing to name instead.
+            if trace is not None:
+                traceparent = trace.crawl_request(ref, self._requests_topic, task_id, traceparent)
+            headers.append(("traceparent", traceparent))
             if task.tracestate is not None:
                 headers.append(("tracestate", task.tracestate))
         value = CRAWL_REQUEST_ENCODER.encode(

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the OpenTelemetry Collector that tm's trace tests export to, once:
+#
+#   bash stack/otelcol/build.sh      # prints the binary's path
+#
+# Everything lands in .stack/otelcol/ (git-ignored): the Collector Builder, the Go module and
+# build caches and the binary. A second run finds the binary and does nothing. The only network
+# it needs is the Go module proxy. The first build takes about 3 minutes on 2 cores and downloads
+# about 150 MB of modules; .stack/otelcol/ then holds about 1.3 GB (mostly Go caches, which can
+# be deleted: the binary is 38 MB). A change to manifest.yaml rebuilds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+SRC="$ROOT/stack/otelcol"
+STATE="$ROOT/.stack/otelcol"
+BUILDER_VERSION="v0.165.0"  # the release of every component in manifest.yaml
+BIN="$STATE/dist/otelcol-tm"
+STAMP="$STATE/dist/.manifest.sha256"  # the manifest the binary was built from
+
+want="$(sha256sum "$SRC/manifest.yaml" | cut -d' ' -f1)"
+if [[ -x "$BIN" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+    echo "$BIN"
+    exit 0
+fi
+command -v go >/dev/null || { echo "build.sh: 'go' not found; install Go (>= 1.24)" >&2; exit 1; }
+
+mkdir -p "$STATE"
+exec 9>"$STATE/.build.lock"
+flock 9  # two test runs at once: the second waits, then finds the binary
+if [[ -x "$BIN" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+    echo "$BIN"
+    exit 0
+fi
+export GOPATH="$STATE/gopath"
+export GOMODCACHE="$STATE/gopath/pkg/mod"
+export GOCACHE="$STATE/gocache"
+export GOBIN="$STATE/bin"
+export GOFLAGS="-modcacherw -buildvcs=false"  # rm -rf works; no git stamping inside the tree
+export CGO_ENABLED=0
+
+started=$(date +%s)
+if [[ ! -x "$GOBIN/builder" ]]; then
+    echo "build.sh: installing the Collector Builder $BUILDER_VERSION" >&2
+    go install "go.opentelemetry.io/collector/cmd/builder@$BUILDER_VERSION"
+fi
+
+# The manifest's output_path is absolute here, so the build does not depend on the cwd.
+sed "s|output_path: .*|output_path: $STATE/dist|" "$SRC/manifest.yaml" >"$STATE/manifest.yaml"
+echo "build.sh: building the collector (first time: a few minutes)" >&2
+"$GOBIN/builder" --config "$STATE/manifest.yaml" >&2
+echo "$want" >"$STAMP"
+echo "build.sh: built in $(( $(date +%s) - started )) s" >&2
+echo "$BIN"
