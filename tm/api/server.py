@@ -1,7 +1,13 @@
-"""The API process: an aiohttp application on uvloop.
+"""The API process: an aiohttp application on uvloop, wired here.
 
 It reports to the supervisor like a worker does (``B`` once listening, ``H`` every second), and
-reads the supervisor's state lines to know whether every worker has joined the group.
+reads the supervisor's state lines to know whether every worker has joined the group. Its
+dependency clients (:mod:`tm.api.database`, :mod:`tm.api.kafka_watch`) are created here, after
+the fork, and checked in the background; no request waits for a dependency check.
+
+Routes: :mod:`tm.api.health` (``/api/health*``), :mod:`tm.api.task_metrics` (``/api/metrics*``),
+:mod:`tm.api.tasks` (``/api/tasks*``), :mod:`tm.api.prometheus` (``/metrics``); errors are JSON
+(:mod:`tm.api.responses`). Nothing is logged per request.
 """
 
 from __future__ import annotations
@@ -11,10 +17,17 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
 import uvloop
 from aiohttp import web
 
+from tm.api import health, prometheus, task_metrics, tasks
+from tm.api.context import API_KEY, Api
+from tm.api.counts import SharedCounts
+from tm.api.database import ApiDatabase
+from tm.api.kafka_watch import KafkaWatch
+from tm.api.responses import errors_as_json
 from tm.api.state import StateReader
 from tm.config import Settings
 from tm.observability import metrics
@@ -22,44 +35,16 @@ from tm.observability import metrics
 log = logging.getLogger("tm.api")
 
 HEARTBEAT_INTERVAL_S = 1.0
-STATE_KEY = web.AppKey("state", StateReader)
-SETTINGS_KEY = web.AppKey("settings", Settings)
 
 
-async def prometheus(request: web.Request) -> web.Response:
-    """tm's own metrics, aggregated over every live process."""
-    body, content_type = metrics.render()
-    response = web.Response(body=body)
-    response.headers["Content-Type"] = content_type
-    return response
-
-
-async def live(request: web.Request) -> web.Response:
-    """Liveness: this process answers. Cheap, and independent of the dependencies."""
-    state = request.app[STATE_KEY].current
-    return web.json_response(
-        {"alive": True, "timestamp": _now_iso(), "uptime": _uptime_ms(state.started_at)}
-    )
-
-
-def _now_iso() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _uptime_ms(started_at: float) -> int:
-    import time
-
-    return int((time.time() - started_at) * 1000) if started_at else 0
-
-
-def build_app(settings: Settings, state: StateReader) -> web.Application:
-    app = web.Application()
-    app[STATE_KEY] = state
-    app[SETTINGS_KEY] = settings
-    app.router.add_get("/metrics", prometheus)
-    app.router.add_get("/api/health/live", live)
+def build_app(api: Api) -> web.Application:
+    """The application and its routes; the dependency clients are started by :func:`serve`."""
+    app = web.Application(middlewares=[errors_as_json])
+    app[API_KEY] = api
+    health.add_routes(app)
+    task_metrics.add_routes(app)
+    tasks.add_routes(app)
+    prometheus.add_routes(app)
     return app
 
 
@@ -79,6 +64,7 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork
     reporter = _Reporter(report_fd)
     state = StateReader()
     if state_fd is not None:
@@ -95,7 +81,20 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
                 loop.remove_reader(state_fd)  # the supervisor is gone
 
         loop.add_reader(state_fd, on_state)
-    runner = web.AppRunner(build_app(settings, state), access_log=None, handle_signals=False)
+    database = ApiDatabase(settings.postgres)
+    kafka = KafkaWatch(settings.kafka)
+    api = Api(
+        settings=settings,
+        state=state,
+        database=database,
+        kafka=kafka,
+        registry=prometheus.build_registry(kafka),
+        counts=SharedCounts(database),
+        started_at=time.time(),
+    )
+    await database.start()
+    kafka.start()
+    runner = web.AppRunner(build_app(api), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host="0.0.0.0", port=settings.http.port)  # noqa: S104
     try:
@@ -103,6 +102,7 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
     except OSError as exc:
         reporter.send(f"F cannot listen on APP_PORT {settings.http.port}: {exc.strerror}")
         await runner.cleanup()
+        await _close(database, kafka)
         return 1
     reporter.send("B")
     log.info("api listening", extra={"fields": {"port": settings.http.port}})
@@ -114,14 +114,20 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_INTERVAL_S)
     finally:
         await runner.cleanup()
+        await _close(database, kafka)
     return 0
+
+
+async def _close(database: ApiDatabase, kafka: KafkaWatch) -> None:
+    await asyncio.to_thread(kafka.close)
+    await database.close()
 
 
 def main(settings: Settings, *, state_fd: int | None, report_fd: int | None) -> int:
     """Entry point of the forked API process; returns the exit status."""
     from tm.observability import logs
 
-    logs.setup(settings.log)
+    logs.setup(settings.log, settings.otel, environment=settings.environment)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards a SIGTERM
     try:
         return uvloop.run(serve(settings, state_fd=state_fd, report_fd=report_fd))

@@ -1,8 +1,16 @@
-"""The supervisor's view of the workers, as the API process last heard it."""
+"""The supervisor's view of the workers, as the API process last heard it.
+
+The supervisor writes one JSON line every 0.5 s (``Supervisor._publish_state``). A view older
+than :data:`STATE_STALE_AFTER_S` means the supervisor is stuck or gone: not ready.
+"""
 
 from __future__ import annotations
 
+import time
+
 import msgspec
+
+STATE_STALE_AFTER_S = 5.0  # ten missed state lines
 
 
 class WorkerState(msgspec.Struct, frozen=True):
@@ -12,6 +20,7 @@ class WorkerState(msgspec.Struct, frozen=True):
     joined: bool
     partitions: int
     restarts: int
+    retrying: bool = False
 
 
 class SupervisorState(msgspec.Struct, frozen=True):
@@ -33,6 +42,7 @@ class StateReader:
 
     def __init__(self) -> None:
         self.current = SupervisorState()
+        self.received_at = 0.0  # time.monotonic() of the last state line; 0: none yet
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> None:
@@ -44,4 +54,8 @@ class StateReader:
                     self.current = STATE_DECODER.decode(line)
                 except msgspec.DecodeError:
                     continue
+                self.received_at = time.monotonic()
                 return
+
+    def is_fresh(self, now: float) -> bool:
+        return self.received_at > 0 and now - self.received_at <= STATE_STALE_AFTER_S

@@ -1,0 +1,67 @@
+"""``GET /metrics``: tm's own metrics, aggregated over every live process, plus the consumer
+group's lag per partition.
+
+The lag is not recorded by the workers: in multiprocess mode a gauge's series cannot be removed
+when a partition is revoked. The API process computes it instead, from the group's committed
+offsets and the partitions' high watermarks, read in the background by
+:class:`~tm.api.kafka_watch.KafkaWatch`; a scrape reads the last answer and never waits for the
+broker. A stale answer (Kafka unreachable) is not served: the series disappear rather than lie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tm.api.context import api_of
+from tm.api.kafka_watch import KafkaWatch
+from tm.api.responses import prometheus_response
+from tm.observability.metrics import aggregated_registry
+
+LAG_METRIC = "tm_consumer_lag_messages"
+
+
+class LagCollector(Collector):
+    """``tm_consumer_lag_messages{partition}``: high watermark minus committed offset."""
+
+    def __init__(self, watch: KafkaWatch) -> None:
+        self._watch = watch
+
+    def collect(self) -> Iterator[Metric]:
+        lag = self._watch.lag
+        if not lag.is_fresh(time.monotonic()):
+            return
+        family = GaugeMetricFamily(
+            LAG_METRIC,
+            "Messages of the task-status topic not yet committed by the consumer group, per "
+            "partition (high watermark minus committed offset)",
+            labels=["partition"],
+        )
+        for partition, value in sorted(lag.by_partition.items()):
+            family.add_metric([str(partition)], value)
+        yield family
+
+
+def build_registry(watch: KafkaWatch) -> CollectorRegistry:
+    """The files of every live tm process (when in multiprocess mode, as under ``tm run``) and
+    the lag collector."""
+    registry = aggregated_registry()
+    registry.register(LagCollector(watch))
+    return registry
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = api_of(request).registry
+    # Reading every process's files is disk and CPU work: keep it off the event loop.
+    body = await asyncio.to_thread(generate_latest, registry)
+    return prometheus_response(body)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics)
