@@ -2,40 +2,52 @@
 
 prometheus-client runs in multiprocess mode: ``tm run`` points ``PROMETHEUS_MULTIPROC_DIR`` at a
 fresh directory before anything imports this module, each process (supervisor, workers, the API
-process) writes its own files there, and ``GET /metrics`` aggregates them (:func:`render`). The
-supervisor marks the files of a dead worker as dead (:func:`forget_process`), so its gauges
-disappear. Per-partition lag is not recorded by workers (multiprocess mode cannot remove a
-series when a partition is revoked): the API process computes it from the group's committed
-offsets when scraped (``tm.api``).
+process) writes its own files there, and ``GET /metrics`` aggregates them (:func:`render`).
+Counters and histograms of a dead worker stay in the sums; the supervisor marks its files dead
+(:func:`forget_process`), so its live gauges disappear. Per-partition lag is not recorded by
+workers (multiprocess mode cannot remove a series when a partition is revoked): the API process
+computes ``tm_consumer_lag_messages{partition}`` from the group's committed offsets and serves
+it beside these (``tm.api.prometheus``).
 
 Names take the ``tm_`` prefix and base units; only counters end in ``_total``. Buckets resolve
-the targets of DESIGN §8: 100 ms per database call, 50 ms per message end to end.
+the targets of DESIGN §8: 100 ms per database call, 50 ms per message end to end. Labels whose
+values are known in advance are created at import, at zero, so that ``rate()`` and ``increase()``
+see a series's first increment and an alert can compare against "no progress". The alert rules
+over these metrics are in ``k8s/prometheus/tm-alerts.yaml``.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import os
 from collections.abc import Iterable
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
     multiprocess,
 )
 
+from tm.core.messages import Outcome, Reason
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+# 0.1 and 0.05 are bounds, so "p99 above the target" is read from the bucket counts, not guessed
+# by interpolation inside a wide bucket.
 STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 
+STAGES = ("decode", "db", "publish", "commit")
+REBALANCE_KINDS = ("assign", "revoke", "lost")
+RESTARTED_ROLES = ("worker", "api")
+
 messages_consumed = Counter(
-    "tm_messages_consumed_total", "Messages polled from the task-status topic and decoded"
+    "tm_messages_consumed_total",
+    "Messages consumed from the task-status topic, counted when their batch is committed",
 )
 messages_applied = Counter(
     "tm_messages_applied_total",
@@ -56,13 +68,17 @@ invalid_trace_context = Counter(
     "Messages whose traceparent was invalid: the context was dropped, the message kept",
 )
 rebalances = Counter(
-    "tm_rebalances_total", "Partition assignment changes seen by workers, by kind", ["kind"]
+    "tm_rebalances_total",
+    "Partition assignment changes seen by workers, by kind (assign, revoke, lost)",
+    ["kind"],
 )
 worker_restarts = Counter(
-    "tm_worker_restarts_total", "Workers restarted by the supervisor after they died or hung"
+    "tm_worker_restarts_total",
+    "Child processes restarted by the supervisor after they died or hung, by role (worker, api)",
+    ["role"],
 )
 batch_size = Histogram(
-    "tm_batch_size_messages", "Messages per applied batch", buckets=BATCH_BUCKETS
+    "tm_batch_size_messages", "Messages per committed batch", buckets=BATCH_BUCKETS
 )
 stage_duration = Histogram(
     "tm_stage_duration_seconds",
@@ -78,27 +94,43 @@ end_to_end_latency = Histogram(
 )
 db_pool_connections = Gauge(
     "tm_db_pool_connections",
-    "Connections of the workers' asyncpg pools, by state (in_use, idle)",
+    "Connections of the live workers' asyncpg pools, by state (in_use, idle)",
     ["state"],
     multiprocess_mode="livesum",
 )
+workers_configured = Gauge(
+    "tm_workers_configured",
+    "Worker processes the supervisor keeps running (TM_WORKERS)",
+    multiprocess_mode="livemax",
+)
 workers_assigned = Gauge(
     "tm_workers_assigned",
-    "Workers that own at least one partition, as the supervisor last heard",
+    "Live workers that have joined the consumer group (had a first assignment, possibly empty)",
     multiprocess_mode="livemax",
 )
 workers_running = Gauge("tm_workers_running", "Worker processes alive", multiprocess_mode="livemax")
 startup_seconds = Gauge(
     "tm_startup_seconds",
-    "Seconds from the start of `tm run` until every worker first owned its partitions",
+    "Seconds from the start of `tm run` until every worker first joined the consumer group",
     multiprocess_mode="max",
 )
 resident_memory = Gauge(
     "tm_process_resident_memory_bytes",
-    "Resident memory of each tm process (supervisor, workers, API); sum for the total",
+    "Resident memory of each live tm process, by role (supervisor, worker, api) and pid",
     ["role"],
     multiprocess_mode="liveall",
 )
+
+for _outcome in Outcome:
+    messages_applied.labels(_outcome.value)
+for _reason in Reason:
+    dead_letters.labels(_reason.value)
+for _kind in REBALANCE_KINDS:
+    rebalances.labels(_kind)
+for _role in RESTARTED_ROLES:
+    worker_restarts.labels(_role)
+for _stage in STAGES:
+    stage_duration.labels(_stage)
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -113,35 +145,46 @@ def record_memory(role: str) -> None:
     resident_memory.labels(role).set(resident_pages * _PAGE_BYTES)
 
 
-def observe_latencies(latencies_s: Iterable[float]) -> None:
-    """Observe many end-to-end latencies at once: one bucket update per bucket, not per value
-    (each update in multiprocess mode is a write to a memory-mapped file)."""
-    values = sorted(latencies_s)
-    if not values:
+def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """``histogram.observe(v)`` for every ``v``, with one update per bucket instead of one per
+    value (each update in multiprocess mode is a write to a memory-mapped file). The bucket
+    counts are exactly those of ``observe``; the sum may differ in the last bits of a float.
+    A NaN is dropped. ``histogram`` must be a child: unlabelled, or ``histogram.labels(...)``."""
+    # A NaN would break the sort; observe() counts it in no bucket (and poisons the sum).
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
         return
     # prometheus-client has no bulk observe; these attributes are its Histogram's internals
-    # (stable since 0.4). Bucket i counts values <= bound i and above bound i-1.
-    bounds = end_to_end_latency._upper_bounds  # noqa: SLF001
-    buckets = end_to_end_latency._buckets  # noqa: SLF001
+    # (stable since 0.4). Bucket i counts values <= bound i and above bound i-1, as observe()
+    # does; the last bound is +Inf.
+    bounds = histogram._upper_bounds  # noqa: SLF001
+    buckets = histogram._buckets  # noqa: SLF001
     start = 0
     for index, bound in enumerate(bounds):
-        stop = bisect.bisect_right(values, bound, lo=start)
+        stop = bisect.bisect_right(ordered, bound, lo=start)
         if stop > start:
             buckets[index].inc(stop - start)
         start = stop
-        if start == len(values):
+        if start == len(ordered):
             break
-    end_to_end_latency._sum.inc(sum(values))  # noqa: SLF001
+    histogram._sum.inc(sum(ordered))  # noqa: SLF001
 
 
-def render() -> tuple[bytes, str]:
-    """The aggregated metrics of every live tm process, and their content type."""
+def observe_latencies(latencies_s: Iterable[float]) -> None:
+    """Observe many end-to-end latencies at once (see :func:`observe_many`)."""
+    observe_many(end_to_end_latency, latencies_s)
+
+
+def aggregated_registry() -> CollectorRegistry:
+    """A registry reading the files of every live tm process (under ``tm run``, where
+    PROMETHEUS_MULTIPROC_DIR is set); ``GET /metrics`` adds the consumer lag to it."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 def forget_process(pid: int) -> None:
-    """Drop the live gauges of a process that exited."""
+    """Drop the live gauges of a process that exited (its counters stay in the sums)."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
