@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check tm tests
-	$(VENV)/bin/ruff format --check tm tests
+	$(VENV)/bin/ruff check tm tests bench
+	$(VENV)/bin/ruff format --check tm tests bench
 	$(VENV)/bin/mypy --strict tm
 
 # Quick inner loop: no network, no services.
@@ -25,7 +25,7 @@ unit: venv
 
 # The whole suite against the real local stack. pytest exits 5 when it collects nothing,
 # which make treats as the failure it is.
-test: venv stack-up lint
+test: venv stack-up tools lint
 	$(VENV)/bin/pytest
 
 # The main job on the local stack: services up, schema migrated, topics present, then the
@@ -50,9 +50,23 @@ stack-down:
 stack-status:
 	PYTHON=$(STACK_PYTHON) bash stack/stack.sh status
 
+# Tools the tests run besides the services: prometheus and promtool (Debian's package).
+.PHONY: tools
+tools:
+	bash stack/tools.sh
+
 # Performance (DESIGN §8, bench/README.md): the end-to-end benchmark with its defaults (fresh
 # database and topics on the local stack, about 3 minutes), then the micro-benchmarks.
 .PHONY: bench
 bench: venv stack-up
 	$(VENV)/bin/python -m bench.e2e
 	$(VENV)/bin/pytest bench/test_micro.py --benchmark-only -q -p no:cacheprovider
+
+# The OpenTelemetry Collector the trace tests export to (tests/e2e/test_tracing.py), built once
+# with the Collector Builder from the Go module proxy into .stack/otelcol/ (first time: about
+# 3 minutes and 150 MB of modules; then nothing). The tests build it on demand too; `test`
+# builds it first so that its output shows here rather than inside a quiet pytest fixture.
+.PHONY: otelcol
+otelcol:
+	bash stack/otelcol/build.sh
+test: otelcol

@@ -110,6 +110,9 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for signum in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
+                # A SIGTERM before the child's own handler exists must wait, not kill it: the
+                # child unblocks it once its event loop handles it (tm.worker, tm.api.server).
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
                 for other in self._slots:
                     for fd in (other.fd, other.state_fd):
                         if fd >= 0:
@@ -126,6 +129,9 @@ class Supervisor:
 
                     code = worker.main(self._settings, slot=slot.number, report_fd=write_fd)
             finally:
+                from tm.observability import logs
+
+                logs.shutdown()  # os._exit skips atexit: export the child's queued log records
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
@@ -211,7 +217,7 @@ class Supervisor:
         delay = RESTART_BACKOFF_S[min(slot.restarts, len(RESTART_BACKOFF_S) - 1)]
         slot.restarts += 1
         slot.restart_at = now + delay
-        metrics().worker_restarts.inc()
+        metrics().worker_restarts.labels(slot.role).inc()
         log.error(
             f"{slot.role} died; restarting",
             extra={
@@ -271,6 +277,8 @@ class Supervisor:
             if self._halt_error is not None:
                 return self._halt()
             if self._stopping_since is not None:
+                if self._api.pid and all(w.pid == 0 for w in self._workers):
+                    _kill(self._api.pid, signal.SIGTERM)  # the drain is over: the API goes too
                 if all(s.pid == 0 for s in self._slots):
                     return self._stopped()
                 if time.monotonic() - self._stopping_since > self._grace_s():
@@ -294,6 +302,7 @@ class Supervisor:
         m = metrics()
         running = [w for w in self._workers if w.pid]
         joined = [w for w in running if w.joined]
+        m.workers_configured.set(len(self._workers))
         m.workers_running.set(len(running))
         m.workers_assigned.set(len(joined))
         m.record_memory("supervisor")
@@ -334,7 +343,10 @@ class Supervisor:
         self._stopping_since = time.monotonic()
         self._draining = [s for s in self._slots if s.pid]
         self._publish_state()
-        self._kill_all(signal.SIGTERM)
+        # Workers first; the API keeps answering (readiness 503, "stopping") until they are done.
+        for worker in self._workers:
+            if worker.pid:
+                _kill(worker.pid, signal.SIGTERM)
 
     def _stopped(self) -> int:
         # Clean: every worker running when the stop began drained and exited 0 (a slot that

@@ -38,7 +38,7 @@ from tm.core.batch import Batch, merge_first_offsets
 from tm.core.decode import DecodeStats
 from tm.core.policy import backoff_s
 from tm.errors import FatalError, TmError, TransientError
-from tm.observability import metrics
+from tm.observability import metrics, tracing
 from tm.pipeline import Pipeline, Summary
 
 log = logging.getLogger("tm.worker")
@@ -92,6 +92,7 @@ class Worker:
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGTERM, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork
         settings = self._settings
         database = await Database.open(settings.postgres, max_size=POOL_SIZE)
         kafka_log = logging.getLogger("tm.kafka")
@@ -106,8 +107,13 @@ class Worker:
             error_cb=self._on_kafka_error,
         )
         self._source = source
+        traces = tracing.setup(settings)  # None when OTEL_ENABLED is false
         pipeline = Pipeline(
-            settings=settings, database=database, sink=sink, io_executor=self._io_thread
+            settings=settings,
+            database=database,
+            sink=sink,
+            io_executor=self._io_thread,
+            tracing=traces,
         )
         self._decode_stats = pipeline.decode_stats
         self._database = database
@@ -122,6 +128,8 @@ class Worker:
         finally:
             heartbeat.cancel()
             await self._close(source, sink, database)
+            if traces is not None:
+                traces.close()  # the queued spans, within tracing.SHUTDOWN_BUDGET_S
         return EXIT_OK
 
     def _on_signal(self) -> None:
@@ -406,7 +414,7 @@ def main(settings: Settings, *, slot: int, report_fd: int | None) -> int:
     """Entry point of a forked worker; returns the exit status."""
     from tm.observability import logs
 
-    logs.setup(settings.log)
+    logs.setup(settings.log, settings.otel, environment=settings.environment)
     reporter = Reporter(report_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards a SIGTERM
     _stop_with_parent()

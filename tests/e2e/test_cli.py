@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import unique
-from tm.adapters import postgres
+from tm.adapters import migrations, postgres
 from tm.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +52,9 @@ def test_db_migrate_twice(database: str) -> None:
     second = tm("db", "migrate", env={"POSTGRES_DB": database})
     assert first.returncode == 0, first.stderr
     assert first.stdout.splitlines() == [
+        f"applied {m.version:04d}_{m.name}" for m in migrations.discover()
+    ]
+    assert first.stdout.splitlines()[:3] == [
         "applied 0001_schema",
         "applied 0002_original_functions",
         "applied 0003_batch_functions",
@@ -67,7 +70,7 @@ def test_check_reports_each_dependency(database: str, kafka_up: None) -> None:
     assert before.returncode == 0, before.stdout + before.stderr
     lines = before.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["postgres", "kafka"]
-    assert "schema 3 pending" in lines[0]
+    assert f"schema {len(migrations.discover())} pending" in lines[0]
     assert "reached" in lines[1]
     assert "schema migrated" in after.stdout.splitlines()[0]
 

@@ -37,6 +37,7 @@ EXPECTED_FUNCTIONS = {
     "get_web_crawl_metrics",
     "tm_create_tasks",
     "tm_apply_status_updates",
+    "tm_count_tasks",
 }
 EXPECTED_VIEWS = {
     "completed_web_crawl_tasks",
@@ -404,7 +405,7 @@ async def test_migration_changed_after_it_was_applied_is_refused(
     ledger_before = await _ledger(conn)
     edited = sql_copy / "0002_original_functions.sql"
     edited.write_text(edited.read_text() + "\n-- an edit after deployment\n")
-    (sql_copy / "0004_later.sql").write_text("CREATE TABLE applied_anyway (x int);\n")
+    (sql_copy / "0999_later.sql").write_text("CREATE TABLE applied_anyway (x int);\n")
 
     with pytest.raises(MigrationError, match="0002_original_functions"):
         await migrations.migrate(conn, sql_copy)
@@ -415,7 +416,7 @@ async def test_migration_changed_after_it_was_applied_is_refused(
 
 
 @pytest.mark.parametrize(
-    "bad_name", ["4_later.sql", "0004_Later.sql", "0004-later.sql", "0004_later .sql"]
+    "bad_name", ["4_later.sql", "0999_Later.sql", "0999-later.sql", "0999_later .sql"]
 )
 async def test_badly_named_migration_file_is_refused(
     conn: asyncpg.Connection, sql_copy: Path, bad_name: str
