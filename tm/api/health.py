@@ -163,7 +163,7 @@ def _uptime(api: Api) -> int:
     return uptime_ms(api.state.current.started_at or api.started_at)
 
 
-async def health(request: web.Request) -> web.Response:
+def _overall(request: web.Request, *, detailed: bool) -> web.Response:
     api = api_of(request)
     parts = components(api)
     status = overall(parts)
@@ -172,23 +172,19 @@ async def health(request: web.Request) -> web.Response:
         "timestamp": now_iso(),
         "version": VERSION,
         "uptime": _uptime(api),
-        "checks": {name: part.summary() for name, part in parts.items()},
+        "checks": {
+            name: part.full() if detailed else part.summary() for name, part in parts.items()
+        },
     }
     return json_response(body, status=200 if status == "healthy" else 503)
+
+
+async def health(request: web.Request) -> web.Response:
+    return _overall(request, detailed=False)
 
 
 async def detailed(request: web.Request) -> web.Response:
-    api = api_of(request)
-    parts = components(api)
-    status = overall(parts)
-    body = {
-        "status": status,
-        "timestamp": now_iso(),
-        "version": VERSION,
-        "uptime": _uptime(api),
-        "checks": {name: part.full() for name, part in parts.items()},
-    }
-    return json_response(body, status=200 if status == "healthy" else 503)
+    return _overall(request, detailed=True)
 
 
 async def component(request: web.Request) -> web.Response:
