@@ -10,6 +10,7 @@
     ├── TransientError              retry the batch with backoff; commit nothing
     │   ├── DatabaseUnavailableError  08xxx, 40001, 40P01, 53xxx, 57P01-03, timeouts
     │   └── KafkaUnavailableError
+    │       └── CommitDeferredError   a commit lost a race with a rebalance: retry it later
     └── FatalError                  broken invariant or bad deploy (42xxx): the worker exits
         └── MigrationError          the schema on disk and in the database disagree
 
@@ -73,6 +74,11 @@ class DatabaseUnavailableError(TransientError):
 
 class KafkaUnavailableError(TransientError):
     """The broker did not answer or refused a request that may succeed later."""
+
+
+class CommitDeferredError(KafkaUnavailableError):
+    """The broker refused a commit because the group is rebalancing (ILLEGAL_GENERATION,
+    REBALANCE_IN_PROGRESS): the batch is done; its offsets go with the next commit."""
 
 
 class FatalError(TmError):

@@ -37,7 +37,7 @@ from tm.config import Settings
 from tm.core.batch import Batch, merge_first_offsets
 from tm.core.decode import DecodeStats
 from tm.core.policy import backoff_s
-from tm.errors import FatalError, TmError, TransientError
+from tm.errors import CommitDeferredError, FatalError, TmError, TransientError
 from tm.observability import metrics, tracing
 from tm.pipeline import Pipeline, Summary
 
@@ -80,6 +80,9 @@ class Worker:
         self._inflight: asyncio.Task[Summary] | None = None
         self._source: KafkaSource | None = None
         self._inflight_decode_s = 0.0
+        # Committable offsets a rebalance refused (ILLEGAL_GENERATION): sent with the next
+        # commit, or by the revoke callback; dropped for partitions that went elsewhere.
+        self._deferred: dict[int, int] = {}
         self._database: Database | None = None
         self._decode_stats = DecodeStats()
         self._poll_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}")
@@ -229,11 +232,19 @@ class Worker:
             summary = await task
             summary.decode_s = self._inflight_decode_s
             if commit and not summary.committed:
-                committable = self._owned_offsets(summary)
+                # Offsets a rebalance kept from being committed go with these (newer wins).
+                committable = {**self._deferred, **self._owned_offsets(summary)}
                 started = time.perf_counter()
-                await asyncio.get_running_loop().run_in_executor(
-                    self._io_thread, source.commit, committable
-                )
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._io_thread, source.commit, committable
+                    )
+                    self._deferred = {}
+                except CommitDeferredError as exc:
+                    self._deferred = committable
+                    log.info(
+                        "commit deferred by a rebalance", extra={"fields": {"error": str(exc)}}
+                    )
                 summary.commit_s = time.perf_counter() - started
                 summary.committed = True
         except TransientError as exc:
@@ -380,21 +391,25 @@ class Worker:
     async def _ready_to_commit(self) -> dict[int, int]:
         """On revoke: wait for the in-flight batch (up to the budget); if it succeeded and is
         not committed yet, claim its commit and return its owned offsets."""
+        deferred = {p: o for p, o in self._deferred.items() if p in self._owned}
+        self._deferred = {}
         inflight = self._inflight
         if inflight is None:
-            return {}
+            return deferred
         if not inflight.done():
             await asyncio.wait({inflight}, timeout=REVOKE_BUDGET_S)
         if not inflight.done() or inflight.cancelled() or inflight.exception() is not None:
-            return {}  # abandoned or failed: the loop rewinds what is still ours
+            return deferred  # abandoned or failed: the loop rewinds what is still ours
         summary = inflight.result()
         if summary.committed:
-            return {}
+            return deferred
         summary.committed = True
-        return self._owned_offsets(summary)
+        return {**deferred, **self._owned_offsets(summary)}
 
     async def _forget(self, partitions: list[int]) -> None:
         self._owned.difference_update(partitions)
+        for partition in partitions:
+            self._deferred.pop(partition, None)  # another member owns them now
         self._reporter.send(f"A {len(self._owned)}")
         log.info("partitions revoked", extra={"fields": {"partitions": sorted(partitions)}})
 

@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from tm.config import KafkaSettings
-from tm.errors import FatalError, KafkaUnavailableError
+from tm.errors import CommitDeferredError, FatalError, KafkaUnavailableError
 
 
 def client_config(settings: KafkaSettings) -> dict[str, Any]:
@@ -60,6 +60,10 @@ _FATAL_CODES = frozenset(
         KafkaError._INVALID_ARG,  # noqa: SLF001
     }
 )
+
+
+# A commit refused because the group moved to a new generation while we were not polling.
+_REBALANCING_CODES = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +275,9 @@ class KafkaSource:
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is not None and error.code() in _REBALANCING_CODES:
+                raise CommitDeferredError(f"{error.name()}: {error.str()}") from exc
             raise translate_error(exc) from exc
 
     def rewind(self, first_offsets: dict[int, int]) -> None:
