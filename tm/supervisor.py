@@ -32,6 +32,7 @@ log = logging.getLogger("tm.supervisor")
 
 LOOP_TICK_S = 0.5
 STATE_INTERVAL_S = 0.5  # how often gauges and the API's state line are refreshed
+API_START_DELAY_MAX_S = 5.0  # the API starts when the workers booted, or after this at most
 MAX_BOOT_FAILURES = 3  # consecutive failures before boot, per slot, before halting
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 60.0  # a worker up this long resets its slot's restart backoff
@@ -248,8 +249,12 @@ class Supervisor:
 
     def run(self) -> int:
         self._install_signals()
-        for slot in self._slots:
-            self._spawn(slot)
+        for worker in self._workers:
+            self._spawn(worker)
+        # The API process starts once the workers have booted: started together, on a small
+        # machine, it slows one worker's boot enough that the workers join the group one after
+        # the other, and a cooperative rebalance then takes two more rounds.
+        self._api.restart_at = time.monotonic() + API_START_DELAY_MAX_S
         while True:
             fds = [self._wakeup_r] + [s.fd for s in self._slots if s.fd >= 0]
             try:
@@ -289,6 +294,9 @@ class Supervisor:
                 continue
             self._check_heartbeats()
             now = time.monotonic()
+            api = self._api
+            if not api.pid and not api.exit_codes and all(w.booted for w in self._workers):
+                api.restart_at = now  # first start: the workers are up
             for slot in self._slots:
                 if slot.pid == 0 and slot.restart_at is not None and now >= slot.restart_at:
                     self._spawn(slot)
