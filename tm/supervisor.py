@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from types import ModuleType
 
 from tm.config import Settings
 
@@ -60,14 +59,6 @@ class Slot:
     exit_codes: list[int] = field(default_factory=list)
 
 
-def metrics() -> ModuleType:
-    """tm.observability.metrics, imported only once ``run`` has set PROMETHEUS_MULTIPROC_DIR
-    (prometheus-client picks its storage when first imported)."""
-    from tm.observability import metrics as module
-
-    return module
-
-
 class Supervisor:
     def __init__(self, settings: Settings, *, started: float) -> None:
         self._settings = settings
@@ -76,7 +67,8 @@ class Supervisor:
         self._slots = [*self._workers, self._api]
         self._started = started
         self._started_wall = time.time() - (time.monotonic() - started)
-        self._ready_once = False
+        self._startup_s: float | None = None  # until every worker first joined the group
+        self._restarts_total = {"worker": 0, "api": 0}
         self._last_state = 0.0
         self._signals: list[int] = []
         self._stopping_since: float | None = None
@@ -194,7 +186,7 @@ class Supervisor:
                 os.close(slot.state_fd)
             slot.pid, slot.fd, slot.state_fd = 0, -1, -1
             slot.exit_codes.append(code)
-            metrics().forget_process(pid)
+            _forget_metrics(pid)
             if self._stopping_since is not None:
                 log.info(
                     f"{slot.role} exited", extra={"fields": {"slot": slot.number, "code": code}}
@@ -218,7 +210,7 @@ class Supervisor:
         delay = RESTART_BACKOFF_S[min(slot.restarts, len(RESTART_BACKOFF_S) - 1)]
         slot.restarts += 1
         slot.restart_at = now + delay
-        metrics().worker_restarts.labels(slot.role).inc()
+        self._restarts_total[slot.role] += 1
         log.error(
             f"{slot.role} died; restarting",
             extra={
@@ -302,26 +294,22 @@ class Supervisor:
                     self._spawn(slot)
 
     def _publish_state(self) -> None:
-        """Gauges, the one-time "ready" line, and the state line the API process serves."""
+        """The one-time "ready" line, and the state line the API process serves (and turns into
+        the supervisor's metrics: this process writes no metric files, which its later children
+        would inherit)."""
         now = time.monotonic()
         if now - self._last_state < STATE_INTERVAL_S:
             return
         self._last_state = now
-        m = metrics()
-        running = [w for w in self._workers if w.pid]
-        joined = [w for w in running if w.joined]
-        m.workers_configured.set(len(self._workers))
-        m.workers_running.set(len(running))
-        m.workers_assigned.set(len(joined))
-        m.record_memory("supervisor")
-        if not self._ready_once and len(joined) == len(self._workers):
-            self._ready_once = True
-            m.startup_seconds.set(now - self._started)
-            log.info("ready", extra={"fields": {"startup_s": round(now - self._started, 3)}})
+        if self._startup_s is None and all(w.pid and w.joined for w in self._workers):
+            self._startup_s = now - self._started
+            log.info("ready", extra={"fields": {"startup_s": round(self._startup_s, 3)}})
         if self._api.state_fd < 0:
             return
         state = {
             "started_at": self._started_wall,
+            "startup_s": self._startup_s,
+            "restarts_total": self._restarts_total,
             "stopping": self._stopping_since is not None,
             "workers": [
                 {
@@ -395,6 +383,14 @@ def _kill(pid: int, signum: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ESRCH:
             raise
+
+
+def _forget_metrics(pid: int) -> None:
+    """Drop the live gauges of a child that exited (its counters stay in the sums)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def _drain(fd: int) -> None:

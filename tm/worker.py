@@ -212,6 +212,9 @@ class Worker:
                 inflight_batch = batch
                 self._inflight = asyncio.create_task(pipeline.process(batch, messages))
                 self._inflight_decode_s = decode_s
+            elif self._deferred and self._inflight is None:
+                # Idle, with offsets a rebalance refused: the poll has served the rebalance.
+                await self._commit(source, self._owned_deferred())
 
         if self._inflight is not None:
             # The last batch is committed by the revoke callback when close() leaves the group:
@@ -233,19 +236,8 @@ class Worker:
             summary.decode_s = self._inflight_decode_s
             if commit and not summary.committed:
                 # Offsets a rebalance kept from being committed go with these (newer wins).
-                committable = {**self._deferred, **self._owned_offsets(summary)}
-                started = time.perf_counter()
-                try:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self._io_thread, source.commit, committable
-                    )
-                    self._deferred = {}
-                except CommitDeferredError as exc:
-                    self._deferred = committable
-                    log.info(
-                        "commit deferred by a rebalance", extra={"fields": {"error": str(exc)}}
-                    )
-                summary.commit_s = time.perf_counter() - started
+                committable = {**self._owned_deferred(), **self._owned_offsets(summary)}
+                summary.commit_s = await self._commit(source, committable)
                 summary.committed = True
         except TransientError as exc:
             return exc
@@ -289,6 +281,24 @@ class Worker:
         if invalid:
             metrics.invalid_trace_context.inc(invalid)
             self._decode_stats.invalid_trace_context = 0
+
+    async def _commit(self, source: KafkaSource, committable: dict[int, int]) -> float:
+        """Commit from the io thread; a refusal by a rebalance keeps the offsets for later
+        (the next commit, an idle loop turn, or the revoke callback). Returns the seconds taken."""
+        started = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._io_thread, source.commit, committable
+            )
+            self._deferred = {}
+        except CommitDeferredError as exc:
+            if not self._deferred:
+                log.info("commit deferred by a rebalance", extra={"fields": {"error": str(exc)}})
+            self._deferred = committable
+        return time.perf_counter() - started
+
+    def _owned_deferred(self) -> dict[int, int]:
+        return {p: o for p, o in self._deferred.items() if p in self._owned}
 
     def _owned_offsets(self, summary: Summary) -> dict[int, int]:
         return {p: o for p, o in summary.committable.items() if p in self._owned}
@@ -391,7 +401,7 @@ class Worker:
     async def _ready_to_commit(self) -> dict[int, int]:
         """On revoke: wait for the in-flight batch (up to the budget); if it succeeded and is
         not committed yet, claim its commit and return its owned offsets."""
-        deferred = {p: o for p, o in self._deferred.items() if p in self._owned}
+        deferred = self._owned_deferred()
         self._deferred = {}
         inflight = self._inflight
         if inflight is None:

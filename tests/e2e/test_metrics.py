@@ -154,8 +154,11 @@ def test_metrics_count_a_known_mix_of_messages(stack: Stack, tmp_path: Path) -> 
         wait_for(stack.all_committed, what="every message committed")
         samples = scrape_when(
             tm,
-            lambda s: value(s, "tm_messages_consumed_total") >= sent,
-            what=f"tm_messages_consumed_total = {sent}",
+            lambda s: (
+                value(s, "tm_messages_consumed_total") >= sent
+                and value(s, "tm_workers_assigned") == 2
+            ),
+            what=f"tm_messages_consumed_total = {sent} and both workers assigned",
         )
         pids = tm.worker_pids()
 
@@ -249,8 +252,9 @@ def test_killed_worker_is_counted_and_its_live_series_go(stack: Stack, tmp_path:
             lambda s: (
                 worker_memory_pids(s) == {first[1], replacement}
                 and value(s, "tm_workers_running") == 2
+                and value(s, "tm_worker_restarts_total", role="worker") == 1
             ),
-            what="the dead worker's series gone and the new worker's present",
+            what="the dead worker's series gone, the new worker's present, the restart counted",
         )
 
     assert value(samples, "tm_worker_restarts_total", role="worker") == 1

@@ -57,7 +57,7 @@ def api() -> Api:
         state=state,
         database=database,
         kafka=kafka,
-        registry=prometheus.build_registry(kafka),
+        registry=prometheus.build_registry(kafka, state),
         counts=SharedCounts(database),
         started_at=time.time(),
     )

@@ -27,17 +27,23 @@ ALL = [
     for value in vars(metrics).values()
     if hasattr(value, "_type") and hasattr(value, "_documentation")
 ]
+# The supervisor's metrics, which the API process serves from the supervisor's state.
+SUPERVISOR = metrics.supervisor_families(
+    configured=2, running=2, assigned=2, startup_s=1.5, restarts_total={"worker": 1}
+)
 
 
 def test_every_metric_follows_the_naming_rules() -> None:
+    declared = [(m._name, m._type, m._documentation) for m in ALL] + [
+        (f.name, f.type, f.documentation) for f in SUPERVISOR
+    ]
     names = set()
-    for metric in ALL:
-        name = metric._name + ("_total" if metric._type == "counter" else "")
+    for base, kind, text in declared:
+        name = base + ("_total" if kind == "counter" else "")
         names.add(name)
         assert name.startswith("tm_"), name
-        assert name.endswith("_total") == (metric._type == "counter"), name
+        assert name.endswith("_total") == (kind == "counter"), name
         assert not any(unit in name for unit in ("_ms", "_millis", "_kb", "_mb")), name
-        text = metric._documentation
         assert text and "\n" not in text and text[0].isupper() and not text.endswith("."), name
     assert {
         "tm_messages_consumed_total",
@@ -52,7 +58,16 @@ def test_every_metric_follows_the_naming_rules() -> None:
         "tm_db_pool_connections",
         "tm_startup_seconds",
         "tm_process_resident_memory_bytes",
+        "tm_workers_configured",
+        "tm_workers_running",
+        "tm_workers_assigned",
     } <= names
+
+
+def test_supervisor_families_count_restarts_for_every_role() -> None:
+    (restarts,) = [f for f in SUPERVISOR if f.name == "tm_worker_restarts"]
+    values = {s.labels["role"]: s.value for s in restarts.samples}
+    assert values == {"worker": 1, "api": 0}
 
 
 def test_buckets_resolve_the_targets() -> None:
@@ -123,7 +138,7 @@ def test_observe_many_drops_nan() -> None:
 MULTIPROCESS_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
-    from prometheus_client import generate_latest
+    from prometheus_client import generate_latest, multiprocess
     from tm.observability import metrics
 
     values = json.loads(sys.argv[1])
@@ -145,7 +160,7 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
     out["worker_pid"] = pid
     out["supervisor_pid"] = os.getpid()
     out["with_worker"] = generate_latest(metrics.aggregated_registry()).decode()
-    metrics.forget_process(pid)
+    multiprocess.mark_process_dead(pid)
     out["after_forget"] = generate_latest(metrics.aggregated_registry()).decode()
     print(json.dumps(out))
     """
@@ -186,7 +201,6 @@ def test_multiprocess_files_behave_as_tm_run_needs(tmp_path: Path) -> None:
     # Known label values exist at zero before anything happened.
     assert single[("tm_messages_applied_total", (("outcome", "created"),))] == 0
     assert single[("tm_dead_letters_total", (("reason", "row_rejected"),))] == 0
-    assert single[("tm_worker_restarts_total", (("role", "worker"),))] == 0
     assert single[("tm_rebalances_total", (("kind", "lost"),))] == 0
     assert ("tm_stage_duration_seconds_count", (("stage", "db"),)) in single
 

@@ -22,7 +22,8 @@ from prometheus_client.registry import Collector
 from tm.api.context import api_of
 from tm.api.kafka_watch import KafkaWatch
 from tm.api.responses import prometheus_response
-from tm.observability.metrics import aggregated_registry
+from tm.api.state import StateReader
+from tm.observability import metrics as tm_metrics
 
 LAG_METRIC = "tm_consumer_lag_messages"
 
@@ -48,11 +49,32 @@ class LagCollector(Collector):
         yield family
 
 
-def build_registry(watch: KafkaWatch) -> CollectorRegistry:
-    """The files of every live tm process (when in multiprocess mode, as under ``tm run``) and
-    the lag collector."""
-    registry = aggregated_registry()
+class SupervisorCollector(Collector):
+    """The supervisor's metrics (workers, restarts, start-up time), from its latest state line."""
+
+    def __init__(self, state: StateReader) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        current = self._state.current
+        if not current.started_at:
+            return
+        workers = current.workers
+        yield from tm_metrics.supervisor_families(
+            configured=len(workers),
+            running=sum(1 for w in workers if w.pid),
+            assigned=sum(1 for w in workers if w.pid and w.joined),
+            startup_s=current.startup_s,
+            restarts_total=current.restarts_total,
+        )
+
+
+def build_registry(watch: KafkaWatch, state: StateReader) -> CollectorRegistry:
+    """The files of every live tm process (when in multiprocess mode, as under ``tm run``), the
+    lag collector and the supervisor's metrics."""
+    registry = tm_metrics.aggregated_registry()
     registry.register(LagCollector(watch))
+    registry.register(SupervisorCollector(state))
     return registry
 
 

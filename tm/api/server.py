@@ -88,7 +88,7 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
         state=state,
         database=database,
         kafka=kafka,
-        registry=prometheus.build_registry(kafka),
+        registry=prometheus.build_registry(kafka, state),
         counts=SharedCounts(database),
         started_at=time.time(),
     )
@@ -110,6 +110,7 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
         while not stop.is_set():
             reporter.send("H")
             metrics.record_memory("api")
+            metrics.record_memory("supervisor", os.getppid())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_INTERVAL_S)
     finally:

@@ -27,6 +27,8 @@ class SupervisorState(msgspec.Struct, frozen=True):
     started_at: float = 0.0
     stopping: bool = False
     workers: tuple[WorkerState, ...] = ()
+    startup_s: float | None = None  # from the start of `tm run` until every worker joined
+    restarts_total: dict[str, int] = {}  # children restarted, by role (worker, api)
 
     @property
     def all_joined(self) -> bool:

@@ -1,13 +1,16 @@
 """Every metric tm exports, declared once, with what it measures (DESIGN §6).
 
 prometheus-client runs in multiprocess mode: ``tm run`` points ``PROMETHEUS_MULTIPROC_DIR`` at a
-fresh directory before anything imports this module, each process (supervisor, workers, the API
-process) writes its own files there, and ``GET /metrics`` aggregates them (:func:`render`).
-Counters and histograms of a dead worker stay in the sums; the supervisor marks its files dead
-(:func:`forget_process`), so its live gauges disappear. Per-partition lag is not recorded by
-workers (multiprocess mode cannot remove a series when a partition is revoked): the API process
-computes ``tm_consumer_lag_messages{partition}`` from the group's committed offsets and serves
-it beside these (``tm.api.prometheus``).
+fresh directory, the workers and the API process write their own files there, and ``GET
+/metrics`` aggregates them (:func:`aggregated_registry`). The supervisor imports none of this:
+a value it wrote would be inherited by every child it forks later. It reports to the API
+process instead, which serves :func:`supervisor_families` from the supervisor's state and
+records the supervisor's memory.
+Counters and histograms of a dead worker stay in the sums; the supervisor marks its files dead,
+so its live gauges disappear. Per-partition lag is not recorded by workers (multiprocess mode
+cannot remove a series when a partition is revoked): the API process computes
+``tm_consumer_lag_messages{partition}`` from the group's committed offsets and serves it beside
+these (``tm.api.prometheus``).
 
 Names take the ``tm_`` prefix and base units; only counters end in ``_total``. Buckets resolve
 the targets of DESIGN §8: 100 ms per database call, 50 ms per message end to end. Labels whose
@@ -30,6 +33,7 @@ from prometheus_client import (
     Histogram,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tm.core.messages import Outcome, Reason
 
@@ -72,11 +76,6 @@ rebalances = Counter(
     "Partition assignment changes seen by workers, by kind (assign, revoke, lost)",
     ["kind"],
 )
-worker_restarts = Counter(
-    "tm_worker_restarts_total",
-    "Child processes restarted by the supervisor after they died or hung, by role (worker, api)",
-    ["role"],
-)
 batch_size = Histogram(
     "tm_batch_size_messages", "Messages per committed batch", buckets=BATCH_BUCKETS
 )
@@ -98,22 +97,6 @@ db_pool_connections = Gauge(
     ["state"],
     multiprocess_mode="livesum",
 )
-workers_configured = Gauge(
-    "tm_workers_configured",
-    "Worker processes the supervisor keeps running (TM_WORKERS)",
-    multiprocess_mode="livemax",
-)
-workers_assigned = Gauge(
-    "tm_workers_assigned",
-    "Live workers that have joined the consumer group (had a first assignment, possibly empty)",
-    multiprocess_mode="livemax",
-)
-workers_running = Gauge("tm_workers_running", "Worker processes alive", multiprocess_mode="livemax")
-startup_seconds = Gauge(
-    "tm_startup_seconds",
-    "Seconds from the start of `tm run` until every worker first joined the consumer group",
-    multiprocess_mode="max",
-)
 resident_memory = Gauge(
     "tm_process_resident_memory_bytes",
     "Resident memory of each live tm process, by role (supervisor, worker, api) and pid",
@@ -127,22 +110,66 @@ for _reason in Reason:
     dead_letters.labels(_reason.value)
 for _kind in REBALANCE_KINDS:
     rebalances.labels(_kind)
-for _role in RESTARTED_ROLES:
-    worker_restarts.labels(_role)
 for _stage in STAGES:
     stage_duration.labels(_stage)
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
-def record_memory(role: str) -> None:
-    """Set this process's resident memory (the multiprocess mode has no process collector)."""
+def record_memory(role: str, pid: int | None = None) -> None:
+    """Set the resident memory of this process, or of ``pid`` (the multiprocess mode has no
+    process collector)."""
     try:
-        with open("/proc/self/statm", "rb") as statm:
+        with open(f"/proc/{pid or 'self'}/statm", "rb") as statm:
             resident_pages = int(statm.read().split()[1])
     except (OSError, ValueError, IndexError):
         return
     resident_memory.labels(role).set(resident_pages * _PAGE_BYTES)
+
+
+def supervisor_families(
+    *,
+    configured: int,
+    running: int,
+    assigned: int,
+    startup_s: float | None,
+    restarts_total: dict[str, int],
+) -> list[Metric]:
+    """The supervisor's metrics, served by the API process from the supervisor's latest state
+    line (the supervisor writes no metric files: its children would inherit them)."""
+    families: list[Metric] = [
+        GaugeMetricFamily(
+            "tm_workers_configured",
+            "Worker processes the supervisor keeps running (TM_WORKERS)",
+            value=configured,
+        ),
+        GaugeMetricFamily("tm_workers_running", "Worker processes alive", value=running),
+        GaugeMetricFamily(
+            "tm_workers_assigned",
+            "Live workers that have joined the consumer group (had a first assignment, "
+            "possibly empty)",
+            value=assigned,
+        ),
+    ]
+    if startup_s is not None:
+        families.append(
+            GaugeMetricFamily(
+                "tm_startup_seconds",
+                "Seconds from the start of `tm run` until every worker first joined the "
+                "consumer group",
+                value=startup_s,
+            )
+        )
+    restarts = CounterMetricFamily(
+        "tm_worker_restarts",
+        "Child processes restarted by the supervisor after they died or hung, by role "
+        "(worker, api)",
+        labels=["role"],
+    )
+    for role in RESTARTED_ROLES:
+        restarts.add_metric([role], restarts_total.get(role, 0))
+    families.append(restarts)
+    return families
 
 
 def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
@@ -182,9 +209,3 @@ def aggregated_registry() -> CollectorRegistry:
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
-
-
-def forget_process(pid: int) -> None:
-    """Drop the live gauges of a process that exited (its counters stay in the sums)."""
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
