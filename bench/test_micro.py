@@ -143,9 +143,7 @@ def _pipeline() -> Pipeline:
         settings=settings,
         database=None,  # type: ignore[arg-type]
         sink=None,  # type: ignore[arg-type]
-        committer=None,  # type: ignore[arg-type]
         io_executor=None,  # type: ignore[arg-type]
-        owned=set(range(PARTITIONS)),
     )
 
 
