@@ -38,6 +38,22 @@ STABLE_AFTER_S = 60.0  # a worker up this long resets its slot's restart backoff
 PREFLIGHT_TIMEOUT_S = 60.0
 
 
+class Reporter:
+    """A child's side of its pipe to the supervisor (the lines :meth:`Supervisor._read`
+    parses); never blocks: a line is dropped when the pipe is full."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    def send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._fd, (line.replace("\n", " ") + "\n").encode())
+
+
 @dataclass
 class Slot:
     number: int

@@ -18,7 +18,6 @@ a fatal exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
@@ -40,6 +39,7 @@ from tm.core.policy import backoff_s
 from tm.errors import CommitDeferredError, FatalError, TmError, TransientError
 from tm.observability import metrics, tracing
 from tm.pipeline import Pipeline, Summary
+from tm.supervisor import Reporter
 
 log = logging.getLogger("tm.worker")
 
@@ -53,21 +53,6 @@ PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_FATAL = 3  # broken invariant or bad deploy: the supervisor does not hurry a restart
-
-
-class Reporter:
-    """Writes status lines to the supervisor's pipe; never blocks (drops when full)."""
-
-    def __init__(self, fd: int | None) -> None:
-        self._fd = fd
-        if fd is not None:
-            os.set_blocking(fd, False)
-
-    def send(self, line: str) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(self._fd, (line.replace("\n", " ") + "\n").encode())
 
 
 class Worker:

@@ -31,6 +31,7 @@ from tm.api.responses import errors_as_json
 from tm.api.state import StateReader
 from tm.config import Settings
 from tm.observability import metrics
+from tm.supervisor import Reporter
 
 log = logging.getLogger("tm.api")
 
@@ -48,24 +49,12 @@ def build_app(api: Api) -> web.Application:
     return app
 
 
-class _Reporter:
-    def __init__(self, fd: int | None) -> None:
-        self._fd = fd
-        if fd is not None:
-            os.set_blocking(fd, False)
-
-    def send(self, line: str) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(self._fd, (line + "\n").encode())
-
-
 async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork
-    reporter = _Reporter(report_fd)
+    reporter = Reporter(report_fd)
     state = StateReader()
     if state_fd is not None:
         os.set_blocking(state_fd, False)
