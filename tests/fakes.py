@@ -49,8 +49,8 @@ class FakeMessage:
 
 @dataclass
 class FakeDatabase:
-    """The state machine of sql/0003 over a dict; rows whose e-mail or result contains
-    ``refuse`` make the whole call fail like SQLSTATE 22021 does."""
+    """The state machine of sql/0003 and sql/0005 over a dict; rows whose e-mail or result
+    contains ``refuse`` make the whole call fail like SQLSTATE 22021 does."""
 
     tasks: dict[Any, tuple[TaskStatus, str | None]] = field(default_factory=dict)
     calls: list[tuple[int, int]] = field(default_factory=list)
@@ -70,7 +70,8 @@ class FakeDatabase:
         created = []
         for task in creates:
             if task.id in staged:
-                created.append("duplicate")
+                finished = staged[task.id][0] is not TaskStatus.NEW
+                created.append("unchanged" if finished else "duplicate")
             else:
                 staged[task.id] = (TaskStatus.NEW, None)
                 created.append("created")

@@ -3,15 +3,19 @@ consumer calls them: one call per batch, one outcome per input row, in input ord
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
+from tm.adapters import postgres
 from tm.adapters.postgres import translate_error
+from tm.config import Settings
 from tm.core.messages import Outcome
 from tm.errors import RowRejectedError
 
@@ -70,6 +74,20 @@ async def apply_updates(db: asyncpg.Connection, updates: Sequence[Update]) -> li
         [u.finished_at for u in updates],
     )
     return [(row["ord"], row["outcome"]) for row in rows]
+
+
+@pytest.fixture
+async def other_db(
+    settings: Settings, schema: str, db: asyncpg.Connection
+) -> AsyncIterator[asyncpg.Connection]:
+    """A second connection to ``db``'s migrated schema, as a second worker would have."""
+    kwargs = postgres.connect_kwargs(settings.postgres)
+    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
+    connection = await asyncpg.connect(**kwargs)
+    try:
+        yield connection
+    finally:
+        await connection.close()
 
 
 async def _row(db: asyncpg.Connection, task_id: uuid.UUID) -> asyncpg.Record:
@@ -131,6 +149,47 @@ async def test_redelivered_new_task_is_a_duplicate_and_changes_nothing(
     assert outcomes == [(1, task_id, Outcome.DUPLICATE)]
     assert await _count(db) == 1
     assert await _row(db, task_id) == before
+
+
+@pytest.mark.parametrize(("status", "result"), [("completed", "page"), ("error", "timeout")])
+async def test_redelivered_new_of_a_finished_task_is_unchanged(
+    db: asyncpg.Connection, status: str, result: str
+) -> None:
+    """Not `duplicate`: the consumer republishes a duplicate's crawl request, and a finished
+    task must not be crawled again."""
+    task_id = await _task_in(db, status, result)
+    before = await _row(db, task_id)
+
+    outcomes = await create_tasks(db, [NewTask(task_id, user_email="second@example.com")])
+
+    assert outcomes == [(1, task_id, Outcome.UNCHANGED)]
+    assert await _row(db, task_id) == before
+
+
+async def test_overlapping_create_batches_in_opposite_orders_never_deadlock(
+    db: asyncpg.Connection, other_db: asyncpg.Connection
+) -> None:
+    """Two workers with overlapping redelivered batches (a rebalance): the rows are inserted in
+    id order whatever the input order, so neither waits for a row the other waits behind."""
+    ids_per_round = 5000
+    for round_ in range(1, 6):
+        tasks = [NewTask(uuid.uuid4()) for _ in range(ids_per_round)]
+
+        results = await asyncio.gather(
+            create_tasks(db, tasks), create_tasks(other_db, tasks[::-1]), return_exceptions=True
+        )
+
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors == [], f"round {round_}"
+        outcomes: Counter[tuple[uuid.UUID, str]] = Counter()
+        for rows in results:
+            assert not isinstance(rows, BaseException)
+            assert [ord_ for ord_, _, _ in rows] == list(range(1, ids_per_round + 1))
+            outcomes.update((task_id, outcome) for _, task_id, outcome in rows)
+        for task in tasks:
+            assert outcomes[(task.id, Outcome.CREATED)] == 1
+            assert outcomes[(task.id, Outcome.DUPLICATE)] == 1
+        assert await _count(db) == round_ * ids_per_round
 
 
 @pytest.mark.parametrize(
@@ -256,20 +315,32 @@ async def test_mixed_create_batch_returns_outcomes_in_input_order(
     db: asyncpg.Connection,
 ) -> None:
     existing = await _task_in(db, "new", None)
+    done = await _task_in(db, "completed", "page")
     a, b = uuid.uuid4(), uuid.uuid4()
 
     outcomes = await create_tasks(
-        db, [NewTask(a), NewTask(existing), NewTask(b), NewTask(a), NewTask(existing)]
+        db,
+        [
+            NewTask(a),
+            NewTask(existing),
+            NewTask(done),
+            NewTask(b),
+            NewTask(a),
+            NewTask(existing),
+            NewTask(done),
+        ],
     )
 
     assert outcomes == [
         (1, a, Outcome.CREATED),
         (2, existing, Outcome.DUPLICATE),
-        (3, b, Outcome.CREATED),
-        (4, a, Outcome.DUPLICATE),
-        (5, existing, Outcome.DUPLICATE),
+        (3, done, Outcome.UNCHANGED),
+        (4, b, Outcome.CREATED),
+        (5, a, Outcome.DUPLICATE),
+        (6, existing, Outcome.DUPLICATE),
+        (7, done, Outcome.UNCHANGED),
     ]
-    assert await _count(db) == 3
+    assert await _count(db) == 4
 
 
 async def test_mixed_update_batch_returns_outcomes_in_input_order(
