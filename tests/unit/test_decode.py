@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tm.core.decode import DecodeStats, decode, new_task_id, parse_timestamp
-from tm.core.messages import TASK_ID_NAMESPACE, NewTask, Rejected, StatusUpdate
+from tm.core.messages import TASK_ID_NAMESPACE, NewTask, Reason, Rejected, StatusUpdate
 
 CORPUS = Path(__file__).resolve().parents[1] / "messages"
 CASES = sorted(CORPUS.glob("*/*.json"))
@@ -147,3 +147,65 @@ def test_decode_never_raises(headers: list[tuple[str, bytes]], value: bytes | No
         stats=DecodeStats(),
     )
     assert isinstance(result, NewTask | StatusUpdate | Rejected)
+
+
+_NUL_ERROR = "Contains a NUL character (\\u0000), which PostgreSQL text cannot hold - at `$.{}`"
+_GOOD_BODIES = {
+    "new": {
+        "user_email": "ada@example.com",
+        "user_query": "Find product information",
+        "base_url": "https://example.com/shop",
+    },
+    "completed": {"crawl_result": "<html>three products</html>"},
+    "error": {"error": "x" * 1500},  # truncated to 1000 chars: a NUL past them counts too
+}
+_TEXT_FIELDS = [(status, name) for status, body in _GOOD_BODIES.items() for name in body]
+
+
+def _decode_body(status: str, body: dict[str, str]) -> Any:
+    headers = [("task_type", b"web-crawl"), ("status", status.encode())]
+    headers.append(("timestamp", b"2025-08-10T10:18:59.023Z"))
+    if status != "new":
+        headers.append(("task_id", str(uuid.uuid4()).encode()))
+    return decode(
+        headers,
+        json.dumps(body).encode(),
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        max_result_chars=1_048_576,
+        stats=DecodeStats(),
+    )
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+@pytest.mark.parametrize(("status", "field"), _TEXT_FIELDS, ids=[f for _, f in _TEXT_FIELDS])
+def test_nul_in_a_text_field_is_refused_with_its_path(status: str, field: str, where: str) -> None:
+    """PostgreSQL text cannot hold NUL: refused at decode, never sent to the database."""
+    good = _GOOD_BODIES[status][field]
+    text = {"start": "\x00" + good, "middle": good[:3] + "\x00" + good[3:], "end": good + "\x00"}
+    body = {**_GOOD_BODIES[status], field: text[where]}
+
+    result = _decode_body(status, body)
+
+    assert result == Rejected(Reason.INVALID_BODY, _NUL_ERROR.format(field))
+
+
+@given(
+    status=st.sampled_from(list(_GOOD_BODIES)),
+    field=st.sampled_from(["user_email", "user_query", "base_url", "crawl_result", "error"]),
+    text=st.text(alphabet=st.sampled_from("ab\x00.@/:"), min_size=1, max_size=20),
+)
+def test_nothing_decoded_holds_a_nul(status: str, field: str, text: str) -> None:
+    body = {**_GOOD_BODIES[status], field: text}
+
+    result = _decode_body(status, body)
+
+    if isinstance(result, Rejected):
+        return
+    if isinstance(result, NewTask):
+        stored = [result.user_email, result.user_query, result.base_url, result.timestamp]
+    else:
+        stored = [result.result]
+    assert not any("\x00" in s for s in stored), result

@@ -30,6 +30,7 @@ from tm.core.messages import (
     TaskStatus,
 )
 
+# Used with fullmatch: `$` alone would accept a trailing newline.
 _EMAIL_RE = re.compile(
     r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
@@ -44,6 +45,9 @@ _WANTED = frozenset({"task_type", "status", "timestamp", "task_id", "traceparent
 _MAX_TRACESTATE = 512
 # Epoch milliseconds accepted in the timestamp header: years 1970..9999.
 _MAX_EPOCH_MS = 253_402_300_799_999
+# PostgreSQL text cannot hold U+0000 (SQLSTATE 22021), and crawled binary pages often
+# contain it: such a body is refused here, one `in` per field, before a database round trip.
+_NUL = "\x00"
 
 Headers = Sequence[tuple[str, bytes | None]] | None
 
@@ -59,6 +63,8 @@ class DecodeStats:
 
 def parse_timestamp(raw: str) -> datetime | None:
     """ISO-8601 (a missing zone means UTC) or epoch-milliseconds digits; None if neither."""
+    if _NUL in raw:  # datetime.fromisoformat accepts a trailing NUL
+        return None
     if raw.isdigit():
         millis = int(raw)
         if millis > _MAX_EPOCH_MS:
@@ -72,7 +78,7 @@ def parse_timestamp(raw: str) -> datetime | None:
 
 
 def valid_traceparent(raw: str) -> bool:
-    match = _TRACEPARENT_RE.match(raw)
+    match = _TRACEPARENT_RE.fullmatch(raw)
     return (
         match is not None
         and match.group(1) != "ff"
@@ -122,6 +128,13 @@ def _valid_url(url: str) -> bool:
         return False
 
 
+def _nul_in(field: str) -> Rejected:
+    return Rejected(
+        Reason.INVALID_BODY,
+        f"Contains a NUL character (\\u0000), which PostgreSQL text cannot hold - at `$.{field}`",
+    )
+
+
 def decode(
     headers: Headers,
     value: bytes | None,
@@ -165,7 +178,7 @@ def decode(
     raw_id = found.get("task_id")
     task_id: str | None = None
     if raw_id is not None:
-        if not _UUID_RE.match(raw_id):
+        if not _UUID_RE.fullmatch(raw_id):
             return Rejected(Reason.INVALID_HEADERS, f"header task_id: not a UUID: {raw_id!r}")
         task_id = raw_id.lower()
     elif status is not TaskStatus.NEW:
@@ -183,7 +196,13 @@ def decode(
     try:
         if status is TaskStatus.NEW:
             new = NEW_TASK_DECODER.decode(body)
-            if not _EMAIL_RE.match(new.user_email):
+            if _NUL in new.user_email:
+                return _nul_in("user_email")
+            if _NUL in new.user_query:
+                return _nul_in("user_query")
+            if _NUL in new.base_url:
+                return _nul_in("base_url")
+            if not _EMAIL_RE.fullmatch(new.user_email):
                 return Rejected(
                     Reason.INVALID_BODY, "Expected an e-mail address - at `$.user_email`"
                 )
@@ -197,7 +216,7 @@ def decode(
                 new.user_query,
                 new.base_url,
                 timestamp,
-                raw_ts if _ISO_UTC_MS_RE.match(raw_ts) else iso_utc(timestamp),
+                raw_ts if _ISO_UTC_MS_RE.fullmatch(raw_ts) else iso_utc(timestamp),
                 traceparent,
                 tracestate,
             )
@@ -209,8 +228,13 @@ def decode(
                     f"crawl_result has {len(result)} chars; the limit is {max_result_chars}"
                     " - at `$.crawl_result`",
                 )
+            if _NUL in result:
+                return _nul_in("crawl_result")
         else:
-            result = truncate_error(ERROR_DECODER.decode(body).error)
+            text = ERROR_DECODER.decode(body).error
+            if _NUL in text:
+                return _nul_in("error")
+            result = truncate_error(text)
     except msgspec.ValidationError as exc:
         return Rejected(Reason.INVALID_BODY, str(exc))
     except msgspec.DecodeError as exc:

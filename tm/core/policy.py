@@ -8,10 +8,19 @@ import math
 
 from tm.errors import FatalError
 
-# A run of this many rows refused by PostgreSQL in a row, with nothing applied between, is a bad
-# deploy (schema and code disagree), not bad data: crash instead of draining the topic into the
-# dead-letter topic.
-MAX_CONSECUTIVE_ROW_REJECTIONS = 100
+# The bad-deploy stop (arroyo's DlqLimit, counted in whole batches). Data never stops a worker:
+# a batch in which PostgreSQL applied any row shows that the schema and this tm agree, however
+# many of its other rows it refused (crawled pages are full of bytes it cannot store). Only when
+# it applies nothing at all, batch after batch, do they probably disagree (a constraint or a
+# trigger this tm's rows cannot satisfy): then the worker stops rather than drain the topic into
+# the dead-letter topic.
+# Batches in a row with every row refused: a batch is one poll, and a burst from one broken
+# producer can fill one or two polls on its own; five polls in a row without one good row among
+# them is no longer a burst.
+REFUSED_BATCHES_TO_STOP = 5
+# Rows refused in all over those batches: on a quiet topic five lone bad messages are five
+# one-row batches, and bad data still.
+REFUSED_ROWS_TO_STOP = 100
 
 
 def backoff_s(attempt: int, *, initial_s: float, cap_s: float, jitter: float) -> float:
@@ -28,16 +37,27 @@ def halves(start: int, stop: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 class RowRejectionLimit:
-    """Counts consecutive refused rows; raises FatalError past the limit."""
+    """Counts the batches in a row in which PostgreSQL refused every row; raises FatalError
+    once there are ``batches`` of them with ``rows`` refused rows in all. A batch with any
+    row applied ends the run."""
 
-    def __init__(self, limit: int = MAX_CONSECUTIVE_ROW_REJECTIONS) -> None:
-        self._limit = limit
-        self._consecutive = 0
+    def __init__(
+        self, *, batches: int = REFUSED_BATCHES_TO_STOP, rows: int = REFUSED_ROWS_TO_STOP
+    ) -> None:
+        self._batches = batches
+        self._rows = rows
+        self._run_batches = 0
+        self._run_rows = 0
 
     def record(self, *, rejected: int, applied: int) -> None:
-        self._consecutive = rejected if applied else self._consecutive + rejected
-        if self._consecutive > self._limit:
+        """One batch went through the database: ``rejected`` rows refused, ``applied`` not."""
+        if applied or not rejected:
+            self._run_batches = self._run_rows = 0
+            return
+        self._run_batches += 1
+        self._run_rows += rejected
+        if self._run_batches >= self._batches and self._run_rows >= self._rows:
             raise FatalError(
-                f"{self._consecutive} rows in a row were refused by PostgreSQL; "
-                "the schema and this tm probably disagree"
+                f"every row of {self._run_batches} batches in a row ({self._run_rows} rows) was "
+                "refused by PostgreSQL; the schema and this tm probably disagree"
             )
