@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from confluent_kafka import Message
 
 from tm.config import Settings
+from tm.core import dead_letter
 from tm.core.batch import Batch
 from tm.core.decode import DecodeStats, decode, iso_utc
 from tm.core.messages import (
@@ -31,7 +32,6 @@ from tm.core.messages import (
     DLQ_REASON,
     DLQ_TIMESTAMP,
     DLQ_TOPIC,
-    DLQ_VALUE_BYTES,
     CrawlRequest,
     NewTask,
     Outcome,
@@ -47,10 +47,9 @@ if TYPE_CHECKING:
 # What a consumed message's headers() returns (the stubs also allow a dict, for produce()).
 _Headers = list[tuple[str, bytes | None]] | None
 _PUBLISHED = frozenset({Outcome.CREATED, Outcome.DUPLICATE})
-# Largest dead-letter value: librdkafka refuses a message over message.max.bytes (1,000,000 by
-# default) before compression, and a source message over the limit can still reach the topic
-# compressed. Longer values are cut, and DLQ_VALUE_BYTES says how long the original was.
-DLQ_MAX_VALUE_BYTES = 900_000
+# Largest dead letter when the caller does not say: librdkafka's default message.max.bytes. The
+# worker passes its producer's (which fits the DLQ topic's max.message.bytes).
+DEAD_LETTER_MAX_BYTES = 1_000_000
 _DEAD: dict[str, Reason] = {
     Outcome.TASK_NOT_FOUND.value: Reason.TASK_NOT_FOUND,
     Outcome.INVALID_TRANSITION.value: Reason.INVALID_TRANSITION,
@@ -121,7 +120,9 @@ class Pipeline:
         sink: Sink,
         io_executor: Executor,
         tracing: Tracing | None = None,
+        dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
     ) -> None:
+        self._dead_letter_max_bytes = dead_letter_max_bytes
         self._tracing = tracing  # None: tracing is off, and costs one `if` per batch/request
         self._topic = settings.kafka.task_status_topic
         self._requests_topic = settings.kafka.web_crawl_request_topic
@@ -282,25 +283,25 @@ class Pipeline:
         summary: Summary,
     ) -> None:
         summary.dead_letters[reason] += 1
-        headers: list[tuple[str, bytes | str | None]] = list(
-            cast(_Headers, message.headers()) or ()
+        # Cut to fit (the source topic may take larger records, or hold them compressed): a
+        # dead letter the DLQ topic refuses would fail the batch at every retry.
+        key, value, headers = dead_letter.fit(
+            max_bytes=self._dead_letter_max_bytes,
+            key=message.key(),
+            value=message.value(),
+            headers=list(cast(_Headers, message.headers()) or ()),
+            dlq_headers=[
+                (DLQ_REASON, reason.value),
+                (DLQ_ERROR, error),
+                (DLQ_TOPIC, message.topic() or self._topic),
+                (DLQ_PARTITION, str(message.partition())),
+                (DLQ_OFFSET, str(message.offset())),
+                (DLQ_TIMESTAMP, iso_utc(datetime.now(UTC))),
+            ],
         )
-        value = message.value()
-        if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
-            # Kafka holds it compressed on the source topic, but not as a dead letter.
-            headers.append((DLQ_VALUE_BYTES, str(len(value))))
-            value = value[:DLQ_MAX_VALUE_BYTES]
-        headers += [
-            (DLQ_REASON, reason.value),
-            (DLQ_ERROR, error),
-            (DLQ_TOPIC, message.topic() or self._topic),
-            (DLQ_PARTITION, str(message.partition())),
-            (DLQ_OFFSET, str(message.offset())),
-            (DLQ_TIMESTAMP, iso_utc(datetime.now(UTC))),
-        ]
         self._sink.produce(
             self._dlq_topic,
-            key=message.key(),
+            key=key,
             value=value,
             headers=headers,
             # Keep the original timestamp: a replayed `new` event gets back its task id.

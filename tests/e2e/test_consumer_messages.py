@@ -8,6 +8,7 @@ user sees: the rows, the crawl requests and dead letters on their topics, the co
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from tests.e2e.harness import Headers, Stack, TmRun, wait_for
 from tm.adapters import kafka
@@ -467,7 +470,7 @@ def test_bad_messages_are_dead_lettered_and_their_neighbours_applied(
         "unknown id": "task_not_found",
         "completed -> error": "invalid_transition",
         "result too large": "result_too_large",
-        "NUL in query": "row_rejected",
+        "NUL in query": "invalid_body",
     }
     error_mentions = {
         "no status": "status",
@@ -479,6 +482,7 @@ def test_bad_messages_are_dead_lettered_and_their_neighbours_applied(
         "ftp url": "$.base_url",
         "unknown id": str(unknown),
         "result too large": "$.crawl_result",
+        "NUL in query": "which PostgreSQL text cannot hold - at `$.user_query`",
     }
     stack.produce(messages, partition=0)
     with tm_running(stack, tmp_path, TM_MAX_RESULT_CHARS="100") as tm:
@@ -542,12 +546,82 @@ def test_result_over_the_default_limit_is_dead_lettered(stack: Stack, tmp_path: 
 
     assert_new_row(rows[task_id], query="big", received_at=at(1))
     [(letter, source)] = dead_letters_by_source(stack, 1)
-    # Too long for a dead letter uncompressed: the value is cut, and its length recorded.
+    # Too long for a dead letter uncompressed: the value is cut to fit the DLQ topic's limit
+    # (the broker's default, 1,048,588 bytes), and its length recorded.
     added = {k: v.decode() for k, v in letter.headers() if k.startswith("dlq_")}
     assert added["dlq_reason"] == "result_too_large"
     assert added["dlq_value_bytes"] == str(len(source.value()))
-    assert letter.value() == source.value()[:900_000]
+    assert 900_000 < len(letter.value()) < 1_000_000
+    assert letter.value() == source.value()[: len(letter.value())]
     assert letter.key() == source.key()
+    assert_all_committed_to_end(stack)
+
+
+SMALL_DLQ_MAX_BYTES = 20_000
+
+
+@pytest.fixture
+def small_dlq(stack: Stack) -> Iterator[str]:
+    """A DLQ topic that takes records of at most SMALL_DLQ_MAX_BYTES (max.message.bytes)."""
+    name = f"{stack.topic}.small-dlq"
+    admin = AdminClient(kafka.client_config(stack.settings.kafka))
+    topic = NewTopic(name, 1, 1, config={"max.message.bytes": str(SMALL_DLQ_MAX_BYTES)})
+    admin.create_topics([topic], operation_timeout=30)[name].result(30)
+    try:
+        yield name
+    finally:
+        admin.delete_topics([name], operation_timeout=30)[name].result(30)
+
+
+def test_dead_letter_over_the_dlq_topic_limit_is_cut_to_fit(
+    stack: Stack, small_dlq: str, tmp_path: Path
+) -> None:
+    """Two messages that are not JSON, 100 kB (random bytes: compression does not save them), one
+    with 10 kB of extra headers, one with 30 kB, and a DLQ topic that takes 20 kB: each dead
+    letter is cut to fit, with its reason and what was cut; the neighbours are applied."""
+    rng = random.Random(7)
+    value = b"{" + rng.randbytes(100_000)  # not JSON
+    extra = [(f"x-extra-{i:02d}", rng.randbytes(1000)) for i in range(30)]
+    some = (None, [*headers("new", case="some headers"), *extra[:10]], value)
+    many = (None, [*headers("new", case="many headers"), *extra], value)
+    stack.produce(
+        [new_task("before", timestamp=at(1)), some, many, new_task("after", timestamp=at(2))],
+        partition=0,
+    )
+    with tm_running(stack, tmp_path, DLQ_TOPIC=small_dlq) as tm:
+        wait_committed(stack, tm, "every message committed")
+    output = tm.output()
+    rows = rows_by_id(stack)
+
+    assert "worker died" not in output, output
+    assert_new_row(row_by_query(rows, "before"), query="before", received_at=at(1))
+    assert_new_row(row_by_query(rows, "after"), query="after", received_at=at(2))
+    assert len(rows) == 2
+    sources = {(m.partition(), m.offset()): m for m in stack.read_topic(stack.topic)}
+    letters = read_exactly(stack, small_dlq, 2)
+    for letter in letters:
+        got = letter.headers()
+        added = {k: v.decode() for k, v in got if k.startswith("dlq_")}
+        source = sources[(int(added["dlq_partition"]), int(added["dlq_offset"]))]
+        kept = [(k, v) for k, v in got if not k.startswith("dlq_")]
+        size = len(letter.value()) + sum(len(k) + len(v) for k, v in got)
+        assert size < SMALL_DLQ_MAX_BYTES, size
+        assert added["dlq_reason"] == "invalid_json"
+        assert added["dlq_error"].strip()
+        assert added["dlq_topic"] == source.topic()
+        assert added["dlq_value_bytes"] == str(len(value))
+        assert letter.value() == value[: len(letter.value())]
+        assert letter.key() == source.key()
+        original = source.headers()
+        assert kept == original[: len(kept)]  # the original headers, in order, while they fit
+        dropped = len(original) - len(kept)
+        assert added.get("dlq_headers_dropped", "0") == str(dropped)
+        if case_of(source) == "some headers":
+            assert dropped == 0
+            assert len(letter.value()) > 5000  # the rest of the budget went to the value
+        else:
+            assert 0 < dropped < len(extra)
+    assert {case_of(letter) for letter in letters} == {"some headers", "many headers"}
     assert_all_committed_to_end(stack)
 
 
@@ -586,7 +660,8 @@ def test_redelivery_from_offset_zero_changes_nothing(stack: Stack, tmp_path: Pat
     with tm_running(stack, tmp_path) as tm:
         wait_committed(stack, tm, "the redelivery committed")
     second_rows = rows_by_id(stack)
-    all_requests = read_exactly(stack, stack.requests_topic, 28)
+    # The 12 tasks still `new` are asked for again; the finished two are not crawled again.
+    all_requests = read_exactly(stack, stack.requests_topic, 26)
 
     assert second_rows == first_rows
     by_key: dict[bytes, list[tuple[bytes, list[tuple[str, bytes]]]]] = defaultdict(list)
@@ -594,6 +669,9 @@ def test_redelivery_from_offset_zero_changes_nothing(stack: Stack, tmp_path: Pat
         by_key[request.key()].append((request.value(), request.headers()))
     assert set(by_key) == {str(task_id).encode() for task_id in first_rows}
     for key, copies in by_key.items():
+        if key in (str(done).encode(), str(failed).encode()):
+            assert len(copies) == 1, key
+            continue
         assert len(copies) == 2, key
         assert copies[0] == copies[1], key
     for request in first_requests:
@@ -693,5 +771,150 @@ def test_gateway_header_and_body_details(stack: Stack, tmp_path: Path) -> None:
         # No traceparent header on any of them: none carried a valid one.
         assert_crawl_request(requests[str(row["id"]).encode()], row)
     assert dict(requests[str(epoch["id"]).encode()].headers())["timestamp"] == GATEWAY_TS.encode()
+    assert stack.read_topic(stack.dlq_topic, timeout_s=2) == []
+    assert_all_committed_to_end(stack)
+
+
+# -- 6. real crawl data: many refused rows in one burst ------------------------------------------
+
+BURST = 1000
+
+
+def _burst_of_completions(
+    stack: Stack, tmp_path: Path, results: list[str]
+) -> tuple[list[uuid.UUID], str]:
+    """Create one task per result and wait until they are applied; then send one `completed`
+    per task in one burst, waiting in the topic when tm starts (a backlog), so that one poll
+    takes it in one batch. Returns the task ids and tm's output while it applied the burst."""
+    ids = [uuid.uuid4() for _ in results]
+    stack.produce([new_task(f"task {i}", task_id=t, timestamp=at(1)) for i, t in enumerate(ids)])
+    with tm_running(stack, tmp_path) as tm:
+        wait_committed(stack, tm, f"{len(ids)} new tasks committed")
+    assert stack.count("status = 'new'") == len(ids)
+    stack.produce(
+        [completed(t, result, timestamp=at(2)) for t, result in zip(ids, results, strict=True)]
+    )
+    with tm_running(stack, tmp_path, TM_BATCH_LINGER_MS="1000") as tm:
+        wait_committed(stack, tm, "the burst committed", timeout_s=60)
+    return ids, tm.output()
+
+
+def test_burst_of_results_with_nul_characters_is_applied(stack: Stack, tmp_path: Path) -> None:
+    """Every seventh crawl result holds a NUL (a binary page): refused at decode as
+    invalid_body; PostgreSQL, which cannot store it, never sees it; the rest are applied."""
+    is_bad = [i % 7 == 6 for i in range(BURST)]
+    results = [
+        f"%PDF-1.7 page {i}\x00\x00\x01 binary" if bad else f"<html>page {i}</html>"
+        for i, bad in enumerate(is_bad)
+    ]
+
+    ids, output = _burst_of_completions(stack, tmp_path, results)
+
+    rows = rows_by_id(stack)
+    for task_id, result, bad in zip(ids, results, is_bad, strict=True):
+        row = rows[task_id]
+        if bad:
+            assert (row["status"], row["result"]) == ("new", None), task_id
+        else:
+            assert (row["status"], row["result"]) == ("completed", result), task_id
+    bad_ids = {str(t).encode() for t, bad in zip(ids, is_bad, strict=True) if bad}
+    letters = dead_letters_by_source(stack, len(bad_ids))
+    assert {source.key() for _, source in letters} == bad_ids
+    for letter, source in letters:
+        added = assert_dead_letter(letter, source, "invalid_body")
+        assert "NUL" in added["dlq_error"]
+        assert "`$.crawl_result`" in added["dlq_error"]
+    assert "worker died" not in output
+    assert len(read_exactly(stack, stack.requests_topic, BURST)) == BURST
+    assert_all_committed_to_end(stack)
+
+
+def test_burst_with_many_rows_postgres_refuses_is_applied(stack: Stack, tmp_path: Path) -> None:
+    """Rows that only the database refuses (here a trigger raising P0001, as a constraint or
+    a check of the real schema might), 150 of one batch of 1,000: each is isolated and
+    dead-lettered as row_rejected, the rest applied. A share of bad rows never stops a
+    worker."""
+    stack.query(
+        """CREATE FUNCTION refuse_marked_results() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF NEW.result LIKE 'REFUSE%' THEN
+                   RAISE EXCEPTION 'result refused by the test trigger' USING ERRCODE = 'P0001';
+               END IF;
+               RETURN NEW;
+           END $$"""
+    )
+    stack.query(
+        "CREATE TRIGGER refuse_marked_results BEFORE UPDATE ON web_crawl_tasks"
+        " FOR EACH ROW EXECUTE FUNCTION refuse_marked_results()"
+    )
+    is_bad = [i % 20 in (3, 9, 16) for i in range(BURST)]
+    assert sum(is_bad) == 150
+    results = [
+        f"REFUSE page {i}" if bad else f"<html>page {i}</html>" for i, bad in enumerate(is_bad)
+    ]
+
+    ids, output = _burst_of_completions(stack, tmp_path, results)
+
+    rows = rows_by_id(stack)
+    for task_id, result, bad in zip(ids, results, is_bad, strict=True):
+        expected = ("new", None) if bad else ("completed", result)
+        assert (rows[task_id]["status"], rows[task_id]["result"]) == expected, task_id
+    bad_ids = {str(t).encode() for t, bad in zip(ids, is_bad, strict=True) if bad}
+    letters = dead_letters_by_source(stack, len(bad_ids))
+    assert {source.key() for _, source in letters} == bad_ids
+    for letter, source in letters:
+        added = assert_dead_letter(letter, source, "row_rejected")
+        assert "refused by the test trigger" in added["dlq_error"]
+    assert "worker died" not in output
+    assert_all_committed_to_end(stack)
+
+
+# -- 7. redelivery of finished tasks --------------------------------------------------------------
+
+
+def test_redelivered_new_of_a_finished_task_is_not_crawled_again(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """From offset 0 again: a task still `new` gets its crawl request again (same key, same
+    request); a task already completed or failed does not: it would be crawled twice."""
+    done, failed, pending = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    stack.produce(
+        [
+            new_task("done", task_id=done, timestamp=at(1)),
+            new_task("failed", task_id=failed, timestamp=at(2)),
+            new_task("pending", task_id=pending, timestamp=at(3)),
+            completed(done, "the result", timestamp=at(10)),
+            error(failed, "HTTP 404", timestamp=at(11)),
+        ],
+        partition=0,
+    )
+    with tm_running(stack, tmp_path) as tm:
+        wait_committed(stack, tm, "the first delivery committed")
+    first_rows = rows_by_id(stack)
+    assert {t: r["status"] for t, r in first_rows.items()} == {
+        done: "completed",
+        failed: "error",
+        pending: "new",
+    }
+    read_exactly(stack, stack.requests_topic, 3)
+
+    rewind_group(stack)
+    with tm_running(stack, tmp_path) as tm:
+        wait_committed(stack, tm, "the redelivery committed")
+
+    assert rows_by_id(stack) == first_rows
+    requests = read_exactly(stack, stack.requests_topic, 4)
+    by_key: dict[bytes, list[tuple[bytes, Headers]]] = defaultdict(list)
+    for request in requests:
+        by_key[request.key()].append((request.value(), request.headers()))
+    assert {key: len(copies) for key, copies in by_key.items()} == {
+        str(done).encode(): 1,
+        str(failed).encode(): 1,
+        str(pending).encode(): 2,
+    }
+    first, again = by_key[str(pending).encode()]
+    assert first == again
+    (pending_request,) = {r.key(): r for r in requests if r.key() == str(pending).encode()}.values()
+    assert_crawl_request(pending_request, first_rows[pending])
     assert stack.read_topic(stack.dlq_topic, timeout_s=2) == []
     assert_all_committed_to_end(stack)

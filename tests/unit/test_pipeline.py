@@ -11,6 +11,7 @@ import pytest
 
 from tests.fakes import FakeDatabase, FakeMessage, FakeSink
 from tm import config
+from tm.core.policy import REFUSED_BATCHES_TO_STOP, REFUSED_ROWS_TO_STOP
 from tm.errors import DatabaseUnavailableError, FatalError, KafkaUnavailableError
 from tm.pipeline import Pipeline
 
@@ -82,6 +83,19 @@ async def test_redelivered_new_tasks_are_duplicates_and_republished_identically(
     assert parts.sink.acknowledged == first
 
 
+async def test_redelivered_new_of_a_finished_task_is_not_republished(parts: Parts) -> None:
+    await parts.run([new(0), new(1)])
+    finished = next(iter(parts.database.tasks))
+    await parts.run([update(2, finished, "completed", "page")])
+    parts.sink.acknowledged.clear()
+
+    summary = await parts.run([new(0), new(1)])
+
+    assert summary.outcomes == {"unchanged": 1, "duplicate": 1}
+    requests = [m for m in parts.sink.acknowledged if m["topic"] == "requests-web-crawl"]
+    assert [m["key"] for m in requests] == [str(t) for t in parts.database.tasks if t != finished]
+
+
 async def test_refused_rows_are_isolated_and_dead_lettered_alone(parts: Parts) -> None:
     messages = [new(n, email="refuse@example.com" if n in (3, 6) else None) for n in range(8)]
     summary = await parts.run(messages)
@@ -147,7 +161,37 @@ async def test_bad_messages_are_dead_lettered_with_their_original_bytes(parts: P
     assert summary.committable == {0: 2}
 
 
-async def test_a_run_of_refused_rows_stops_the_worker(parts: Parts) -> None:
-    messages = [new(n, email="refuse@example.com") for n in range(101)]
+async def test_a_batch_with_many_refused_rows_among_good_ones_is_applied(parts: Parts) -> None:
+    """Real crawl data: far more refused rows in one batch than the bad-deploy threshold, beside
+    good ones, batch after batch. Data never stops a worker."""
+    for round_ in range(REFUSED_BATCHES_TO_STOP + 1):
+        offsets = range(round_ * 1000, (round_ + 1) * 1000)
+        refused = [n for n in offsets if n % 7 == 0]
+        messages = [new(n, email="refuse@example.com" if n in refused else None) for n in offsets]
+        parts.sink.acknowledged.clear()
+
+        summary = await parts.run(messages)
+
+        dead = [m for m in parts.sink.acknowledged if m["topic"] == "task-status.dlq"]
+        assert sorted(int(m["headers"]["dlq_offset"]) for m in dead) == refused
+        assert {m["headers"]["dlq_reason"] for m in dead} == {"row_rejected"}
+        assert summary.outcomes == {"created": 1000 - len(refused)}
+        assert summary.committable == {0: offsets.stop}
+    sent = (REFUSED_BATCHES_TO_STOP + 1) * 1000
+    assert len(parts.database.tasks) == sent - len(range(0, sent, 7))
+
+
+async def test_a_run_of_batches_with_every_row_refused_stops_the_worker(parts: Parts) -> None:
+    """A bad deploy: PostgreSQL applies nothing, batch after batch."""
+    per_batch = -(-REFUSED_ROWS_TO_STOP // REFUSED_BATCHES_TO_STOP)
+    offsets = iter(range(10_000))
+
+    def refused_batch() -> list[FakeMessage]:
+        return [new(next(offsets), email="refuse@example.com") for _ in range(per_batch)]
+
+    for _ in range(REFUSED_BATCHES_TO_STOP - 1):
+        summary = await parts.run(refused_batch())
+        assert summary.dead_letters == {"row_rejected": per_batch}
     with pytest.raises(FatalError, match="refused by PostgreSQL"):
-        await parts.run(messages)
+        await parts.run(refused_batch())
+    assert parts.database.tasks == {}

@@ -60,6 +60,8 @@ DLQ_PARTITION = "dlq_partition"
 DLQ_OFFSET = "dlq_offset"
 DLQ_TIMESTAMP = "dlq_timestamp"
 DLQ_VALUE_BYTES = "dlq_value_bytes"  # set when the value was cut to fit: its original length
+DLQ_KEY_BYTES = "dlq_key_bytes"  # set when the key was cut to fit: its original length
+DLQ_HEADERS_DROPPED = "dlq_headers_dropped"  # set when original headers were left out: how many
 DLQ_HEADERS = (
     DLQ_REASON,
     DLQ_ERROR,
@@ -68,6 +70,8 @@ DLQ_HEADERS = (
     DLQ_OFFSET,
     DLQ_TIMESTAMP,
     DLQ_VALUE_BYTES,
+    DLQ_KEY_BYTES,
+    DLQ_HEADERS_DROPPED,
 )
 
 
