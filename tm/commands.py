@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
+
 from tm.adapters import kafka, migrations, postgres
 from tm.config import PostgresSettings, Settings
 from tm.errors import DatabaseUnavailableError, TmError
@@ -17,7 +19,8 @@ CHECK_TIMEOUT_S = 5.0  # per dependency; long enough for a slow broker, short fo
 
 def db_migrate(settings: Settings) -> int:
     async def run() -> list[migrations.Migration]:
-        conn = await postgres.connect(settings.postgres)
+        # No statement timeout: a migration on a big table may take long (connect_kwargs).
+        conn = await postgres.connect(settings.postgres, migrating=True)
         try:
             return await migrations.migrate(conn)
         except Exception as exc:
@@ -102,22 +105,35 @@ def topics_create(settings: Settings, partitions: int | None) -> int:
     return 0
 
 
-def preflight_problem(settings: Settings) -> str | None:
-    """What stops tm from starting, in one line: a dependency that does not answer, a schema
-    not migrated, a missing topic. None when all is well."""
+class Preflight(msgspec.Struct, frozen=True, kw_only=True):
+    """What the pre-flight check found (msgspec-encodable, to cross the check's pipe)."""
+
+    problem: str | None  # what stops tm from starting, in one line; None when all is well
+    partitions: int  # of TASK_STATUS_TOPIC; 0 when the check stopped before reading it
+
+
+def preflight(settings: Settings) -> Preflight:
+    """Check what tm needs to start: PostgreSQL answers, the schema is migrated, Kafka answers
+    and the topics exist; and how many partitions the task-status topic has (the supervisor
+    runs no more default workers than that: see ``config.cap_workers``)."""
     pg = settings.postgres
     try:
         _, state = _schema_state(pg)
     except TmError as exc:
-        return f"PostgreSQL at {pg.host}:{pg.port}/{pg.database}: {exc}"
+        return Preflight(
+            problem=f"PostgreSQL at {pg.host}:{pg.port}/{pg.database}: {exc}", partitions=0
+        )
     if state.pending:
-        return f"the schema is not migrated ({_pending(state)} pending): run `tm db migrate`"
+        problem = f"the schema is not migrated ({_pending(state)} pending): run `tm db migrate`"
+        return Preflight(problem=problem, partitions=0)
     k = settings.kafka
     try:
         info = kafka.describe(k, timeout_s=CHECK_TIMEOUT_S)
     except TmError as exc:
-        return f"Kafka at {','.join(k.brokers)}: {exc}"
+        return Preflight(problem=f"Kafka at {','.join(k.brokers)}: {exc}", partitions=0)
+    partitions = info.topics.get(k.task_status_topic, 0)
     missing = [t for t in _topics(settings) if t not in info.topics]
     if missing:
-        return f"topic(s) {', '.join(missing)} do not exist: run `tm topics create`"
-    return None
+        problem = f"topic(s) {', '.join(missing)} do not exist: run `tm topics create`"
+        return Preflight(problem=problem, partitions=partitions)
+    return Preflight(problem=None, partitions=partitions)

@@ -5,7 +5,11 @@ breaks the path in between.
 - ``cut()``: reset every open connection and every new one (the server looks gone);
 - ``blackhole()``: keep connections open but forward nothing, in either direction (the server
   looks hung: queries wait for their timeout);
-- ``restore()``: forward again.
+- ``freeze_on(pattern)``: the first client-to-server chunk containing ``pattern`` is held, and
+  that connection and every other one open at that moment stop forwarding for good, with no FIN
+  or RST either way (a NAT entry dropped, a cable pulled); later connections pass. Each side sees
+  a live peer that never answers;
+- ``restore()``: forward again (frozen connections stay frozen).
 
 One thread accepts, one thread per connection pumps both directions with ``select``. Every
 socket error ends that one connection quietly; nothing is raised in a thread.
@@ -46,6 +50,9 @@ class TcpProxy:
         self._threads: list[threading.Thread] = []
         self.accepted = 0  # connections forwarded, for the tests' curiosity
         self.refused = 0  # connections reset at once because the proxy was cut
+        self._freeze_pattern: bytes | None = None
+        self._frozen: set[tuple[socket.socket, socket.socket]] = set()
+        self.frozen = 0  # connections frozen by freeze_on()
         self._acceptor = threading.Thread(target=self._accept_loop, name="proxy-accept")
         self._acceptor.daemon = True
         self._acceptor.start()
@@ -65,6 +72,11 @@ class TcpProxy:
         """Keep every connection open but stop forwarding bytes; new ones connect and hang."""
         with self._lock:
             self._mode = _BLACKHOLE
+
+    def freeze_on(self, pattern: bytes) -> None:
+        """Arm a freeze: see the module docstring. ``frozen`` counts the frozen connections."""
+        with self._lock:
+            self._freeze_pattern = pattern
 
     def restore(self) -> None:
         with self._lock:
@@ -139,6 +151,16 @@ class TcpProxy:
             self._threads.append(thread)
             thread.start()
 
+    def _should_freeze(self, data: bytes) -> bool:
+        """True (and every open connection frozen) if ``data`` fires the armed freeze."""
+        with self._lock:
+            if self._freeze_pattern is None or self._freeze_pattern not in data:
+                return False
+            self._freeze_pattern = None
+            self._frozen |= self._pairs
+            self.frozen = len(self._frozen)
+            return True
+
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         peer = {client: server, server: client}
         try:
@@ -147,7 +169,8 @@ class TcpProxy:
                     if (client, server) not in self._pairs:
                         return  # cut: the sockets are closed already
                     mode = self._mode
-                if mode == _BLACKHOLE:
+                    frozen = (client, server) in self._frozen
+                if mode == _BLACKHOLE or frozen:
                     self._closed.wait(_TICK_S)
                     continue
                 readable, _, _ = select.select([client, server], [], [], _TICK_S)
@@ -158,12 +181,15 @@ class TcpProxy:
                     data = sock.recv(_CHUNK)
                     if not data:
                         return
+                    if sock is client and self._should_freeze(data):
+                        break  # the chunk is held: never forwarded
                     peer[sock].sendall(data)
         except (OSError, ValueError):  # reset, or closed by cut() under our feet
             return
         finally:
             with self._lock:
                 self._pairs.discard((client, server))
+                self._frozen.discard((client, server))
             for sock in (client, server):
                 with contextlib.suppress(OSError):
                     sock.close()

@@ -15,6 +15,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from tests.e2e.proxy import TcpProxy
 from tm.adapters import kafka, postgres
 from tm.config import Settings
 from tm.supervisor import PREFLIGHT_TIMEOUT_S
-from tm.traffic import new_task_message
+from tm.traffic import new_task_message, update_message
 from tm.worker import REVOKE_BUDGET_S
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +40,6 @@ pytestmark = pytest.mark.e2e
 SPAWNED = re.compile(r"worker spawned.* slot=(\d+) pid=(\d+)")
 STARTED = re.compile(r"worker started.* slot=(\d+) pid=(\d+)")
 DIED = re.compile(r"worker died; restarting.* slot=(\d+) .*restart_in_s=([\d.]+)")
-PARTITIONS = re.compile(r"partitions (assigned|revoked) partitions=\[([\d, ]*)\]")
 RETRYING = "batch failed; nothing committed, retrying"
 
 # Fast retries and short timeouts so that a fault and its recovery fit in a few seconds.
@@ -58,11 +58,19 @@ SHORT_SESSION = {"KAFKA_SESSION_TIMEOUT": "6000", "KAFKA_HEARTBEAT_INTERVAL": "1
 
 class Feeder:
     """Produces ``new_task_message(n)`` for n in [start, start + count) at ``rate`` messages per
-    second from a thread, so that tm is busy when a fault happens."""
+    second from a thread, so that tm is busy when a fault happens.
 
-    def __init__(self, stack: Stack, *, count: int, rate: float, start: int = 0) -> None:
+    With ``completed_lag`` > 0, each `new` event carries a task_id header and goes to partition
+    ``n % partitions``, followed on that partition by a `completed` update of task ``n - lag``:
+    tm's batches then hold new tasks and updates together, applied in one transaction."""
+
+    def __init__(
+        self, stack: Stack, *, count: int, rate: float, start: int = 0, completed_lag: int = 0
+    ) -> None:
         self.expected = {f"user{n}@example.com" for n in range(start, start + count)}
+        self.completed = max(count - completed_lag, 0) if completed_lag else 0
         self._stack, self._start, self._count, self._rate = stack, start, count, rate
+        self._lag = completed_lag
         self._failures: list[str] = []
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -84,23 +92,39 @@ class Feeder:
                 ahead = began + i / self._rate - time.monotonic()
                 if ahead > 0 and self._stop.wait(ahead):  # pacing, not waiting for an outcome
                     break
-                headers, value = new_task_message(self._start + i)
-                while True:
-                    try:
-                        producer.produce(
-                            self._stack.topic,
-                            value=value,
-                            headers=headers,
-                            on_delivery=on_delivery,
-                        )
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                for partition, headers, value in self._messages(self._start + i):
+                    while True:
+                        try:
+                            producer.produce(
+                                self._stack.topic,
+                                value=value,
+                                headers=headers,
+                                on_delivery=on_delivery,
+                                partition=partition,
+                            )
+                            break
+                        except BufferError:
+                            producer.poll(0.05)
                 producer.poll(0)
             if producer.flush(30):
                 self._failures.append("messages left unacknowledged")
         except BaseException as exc:  # reported by join()
             self._error = exc
+
+    def _messages(self, n: int) -> list[tuple[int, Any, bytes]]:
+        """(partition, headers, value) of what the n-th step produces; partition -1: the
+        producer's partitioner chooses."""
+        headers, value = new_task_message(n)
+        if not self._lag:
+            return [(-1, headers, value)]
+        partitions = self._stack.partitions
+        headers = [*headers, ("task_id", str(feeder_task_id(n)).encode())]
+        out = [(n % partitions, headers, value)]
+        if n - self._lag >= self._start:
+            before = n - self._lag
+            update_headers, update = update_message(feeder_task_id(before), failed=False)
+            out.append((before % partitions, update_headers, update))
+        return out
 
     def join(self) -> None:
         self._thread.join(60)
@@ -112,6 +136,11 @@ class Feeder:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(60)
+
+
+def feeder_task_id(n: int) -> uuid.UUID:
+    """The task_id header Feeder gives task n when it also sends updates."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"tm-e2e-feeder/{n}")
 
 
 def produce_new(stack: Stack, numbers: range, *, partition: int | None = None) -> set[str]:
@@ -186,14 +215,7 @@ def started_pids(tm: TmRun) -> set[int]:
 
 def owned(tm: TmRun) -> set[int]:
     """The partitions a TmRun's workers own now, from their assigned/revoked lines."""
-    mine: set[int] = set()
-    for what, listed in PARTITIONS.findall(tm.output()):
-        partitions = {int(p) for p in listed.split(",") if p.strip()}
-        if what == "assigned":
-            mine |= partitions
-        else:
-            mine -= partitions
-    return mine
+    return tm.owned()
 
 
 def alive(pid: int) -> bool:
@@ -215,12 +237,6 @@ def terminate_backends(stack: Stack) -> int:
         stack.database,
     )
     return sum(1 for row in rows if row[0])
-
-
-@pytest.fixture
-def proxy(settings: Settings, pg_up: None) -> Iterator[TcpProxy]:
-    with TcpProxy(settings.postgres.host, settings.postgres.port) as p:
-        yield p
 
 
 def via(proxy: TcpProxy) -> dict[str, str]:
@@ -296,6 +312,42 @@ def test_database_backends_terminated_under_load(stack: Stack, tmp_path: Path) -
     assert terminated > 0
     assert RETRYING in output, output
     assert "worker died" not in output, output
+
+
+def test_connection_freeze_before_commit_does_not_hold_rows_hostage(
+    stack: Stack, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """A connection dies without a FIN reaching the server (NAT drop, blackholed network) after
+    the statements of a batch and before its COMMIT: the orphaned backend sits idle in
+    transaction holding the rows' locks, and every retry's INSERT ... ON CONFLICT waits on them.
+    The server must end the orphan on its own, so that tm gets through within about a minute
+    (not when TCP keepalive gives up, hours later), with nothing lost and nothing doubled."""
+    env = {**FAST, "POSTGRES_QUERY_TIMEOUT": "3000"}
+    tm = TmRun(stack, tmp_path, TM_WORKERS="2", **env, **via(proxy))
+    feeder: Feeder | None = None
+    try:
+        tm.wait_assigned(6)
+        feeder = Feeder(stack, count=5000, rate=500, completed_lag=50)
+        wait_for(lambda: stack.count() > 500, what="tm busy")
+        proxy.freeze_on(b"COMMIT")  # the first batch holding both new tasks and updates
+        wait_for(lambda: proxy.frozen > 0, what="a connection frozen before its COMMIT")
+        frozen_at = stack.count()
+        feeder.join()
+        wait_all_applied(stack, feeder.expected, timeout_s=60)
+        wait_for(
+            lambda: stack.count("status = 'completed'") == feeder.completed,
+            what="every update applied",
+        )
+    finally:
+        if feeder is not None:
+            feeder.stop()
+        code = tm.stop()
+    output = tm.output()
+    assert code == 0, output
+    assert frozen_at < len(feeder.expected)  # frozen mid-stream
+    assert RETRYING in output, output
+    assert "worker died" not in output, output
+    assert stack.read_topic(stack.dlq_topic, timeout_s=2) == []
 
 
 # -- 2. kill -9 of a worker ----------------------------------------------------------------------

@@ -22,16 +22,65 @@ from tm.errors import (
 )
 
 # SQLSTATEs worth a retry: the server went away, is starting or shutting down, is out of
-# resources, or the transaction lost a race (serialization failure, deadlock) or timed out.
+# resources, or the transaction lost a race (serialization failure, deadlock) or timed out;
+# 25006 (read-only transaction) is a standby during a failover, before it is promoted.
 _TRANSIENT_CLASSES = frozenset({"08", "53", "58"})
-_TRANSIENT_CODES = frozenset({"40001", "40P01", "57014", "57P01", "57P02", "57P03", "55P03"})
+_TRANSIENT_CODES = frozenset(
+    {"40001", "40P01", "57014", "57P01", "57P02", "57P03", "55P03", "25006"}
+)
 # SQLSTATEs that blame one row's data: data exceptions, integrity violations, RAISE.
 _ROW_CLASSES = frozenset({"22", "23"})
 _ROW_CODES = frozenset({"P0001"})
 
 
-def connect_kwargs(settings: PostgresSettings) -> dict[str, Any]:
-    """Keyword arguments for ``asyncpg.connect`` / ``asyncpg.create_pool`` from the settings."""
+# TCP keepalives the server sends on tm's connections: a client gone without a FIN (NAT entry
+# dropped, host lost) is noticed after IDLE + INTERVAL * COUNT = 25 s, not the kernel's ~2 h 11 min,
+# and its session, and whatever it holds, ends. Client-side keepalives would need asyncpg's
+# private transport (no public option: MagicStack/asyncpg#606); the command timeout covers that
+# side.
+TCP_KEEPALIVES_IDLE_S = 10
+TCP_KEEPALIVES_INTERVAL_S = 5
+TCP_KEEPALIVES_COUNT = 3
+# The server's statement deadline is the client's plus this: the client's timer starts first
+# and its timeout (which cancels the statement and reports it) fires first; the server's ends
+# the statement when the client can no longer reach it.
+STATEMENT_TIMEOUT_GRACE_MS = 1000
+
+
+def server_timeouts(query_timeout_ms: int) -> dict[str, str]:
+    """The server-side deadlines of tm's sessions, derived from POSTGRES_QUERY_TIMEOUT, so that
+    a dead connection cannot hold rows hostage (DESIGN §3)."""
+    statement_timeout_ms = query_timeout_ms + STATEMENT_TIMEOUT_GRACE_MS
+    # A wait on row locks this long is a wait behind an orphaned transaction (tm's own lock
+    # waits, two redelivered batches overlapping, last milliseconds): fail it with 55P03, a
+    # transient error, and retry the batch with backoff rather than spend the whole budget.
+    lock_timeout_ms = max(query_timeout_ms // 2, 1)
+    # tm sends the statements of a transaction back to back (creates, updates, COMMIT): a
+    # session idle inside a transaction for a whole query timeout belongs to a client that has
+    # given up on it or vanished. The server ends it and releases its row locks.
+    idle_in_transaction_ms = query_timeout_ms
+    return {
+        "statement_timeout": str(statement_timeout_ms),
+        "lock_timeout": str(lock_timeout_ms),
+        "idle_in_transaction_session_timeout": str(idle_in_transaction_ms),
+    }
+
+
+def connect_kwargs(settings: PostgresSettings, *, migrating: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``asyncpg.connect`` / ``asyncpg.create_pool`` from the settings.
+
+    ``migrating``: for ``tm db migrate``, without the statement, lock and command timeouts (a
+    migration of a big table may rightly take long, and a second migrator waits for the first
+    one's advisory lock); keepalives and the idle-in-transaction deadline stay."""
+    server_settings = {
+        "application_name": "tm",
+        "tcp_keepalives_idle": str(TCP_KEEPALIVES_IDLE_S),
+        "tcp_keepalives_interval": str(TCP_KEEPALIVES_INTERVAL_S),
+        "tcp_keepalives_count": str(TCP_KEEPALIVES_COUNT),
+        **server_timeouts(settings.query_timeout_ms),
+    }
+    if migrating:
+        server_settings["statement_timeout"] = server_settings["lock_timeout"] = "0"
     kwargs: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -39,8 +88,8 @@ def connect_kwargs(settings: PostgresSettings) -> dict[str, Any]:
         "password": settings.password,
         "database": settings.database,
         "timeout": settings.connection_timeout_ms / 1000,
-        "command_timeout": settings.query_timeout_ms / 1000,
-        "server_settings": {"application_name": "tm"},
+        "command_timeout": None if migrating else settings.query_timeout_ms / 1000,
+        "server_settings": server_settings,
     }
     if settings.ssl:
         kwargs["ssl"] = ssl.create_default_context()
@@ -49,10 +98,10 @@ def connect_kwargs(settings: PostgresSettings) -> dict[str, Any]:
     return kwargs
 
 
-async def connect(settings: PostgresSettings) -> asyncpg.Connection:
+async def connect(settings: PostgresSettings, *, migrating: bool = False) -> asyncpg.Connection:
     """Open one connection, translating failures (a wrong password is fatal, not transient)."""
     try:
-        return await asyncpg.connect(**connect_kwargs(settings))
+        return await asyncpg.connect(**connect_kwargs(settings, migrating=migrating))
     except Exception as exc:
         raise translate_error(exc) from exc
 
@@ -61,6 +110,11 @@ def translate_error(exc: BaseException) -> BaseException:
     """Map an asyncpg or socket error to tm's tree; anything else is returned unchanged."""
     if isinstance(exc, TmError):
         return exc
+    if isinstance(exc, asyncpg.exceptions.InvalidCachedStatementError):
+        # 0A000 "cached plan must not change result type": the schema changed under a
+        # prepared statement (a migration while tm runs). Fresh connections, fresh caches: the
+        # pool is expired on this error (Database.apply), so the retry succeeds.
+        return DatabaseUnavailableError(f"{type(exc).__name__}: {exc}", sqlstate=exc.sqlstate)
     if isinstance(exc, asyncpg.PostgresError):
         code = getattr(exc, "sqlstate", None) or ""
         message = f"{type(exc).__name__}: {exc}"
