@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 
+from tm import cpus
 from tm.errors import ConfigError
 
 T = TypeVar("T")
@@ -73,6 +75,7 @@ class PostgresSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     workers: int
+    is_workers_default: bool  # TM_WORKERS unset: the supervisor caps it at the partition count
     batch_max_messages: int
     batch_linger_ms: int
     retry_backoff_initial_ms: int
@@ -305,7 +308,8 @@ def _consumer(env: _Env) -> ConsumerSettings:
             "TM_RETRY_BACKOFF_MAX_MS", str(cap), f">= TM_RETRY_BACKOFF_INITIAL_MS ({initial})"
         )
     return ConsumerSettings(
-        workers=env.integer("TM_WORKERS", os.cpu_count() or 1, lo=1, hi=256),
+        workers=env.integer("TM_WORKERS", default_workers(), lo=1, hi=MAX_WORKERS),
+        is_workers_default=env.optional("TM_WORKERS") is None,
         batch_max_messages=env.integer("TM_BATCH_MAX_MESSAGES", 2000, lo=1, hi=100_000),
         batch_linger_ms=env.integer("TM_BATCH_LINGER_MS", 5, lo=0, hi=60_000),
         retry_backoff_initial_ms=initial,
@@ -315,6 +319,28 @@ def _consumer(env: _Env) -> ConsumerSettings:
         graceful_shutdown_timeout_ms=env.integer(
             "GRACEFUL_SHUTDOWN_TIMEOUT", 30000, lo=1000, hi=3_600_000
         ),
+    )
+
+
+MAX_WORKERS = 256  # the largest TM_WORKERS accepted
+
+
+def default_workers(*, root: Path = Path("/"), affinity: int | None = None) -> int:
+    """TM_WORKERS when unset: the CPUs this process may run on (:func:`tm.cpus.usable`), at
+    most MAX_WORKERS. Not ``os.cpu_count()``: in a container that is the node's, not the
+    pod's limit."""
+    return min(cpus.usable(root=root, affinity=affinity), MAX_WORKERS)
+
+
+def cap_workers(settings: Settings, *, partitions: int) -> Settings:
+    """The settings with a default worker count of at most ``partitions`` (the topic's, known
+    after the pre-flight check): a worker beyond them would own nothing. An explicit
+    TM_WORKERS is kept as it is."""
+    consumer = settings.consumer
+    if not consumer.is_workers_default or partitions < 1 or consumer.workers <= partitions:
+        return settings
+    return msgspec.structs.replace(
+        settings, consumer=msgspec.structs.replace(consumer, workers=partitions)
     )
 
 

@@ -1,34 +1,40 @@
-"""A `new` event exactly as the gateway sends it becomes one row and one crawl request."""
+"""A `new` event exactly as the gateway sends it becomes one row and one crawl request; the
+default worker count follows the CPUs tm may use and the topic's partitions."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.e2e.harness import Stack, TmRun, wait_for
+from tests.e2e.harness import Stack, TmRun, make_stack, wait_for
+from tm.config import Settings
 
 pytestmark = pytest.mark.e2e
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
+BODY = {
+    "user_email": "ada@example.com",
+    "user_query": "Find product information",
+    "base_url": "http://localhost:8080/shop",
+}
+HEADERS = [
+    ("traceparent", TRACEPARENT.encode()),
+    ("tracestate", b"vendor=value"),
+    ("task_type", b"web-crawl"),
+    ("status", b"new"),
+    ("timestamp", b"2025-08-10T10:18:59.023Z"),
+]
+
+
 def test_gateway_new_task_becomes_row_and_crawl_request(stack: Stack, tmp_path: Path) -> None:
-    body = {
-        "user_email": "ada@example.com",
-        "user_query": "Find product information",
-        "base_url": "http://localhost:8080/shop",
-    }
-    headers = [
-        ("traceparent", TRACEPARENT.encode()),
-        ("tracestate", b"vendor=value"),
-        ("task_type", b"web-crawl"),
-        ("status", b"new"),
-        ("timestamp", b"2025-08-10T10:18:59.023Z"),
-    ]
+    body, headers = BODY, HEADERS
     stack.produce([(None, headers, orjson.dumps(body))])
     tm = TmRun(stack, tmp_path, TM_WORKERS="1")
     try:
@@ -60,3 +66,49 @@ def test_gateway_new_task_becomes_row_and_crawl_request(stack: Stack, tmp_path: 
     assert sent["traceparent"].split(b"-")[1] == TRACEPARENT.split("-")[1].encode()
     assert sent["tracestate"] == b"vendor=value"
     assert stack.read_topic(stack.dlq_topic, timeout_s=2) == []
+
+
+def test_default_worker_count_follows_the_cpus_tm_may_use(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TM_WORKERS unset, tm pinned to one CPU (as a 1-CPU container on a big node would be):
+    one worker, not one per CPU of the machine."""
+    monkeypatch.delenv("TM_WORKERS", raising=False)
+    stack.produce(
+        [
+            (None, HEADERS, orjson.dumps({**BODY, "user_email": f"u{n}@example.com"}))
+            for n in range(20)
+        ]
+    )
+    tm = TmRun(stack, tmp_path, wrap=["taskset", "-c", "0"])
+    try:
+        wait_for(stack.all_committed, what="the messages committed")
+        assert stack.count() == 20
+    finally:
+        assert tm.stop() == 0, tm.output()
+    output = tm.output()
+    assert output.count("worker spawned") == 1, output
+
+
+@pytest.fixture
+def one_partition(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
+    yield from make_stack(settings, partitions=1)
+
+
+def test_default_worker_count_is_never_above_the_partitions(
+    one_partition: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TM_WORKERS unset on a 2-CPU machine, a topic of one partition: one worker (a second
+    would own nothing and hold its connections for nothing)."""
+    stack = one_partition
+    monkeypatch.delenv("TM_WORKERS", raising=False)
+    tm = TmRun(stack, tmp_path)
+    try:
+        tm.wait_assigned(1)
+        stack.produce([(None, HEADERS, orjson.dumps(BODY))])
+        wait_for(stack.all_committed, what="the message committed")
+    finally:
+        assert tm.stop() == 0, tm.output()
+    output = tm.output()
+    assert "starting workers=1 " in output, output
+    assert output.count("worker spawned") == 1, output

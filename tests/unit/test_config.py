@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tm import config
+from tm import config, cpus
 from tm.errors import ConfigError
 
 
@@ -37,7 +38,8 @@ def test_defaults_follow_the_original_service() -> None:
     assert (s.log.colors, s.log.pii, s.log.directory) == (False, False, None)
     assert s.otel.service_name == "task-manager"
     assert s.otel.exporter_endpoint == "http://localhost:4318"
-    assert s.consumer.workers == (os.cpu_count() or 1)
+    assert s.consumer.workers == config.default_workers()
+    assert s.consumer.is_workers_default is True
     assert s.consumer.graceful_shutdown_timeout_ms == 30000
     assert s.consumer.max_result_chars == 1_048_576
 
@@ -150,3 +152,127 @@ def test_cli_exits_2_with_one_line_on_a_bad_setting() -> None:
     assert done.stderr.splitlines() == [
         "tm: POSTGRES_PORT='not-a-port' is invalid: expected an integer in 1..65535"
     ]
+
+
+# -- TM_WORKERS by default: the CPUs of the container, not of the node --------------------------
+
+
+def fake_tree(root: Path, cgroup: str, files: dict[str, str]) -> Path:
+    """A fake filesystem: ``/proc/self/cgroup`` holding ``cgroup``, plus ``files`` (path: text)."""
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    return root
+
+
+V2_POD = "sys/fs/cgroup/kubepods.slice/pod1.slice"
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), ("max 100000", None)],
+)
+def test_cgroup_v2_quota_is_rounded_up(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    root = fake_tree(
+        tmp_path,
+        "0::/kubepods.slice/pod1.slice/ctr.scope\n",
+        {f"{V2_POD}/ctr.scope/cpu.max": cpu_max},
+    )
+    assert cpus.cgroup_cpu_limit(root) == expected
+
+
+def test_cgroup_v2_quota_of_a_parent_limits_too(tmp_path: Path) -> None:
+    root = fake_tree(
+        tmp_path,
+        "0::/kubepods.slice/pod1.slice/ctr.scope\n",
+        {f"{V2_POD}/ctr.scope/cpu.max": "max 100000", f"{V2_POD}/cpu.max": "300000 100000"},
+    )
+    assert cpus.cgroup_cpu_limit(root) == 3
+
+
+def test_cgroup_v2_namespaced_container_reads_the_mount_root(tmp_path: Path) -> None:
+    root = fake_tree(tmp_path, "0::/\n", {"sys/fs/cgroup/cpu.max": "400000 100000"})
+    assert cpus.cgroup_cpu_limit(root) == 4
+
+
+V1_CGROUP = """12:pids:/docker/abc
+4:cpu,cpuacct:/docker/abc
+3:cpuset:/docker/abc
+1:name=systemd:/docker/abc
+0::/docker/abc
+"""
+
+
+@pytest.mark.parametrize(("quota", "expected"), [("250000", 3), ("100000", 1), ("-1", None)])
+def test_cgroup_v1_quota_over_period_is_rounded_up(
+    tmp_path: Path, quota: str, expected: int | None
+) -> None:
+    base = "sys/fs/cgroup/cpu,cpuacct/docker/abc"
+    root = fake_tree(
+        tmp_path,
+        V1_CGROUP,
+        {f"{base}/cpu.cfs_quota_us": quota, f"{base}/cpu.cfs_period_us": "100000"},
+    )
+    assert cpus.cgroup_cpu_limit(root) == expected
+
+
+def test_cgroup_v1_in_a_container_without_cgroup_namespace(tmp_path: Path) -> None:
+    """/proc/self/cgroup names the host's path, but the container sees its own cgroup mounted
+    at the controller's root."""
+    base = "sys/fs/cgroup/cpu"
+    root = fake_tree(
+        tmp_path,
+        V1_CGROUP.replace("cpu,cpuacct", "cpu"),
+        {f"{base}/cpu.cfs_quota_us": "200000", f"{base}/cpu.cfs_period_us": "100000"},
+    )
+    assert cpus.cgroup_cpu_limit(root) == 2
+
+
+def test_hybrid_layout_without_a_quota(tmp_path: Path) -> None:
+    """This machine's layout: v1 controllers plus an empty v2 hierarchy under unified/."""
+    root = fake_tree(
+        tmp_path,
+        "4:memory:/job/1\n1:cpu:/\n0::/\n",
+        {
+            "sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1",
+            "sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000",
+            "sys/fs/cgroup/unified/cgroup.controllers": "",
+        },
+    )
+    assert cpus.cgroup_cpu_limit(root) is None
+
+
+def test_no_cgroup_information_means_no_quota(tmp_path: Path) -> None:
+    assert cpus.cgroup_cpu_limit(tmp_path) is None
+    garbled = fake_tree(tmp_path / "garbled", "nonsense\n", {})
+    assert cpus.cgroup_cpu_limit(garbled) is None
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "affinity", "expected"),
+    [
+        ("200000 100000", 32, 2),  # a 2-CPU pod on a 32-CPU node
+        ("800000 100000", 1, 1),  # taskset -c 0 in a pod with more quota
+        ("max 100000", 6, 6),  # no quota: the affinity mask
+        ("1000 100000", 4, 1),  # a hundredth of a CPU: still one worker
+    ],
+)
+def test_default_workers_is_the_smaller_of_quota_and_affinity(
+    tmp_path: Path, cpu_max: str, affinity: int, expected: int
+) -> None:
+    root = fake_tree(tmp_path, "0::/\n", {"sys/fs/cgroup/cpu.max": cpu_max})
+    assert config.default_workers(root=root, affinity=affinity) == expected
+
+
+def test_default_workers_never_above_the_topic_partitions() -> None:
+    default = config.load({})
+    capped = config.cap_workers(default, partitions=1)
+    assert capped.consumer.workers == 1
+    assert (
+        config.cap_workers(default, partitions=10_000).consumer.workers == default.consumer.workers
+    )
+    explicit = config.load({"TM_WORKERS": "4"})
+    assert explicit.consumer.is_workers_default is False
+    assert config.cap_workers(explicit, partitions=1).consumer.workers == 4  # the operator's say
