@@ -9,7 +9,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 
 from tests.e2e.harness import Stack, TmRun, wait_for
 from tests.e2e.proxy import TcpProxy
-from tm.config import Settings
 from tm.traffic import new_task_message
 
 pytestmark = pytest.mark.e2e
@@ -65,12 +63,6 @@ def wait_status(port: int, path: str, status: int, *, timeout_s: float = 30.0) -
         timeout_s=timeout_s,
         what=f"{path} answering {status}",
     )
-
-
-@pytest.fixture
-def proxy(settings: Settings, pg_up: None) -> Iterator[TcpProxy]:
-    with TcpProxy(settings.postgres.host, settings.postgres.port) as p:
-        yield p
 
 
 def insert(stack: Stack, rows: list[tuple[str, str, str | None, str]]) -> None:
@@ -518,6 +510,15 @@ def test_prometheus_metrics_with_consumer_lag(
     text = scrape.body.decode()
     assert text.endswith("\n")
     assert "# TYPE tm_consumer_lag_messages gauge" in text
+    # The committed offsets moved to the end of each partition: what the stalled-partition
+    # alert watches beside the lag.
+    committed = {
+        int(p): float(v)
+        for p, v in re.findall(
+            r'^tm_consumer_committed_offset\{partition="(\d+)"\} (\S+)$', text, re.MULTILINE
+        )
+    }
+    assert committed == dict.fromkeys(range(stack.partitions), float(per_partition))
     consumed = re.search(r"^tm_messages_consumed_total (\S+)$", text, re.MULTILINE)
     assert consumed is not None and float(consumed.group(1)) >= stack.partitions * per_partition
     assert 'tm_messages_applied_total{outcome="created"}' in text

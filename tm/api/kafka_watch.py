@@ -32,6 +32,10 @@ class Lag:
     (the whole partition when the group has committed nothing: a new group starts earliest)."""
 
     by_partition: dict[int, int] = field(default_factory=dict)
+    # The group's committed offset per partition (the low watermark where it has committed
+    # nothing: where a new group starts). A partition whose lag grows while this stands still
+    # is stalled, even when the sum over partitions moves.
+    committed: dict[int, int] = field(default_factory=dict)
     checked_at: float = 0.0  # time.monotonic(); 0: never
 
     def is_fresh(self, now: float) -> bool:
@@ -127,6 +131,7 @@ class KafkaWatch:
                 [TopicPartition(topic, p) for p in partitions], timeout=REQUEST_TIMEOUT_S
             )
             lags: dict[int, int] = {}
+            positions: dict[int, int] = {}
             for tp in committed:
                 watermarks = consumer.get_watermark_offsets(
                     TopicPartition(topic, tp.partition), timeout=REQUEST_TIMEOUT_S
@@ -136,9 +141,10 @@ class KafkaWatch:
                 low, high = watermarks
                 start = tp.offset if tp.offset >= 0 else low
                 lags[tp.partition] = max(0, high - max(start, low))
+                positions[tp.partition] = max(start, low)
         except KafkaException:
             return  # the next round tries again; a stale answer is not served
-        self.lag = Lag(by_partition=lags, checked_at=time.monotonic())
+        self.lag = Lag(by_partition=lags, committed=positions, checked_at=time.monotonic())
 
 
 def _describe(exc: KafkaException) -> str:

@@ -26,10 +26,12 @@ from tm.api.state import StateReader
 from tm.observability import metrics as tm_metrics
 
 LAG_METRIC = "tm_consumer_lag_messages"
+COMMITTED_METRIC = "tm_consumer_committed_offset"
 
 
 class LagCollector(Collector):
-    """``tm_consumer_lag_messages{partition}``: high watermark minus committed offset."""
+    """``tm_consumer_lag_messages{partition}``: high watermark minus committed offset, and
+    ``tm_consumer_committed_offset{partition}``: the committed offset itself."""
 
     def __init__(self, watch: KafkaWatch) -> None:
         self._watch = watch
@@ -47,6 +49,15 @@ class LagCollector(Collector):
         for partition, value in sorted(lag.by_partition.items()):
             family.add_metric([str(partition)], value)
         yield family
+        committed = GaugeMetricFamily(
+            COMMITTED_METRIC,
+            "The consumer group's committed offset per partition of the task-status topic (its"
+            " low watermark while the group has committed nothing there)",
+            labels=["partition"],
+        )
+        for partition, value in sorted(lag.committed.items()):
+            committed.add_metric([str(partition)], value)
+        yield committed
 
 
 class SupervisorCollector(Collector):
