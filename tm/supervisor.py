@@ -8,11 +8,18 @@ service with the worker's error in one line (a wrong password must not become a 
 
 Nothing here imports Kafka or PostgreSQL clients: librdkafka's threads must not cross a fork.
 The pre-flight check and the workers import them in their own children.
+
+In a container without an init process the supervisor is PID 1: it reaps every child that
+reparents to it (``waitpid(-1)``), and its handlers are installed before the pre-flight check,
+because PID 1 ignores a signal it has no handler for (the kubelet's SIGTERM included). Signals
+are blocked around each ``fork`` so that a SIGTERM in that window waits for whoever it was sent
+to (the parent's handler, or the child's once its event loop handles it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -23,9 +30,12 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tm.config import Settings
+import msgspec
+
+from tm.config import Settings, cap_workers
 
 log = logging.getLogger("tm.supervisor")
 
@@ -36,6 +46,9 @@ MAX_BOOT_FAILURES = 3  # consecutive failures before boot, per slot, before halt
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER_S = 60.0  # a worker up this long resets its slot's restart backoff
 PREFLIGHT_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
+# Blocked around fork(): a signal in the window is delivered after it, not lost or fatal.
+_FORK_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
 
 
 class Reporter:
@@ -78,9 +91,11 @@ class Slot:
 class Supervisor:
     def __init__(self, settings: Settings, *, started: float) -> None:
         self._settings = settings
-        self._workers = [Slot(n) for n in range(settings.consumer.workers)]
+        self._pid = os.getpid()  # what a child's parent must be: not 1 when we are PID 1
+        self._workers: list[Slot] = []
         self._api = Slot(-1, role="api")
-        self._slots = [*self._workers, self._api]
+        self._slots: list[Slot] = []
+        self.configure(settings)
         self._started = started
         self._started_wall = time.time() - (time.monotonic() - started)
         self._startup_s: float | None = None  # until every worker first joined the group
@@ -92,9 +107,15 @@ class Supervisor:
         self._draining: list[Slot] = []
         self._wakeup_r, self._wakeup_w = os.pipe()
 
+    def configure(self, settings: Settings) -> None:
+        """Take the settings to run with (before :meth:`run`): one slot per worker."""
+        self._settings = settings
+        self._workers = [Slot(n) for n in range(settings.consumer.workers)]
+        self._slots = [*self._workers, self._api]
+
     # -- signals -----------------------------------------------------------------------------
 
-    def _install_signals(self) -> None:
+    def install_signals(self) -> None:
         os.set_blocking(self._wakeup_w, False)
         os.set_blocking(self._wakeup_r, False)
         signal.set_wakeup_fd(self._wakeup_w)
@@ -104,6 +125,10 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
 
+    def stop_requested(self) -> bool:
+        """A SIGTERM or SIGINT is waiting to be handled."""
+        return any(s != signal.SIGCHLD for s in self._signals)
+
     # -- workers -----------------------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> None:
@@ -111,6 +136,7 @@ class Supervisor:
         state_r = state_w = -1
         if slot.role == "api":
             state_r, state_w = os.pipe()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         pid = os.fork()
         if pid == 0:  # child
             code = 1
@@ -119,9 +145,18 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 for signum in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards SIGTERM
                 # A SIGTERM before the child's own handler exists must wait, not kill it: the
                 # child unblocks it once its event loop handles it (tm.worker, tm.api.server).
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+                signal.pthread_sigmask(
+                    signal.SIG_SETMASK,
+                    (mask | {signal.SIGTERM})
+                    - {
+                        signal.SIGINT,
+                        signal.SIGCHLD,
+                    },
+                )
+                _stop_with_parent(self._pid)
                 for other in self._slots:
                     for fd in (other.fd, other.state_fd):
                         if fd >= 0:
@@ -144,6 +179,7 @@ class Supervisor:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         if slot.role == "api":
@@ -256,7 +292,6 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        self._install_signals()
         for worker in self._workers:
             self._spawn(worker)
         # The API process starts once the workers have booted: started together, on a small
@@ -409,39 +444,67 @@ def _forget_metrics(pid: int) -> None:
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
+def _stop_with_parent(parent_pid: int) -> None:
+    """In a child: ask Linux for a SIGTERM when the supervisor dies (even by SIGKILL), so that
+    no worker or API process outlives it holding partitions or APP_PORT."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the heartbeat pipe closing is the fallback
+        return
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)  # pending (blocked) until the child handles it
+
+
 def _drain(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):
         while os.read(fd, 4096):
             pass
 
 
-def preflight(settings: Settings) -> str | None:
+class PreflightInterruptedError(Exception):
+    """A stop signal arrived before the workers were started."""
+
+
+def preflight(settings: Settings, *, stop_requested: Callable[[], bool]) -> tuple[str | None, int]:
     """Check PostgreSQL, the schema and Kafka in a child process (so that no client thread
-    lives in this one before it forks). Returns the problem in one line, or None."""
+    lives in this one before it forks). Returns the problem in one line (None: none) and the
+    task-status topic's partition count; raises PreflightInterruptedError when
+    ``stop_requested()`` turns true meanwhile (the check is then killed)."""
     read_fd, write_fd = os.pipe()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            signal.set_wakeup_fd(-1)
+            for signum in _FORK_BLOCKED:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(read_fd)
-            from tm.commands import preflight_problem
+            from tm.commands import preflight as check
 
-            problem = preflight_problem(settings)
-            os.write(write_fd, (problem or "").encode())
+            os.write(write_fd, msgspec.json.encode(check(settings)))
             code = 0
         finally:
             os._exit(code)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_fd)
     deadline = time.monotonic() + PREFLIGHT_TIMEOUT_S
     chunks: list[bytes] = []
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or stop_requested():
             _kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             os.close(read_fd)
-            return f"pre-flight check did not finish in {PREFLIGHT_TIMEOUT_S:.0f} s"
-        readable, _, _ = select.select([read_fd], [], [], remaining)
+            if remaining > 0:
+                raise PreflightInterruptedError
+            return f"pre-flight check did not finish in {PREFLIGHT_TIMEOUT_S:.0f} s", 0
+        try:  # a signal interrupts the wait (the handler's wakeup fd is not watched here)
+            readable, _, _ = select.select([read_fd], [], [], min(remaining, LOOP_TICK_S))
+        except InterruptedError:
+            continue
         if readable:
             chunk = os.read(read_fd, 65536)
             if not chunk:
@@ -450,8 +513,9 @@ def preflight(settings: Settings) -> str | None:
     os.close(read_fd)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        return "pre-flight check crashed"
-    return b"".join(chunks).decode() or None
+        return "pre-flight check crashed", 0
+    found = json.loads(b"".join(chunks))  # tm.commands.Preflight (its module loads clients)
+    return found["problem"], found["partitions"]
 
 
 def _metrics_directory() -> str | None:
@@ -471,10 +535,18 @@ def _metrics_directory() -> str | None:
 
 def run(settings: Settings) -> int:
     started = time.monotonic()
-    problem = preflight(settings)
+    supervisor = Supervisor(settings, started=started)
+    supervisor.install_signals()  # first: as PID 1, a signal without a handler is ignored
+    try:
+        problem, partitions = preflight(settings, stop_requested=supervisor.stop_requested)
+    except PreflightInterruptedError:
+        log.info("stopped before start: a signal came during the pre-flight check")
+        return 0
     if problem is not None:
         print(f"tm: cannot start: {problem}", file=sys.stderr)
         return 1
+    settings = cap_workers(settings, partitions=partitions)  # a worker more would own nothing
+    supervisor.configure(settings)
     log.info(
         "starting",
         extra={
@@ -488,7 +560,7 @@ def run(settings: Settings) -> int:
     )
     made = _metrics_directory()
     try:
-        return Supervisor(settings, started=started).run()
+        return supervisor.run()
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)

@@ -8,9 +8,20 @@ poll of batch N+1 is already running, so polling and decoding overlap the databa
 A transient failure commits nothing: the worker seeks the partitions of the failed batch (and of
 the batch polled meanwhile, which is dropped) back to their first offsets, pauses everything it
 owns, backs off, resumes, and the messages come again. It keeps polling so it stays in the group.
+librdkafka keeps a partition's pause flag across a revoke and a later assignment, so the
+rebalance callbacks set it themselves: an assigned partition is paused while the worker backs
+off and resumed otherwise, and a revoked one is resumed before it goes. Ownership is recorded
+inside the callbacks, in the poll thread, before the poll returns: a busy event loop cannot leave
+a revoked partition marked owned or an assigned one unknown.
+
+An unreachable or read-only database, or a broker that does not answer, is not a reason to
+exit: the worker connects with backoff (it reports ``R 1`` and has not booted, so readiness
+says not ready); only a configuration error (bad credentials, a missing database, topics too
+small for tm) ends a worker before it boots.
 
 The supervisor hears from the worker through a pipe: ``B`` booted, ``H`` heartbeat (every
-second, from the event loop: a stuck loop stops them), ``A n`` partitions owned, ``R 1``/``R 0``
+second, from the event loop, and only while the poll and io threads make progress: a stuck
+loop or a hung client call stops them), ``A n`` partitions owned, ``R 1``/``R 0``
 retrying after a transient failure or through again, and ``F text`` the one-line reason before
 a fatal exit.
 """
@@ -18,37 +29,50 @@ a fatal exit.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import contextlib
 import logging
 import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import uvloop
 from confluent_kafka import KafkaError, Message
 
+from tm.adapters import kafka
 from tm.adapters.kafka import KafkaSink, KafkaSource
 from tm.adapters.postgres import Database
 from tm.config import Settings
 from tm.core.batch import Batch, merge_first_offsets
 from tm.core.decode import DecodeStats
 from tm.core.policy import backoff_s
-from tm.errors import CommitDeferredError, FatalError, TmError, TransientError
+from tm.errors import (
+    CommitDeferredError,
+    FatalError,
+    TmError,
+    TransientError,
+)
 from tm.observability import metrics, tracing
 from tm.pipeline import Pipeline, Summary
 from tm.supervisor import Reporter
 
 log = logging.getLogger("tm.worker")
+T = TypeVar("T")
 
 HEARTBEAT_INTERVAL_S = 1.0
 REVOKE_BUDGET_S = 20.0  # time given to the in-flight batch on revoke; < session timeout
 PAUSED_POLL_S = 0.2  # poll timeout while backing off: keeps the group alive, wakes up soon
 POOL_SIZE = 2  # one batch in the database at a time, plus one spare
 
-PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
+# Longest a call may run in a worker thread before the worker counts it as hung and stops its
+# heartbeats (the supervisor then kills and restarts it). A poll returns within its timeout
+# unless a rebalance callback runs inside it, which may wait REVOKE_BUDGET_S for the in-flight
+# batch and then commit; io calls (flush, commit) are bounded by the Kafka request timeout.
+POLL_STUCK_AFTER_S = REVOKE_BUDGET_S + 40.0
+IO_STUCK_MARGIN_S = 30.0  # added to the producer's flush bound for the io thread
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -61,7 +85,10 @@ class Worker:
         self._slot = slot
         self._reporter = reporter
         self._stopping = asyncio.Event()
-        self._owned: set[int] = set()
+        # Partitions owned: written by the rebalance callbacks (poll thread), read by the loop;
+        # replaced whole, never mutated, so that a reader never sees it change under it.
+        self._owned: frozenset[int] = frozenset()
+        self._paused = False  # backing off: every owned partition is paused
         self._inflight: asyncio.Task[Summary] | None = None
         self._source: KafkaSource | None = None
         self._inflight_decode_s = 0.0
@@ -73,6 +100,12 @@ class Worker:
         self._poll_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}")
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-io-{slot}")
         self._loop: asyncio.AbstractEventLoop | None = None
+        # When the call now running in each thread began (None: idle), for the heartbeat.
+        self._busy_since: dict[str, float | None] = {"poll": None, "io": None}
+        self._stuck_after_s = {
+            "poll": POLL_STUCK_AFTER_S,
+            "io": settings.kafka.request_timeout_ms / 1000 + 5 + IO_STUCK_MARGIN_S,
+        }
         self.applied_messages = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -81,10 +114,61 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGTERM, self._on_signal)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked since the fork
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            connected = await self._connect()
+            if connected is None:  # stopped while a dependency was unreachable
+                return EXIT_OK
+            await self._serve(*connected)
+        finally:
+            heartbeat.cancel()
+        return EXIT_OK
+
+    async def _connect(self) -> tuple[Database, int] | None:
+        """Open the pool and read the largest record the producer may send (the topics'
+        limits), retrying with backoff while the database is unreachable or read-only (a
+        failover) or the broker does not answer; None if a stop came first. A configuration
+        error raises."""
         settings = self._settings
-        database = await Database.open(settings.postgres, max_size=POOL_SIZE)
+        consumer = settings.consumer
+        attempt = 0
+        while True:
+            try:
+                produce_limit = await asyncio.to_thread(kafka.produce_limit, settings.kafka)
+                database = await Database.open(settings.postgres, max_size=POOL_SIZE)
+            except TransientError as exc:
+                delay = backoff_s(
+                    attempt,
+                    initial_s=consumer.retry_backoff_initial_ms / 1000,
+                    cap_s=consumer.retry_backoff_max_ms / 1000,
+                    jitter=random.random(),  # noqa: S311 (spreading retries, not security)
+                )
+                if attempt == 0:
+                    self._reporter.send("R 1")
+                log.warning(
+                    "cannot connect; retrying",
+                    extra={
+                        "fields": {
+                            "error": str(exc),
+                            "attempt": attempt + 1,
+                            "retry_in_s": round(delay, 3),
+                        }
+                    },
+                )
+                attempt += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    return None
+                continue
+            if attempt:
+                self._reporter.send("R 0")
+            self._database = database
+            return database, produce_limit
+
+    async def _serve(self, database: Database, produce_limit: int) -> None:
+        settings = self._settings
         kafka_log = logging.getLogger("tm.kafka")
-        sink = KafkaSink(settings.kafka, logger=kafka_log)
+        sink = KafkaSink(settings.kafka, max_message_bytes=produce_limit, logger=kafka_log)
         source = KafkaSource(
             settings.kafka,
             slot=self._slot,
@@ -102,23 +186,20 @@ class Worker:
             sink=sink,
             io_executor=self._io_thread,
             tracing=traces,
+            dead_letter_max_bytes=sink.max_message_bytes,  # fits the DLQ topic (read at boot)
         )
         self._decode_stats = pipeline.decode_stats
-        self._database = database
         self._reporter.send("B")
         log.info(
             "worker started",
             extra={"fields": {"slot": self._slot, "pid": os.getpid(), "topic": source.topic}},
         )
-        heartbeat = asyncio.create_task(self._heartbeat())
         try:
             await self._consume(source, pipeline)
         finally:
-            heartbeat.cancel()
             await self._close(source, sink, database)
             if traces is not None:
                 traces.close()  # the queued spans, within tracing.SHUTDOWN_BUDGET_S
-        return EXIT_OK
 
     def _on_signal(self) -> None:
         # Only the first SIGTERM counts: a signal sent to the whole process group (a terminal,
@@ -130,8 +211,16 @@ class Worker:
         self._stopping.set()
 
     async def _heartbeat(self) -> None:
+        reported = False
         while True:
-            self._reporter.send("H")
+            stuck = stuck_thread(time.monotonic(), self._busy_since, self._stuck_after_s)
+            if stuck is None:
+                self._reporter.send("H")
+                reported = False
+            elif not reported:  # no heartbeat: the supervisor kills and restarts this worker
+                log.error("worker thread hung; heartbeats stop", extra={"fields": stuck})
+                self._reporter.send(f"F {stuck['thread']} thread hung for {stuck['busy_s']} s")
+                reported = True
             metrics.record_memory("worker")
             if self._database is not None:
                 in_use, idle = self._database.pool_usage()
@@ -140,10 +229,9 @@ class Worker:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _close(self, source: KafkaSource, sink: KafkaSink, database: Database) -> None:
-        loop = asyncio.get_running_loop()
         # Leaving the group runs the revoke callback, which needs this loop: run it in the thread.
-        await loop.run_in_executor(self._poll_thread, source.close)
-        left = await loop.run_in_executor(self._io_thread, sink.close, 10.0)
+        await self._in_thread("poll", source.close)
+        left = await self._in_thread("io", sink.close, 10.0)
         if left:
             log.error("producer closed with undelivered messages", extra={"fields": {"n": left}})
         await database.close(5.0)
@@ -166,12 +254,14 @@ class Worker:
         inflight_batch: Batch | None = None
         while not self._stopping.is_set():
             if resume_at is not None and loop.time() >= resume_at:
+                self._paused = False  # before resume(): an assignment from now on is resumed
                 source.resume(sorted(self._owned))
+                log.info(
+                    "resuming after backoff", extra={"fields": {"partitions": sorted(self._owned)}}
+                )
                 resume_at = None
             timeout_s = linger_s if resume_at is None else PAUSED_POLL_S
-            polled = await loop.run_in_executor(
-                self._poll_thread, source.poll, max_messages, timeout_s
-            )
+            polled = await self._in_thread("poll", source.poll, max_messages, timeout_s)
             messages = self._usable(polled)
             decode_started = time.perf_counter()
             batch = pipeline.assemble(messages) if messages else None
@@ -272,9 +362,7 @@ class Worker:
         (the next commit, an idle loop turn, or the revoke callback). Returns the seconds taken."""
         started = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._io_thread, source.commit, committable
-            )
+            await self._in_thread("io", source.commit, committable)
             self._deferred = {}
         except CommitDeferredError as exc:
             if not self._deferred:
@@ -296,6 +384,7 @@ class Worker:
         consumer = self._settings.consumer
         rewind = {p: o for p, o in first_offsets.items() if p in self._owned}
         source.rewind(rewind)
+        self._paused = True  # before pause(): an assignment from now on is paused too
         source.pause(sorted(self._owned))
         self._reporter.send("R 1")  # retrying: readiness reports the degraded state
         metrics.batch_retries.inc()
@@ -338,20 +427,19 @@ class Worker:
 
     # -- rebalance callbacks: they run in the poll thread, inside consume()/close() ----------
 
-    def _call_in_loop(self, coro: Any, timeout_s: float) -> None:
-        assert self._loop is not None  # noqa: S101
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            future.result(timeout_s)
-        except TimeoutError:
-            future.cancel()
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        assert self._source is not None  # noqa: S101
+        # Assign here rather than after the callback, so the pause flag can be set at once:
+        # paused while backing off (the loop resumes every owned partition when it ends).
+        self._source.assign_in_callback(consumer, partitions, paused=self._paused)
+        assigned = {tp.partition for tp in partitions}
+        self._owned = self._owned | assigned
+        metrics.rebalances.labels("assign").inc()
+        self._reporter.send(f"A {len(self._owned)}")
+        log.info("partitions assigned", extra={"fields": {"partitions": sorted(assigned)}})
 
-    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
-        self._call_in_loop(self._assigned([tp.partition for tp in partitions]), 10.0)
-
-    def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         metrics.rebalances.labels("revoke").inc()
-        revoked = [tp.partition for tp in partitions]
         assert self._loop is not None and self._source is not None  # noqa: S101
         future = asyncio.run_coroutine_threadsafe(self._ready_to_commit(), self._loop)
         try:
@@ -359,17 +447,33 @@ class Worker:
         except TimeoutError:
             future.cancel()
             committable = {}
+            log.warning(
+                "revoke: the in-flight batch did not finish in time; its partitions go"
+                " uncommitted and their messages will be consumed again",
+                extra={"fields": {"budget_s": REVOKE_BUDGET_S}},
+            )
         if committable:
             try:
                 self._source.commit(committable)  # inside the callback: still our partitions
             except TmError as exc:
                 log.warning("commit on revoke failed", extra={"fields": {"error": str(exc)}})
-        self._call_in_loop(self._forget(revoked), 10.0)
+        # Not paused when it comes back (librdkafka would keep the flag across assignments).
+        self._source.resume_in_callback(consumer, partitions)
+        self._forget({tp.partition for tp in partitions}, "revoked")
 
-    def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         # Lost, not revoked: another member may own them already; never commit them again.
         metrics.rebalances.labels("lost").inc()
-        self._call_in_loop(self._forget([tp.partition for tp in partitions]), 10.0)
+        assert self._source is not None  # noqa: S101
+        self._source.resume_in_callback(consumer, partitions)
+        self._forget({tp.partition for tp in partitions}, "lost")
+
+    def _forget(self, partitions: set[int], how: str) -> None:
+        self._owned = self._owned - partitions
+        # Another member owns them now: their refused commits are not ours to retry.
+        self._deferred = {p: o for p, o in self._deferred.items() if p not in partitions}
+        self._reporter.send(f"A {len(self._owned)}")
+        log.info(f"partitions {how}", extra={"fields": {"partitions": sorted(partitions)}})
 
     def _on_kafka_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -377,11 +481,14 @@ class Worker:
         else:
             log.warning("kafka error", extra={"fields": {"error": error.str()}})
 
-    async def _assigned(self, partitions: list[int]) -> None:
-        metrics.rebalances.labels("assign").inc()
-        self._owned.update(partitions)
-        self._reporter.send(f"A {len(self._owned)}")
-        log.info("partitions assigned", extra={"fields": {"partitions": sorted(partitions)}})
+    async def _in_thread(self, thread: str, call: Callable[..., T], *args: Any) -> T:
+        """Run a blocking client call in the poll or io thread, timing it for the heartbeat."""
+        executor = self._poll_thread if thread == "poll" else self._io_thread
+        self._busy_since[thread] = time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, call, *args)
+        finally:
+            self._busy_since[thread] = None
 
     async def _ready_to_commit(self) -> dict[int, int]:
         """On revoke: wait for the in-flight batch (up to the budget); if it succeeded and is
@@ -401,23 +508,15 @@ class Worker:
         summary.committed = True
         return {**deferred, **self._owned_offsets(summary)}
 
-    async def _forget(self, partitions: list[int]) -> None:
-        self._owned.difference_update(partitions)
-        for partition in partitions:
-            self._deferred.pop(partition, None)  # another member owns them now
-        self._reporter.send(f"A {len(self._owned)}")
-        log.info("partitions revoked", extra={"fields": {"partitions": sorted(partitions)}})
 
-
-def _stop_with_parent() -> None:
-    """Ask Linux for a SIGTERM when the supervisor dies (even by SIGKILL): no orphan workers."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the heartbeat pipe closing is the fallback
-        return
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+def stuck_thread(
+    now: float, busy_since: dict[str, float | None], stuck_after_s: dict[str, float]
+) -> dict[str, Any] | None:
+    """The first thread whose current call has run longer than its bound, or None."""
+    for thread, since in busy_since.items():
+        if since is not None and now - since > stuck_after_s[thread]:
+            return {"thread": thread, "busy_s": round(now - since, 1)}
+    return None
 
 
 def main(settings: Settings, *, slot: int, report_fd: int | None) -> int:
@@ -427,7 +526,6 @@ def main(settings: Settings, *, slot: int, report_fd: int | None) -> int:
     logs.setup(settings.log, settings.otel, environment=settings.environment)
     reporter = Reporter(report_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards a SIGTERM
-    _stop_with_parent()
     started = time.monotonic()
     try:
         return uvloop.run(Worker(settings, slot=slot, reporter=reporter).run())

@@ -7,9 +7,17 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.harness import Stack, make_stack
+from tests.e2e.proxy import TcpProxy
 from tm.config import Settings
 
 
 @pytest.fixture
 def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
     yield from make_stack(settings)
+
+
+@pytest.fixture
+def proxy(settings: Settings, pg_up: None) -> Iterator[TcpProxy]:
+    """A TCP proxy in front of PostgreSQL: point tm at it to cut, blackhole or freeze."""
+    with TcpProxy(settings.postgres.host, settings.postgres.port) as p:
+        yield p

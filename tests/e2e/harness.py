@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.conftest import unique
@@ -27,6 +28,8 @@ from tm.adapters import kafka, migrations, postgres
 from tm.config import Settings
 
 T = TypeVar("T")
+# A worker's "partitions assigned partitions=[0, 1]" and "partitions revoked ..." log lines.
+PARTITIONS = re.compile(r"partitions (assigned|revoked) partitions=\[([\d, ]*)\]")
 Headers = list[tuple[str, bytes]]
 
 
@@ -110,6 +113,20 @@ class Stack:
             }
         finally:
             consumer.close()
+
+    def group_assigned(self) -> int:
+        """How many partitions of the topic the group coordinator has assigned to members of
+        a stable group (0 while it rebalances)."""
+        admin = AdminClient(self._kafka_config())
+        description = admin.describe_consumer_groups([self.group])[self.group].result(10)
+        if description.state != ConsumerGroupState.STABLE:
+            return 0
+        return sum(
+            1
+            for member in description.members
+            for tp in member.assignment.topic_partitions
+            if tp.topic == self.topic
+        )
 
     def all_committed(self) -> bool:
         """True when the group has committed every message currently in the topic."""
@@ -223,7 +240,11 @@ class TmRun:
     """`python -m tm run` as a subprocess, in its own session (so a test can signal it the
     way Kubernetes does: the supervisor only). Output goes to a file the test can read."""
 
-    def __init__(self, stack: Stack, tmp_path: Path, **extra_env: str) -> None:
+    def __init__(
+        self, stack: Stack, tmp_path: Path, *, wrap: Sequence[str] = (), **extra_env: str
+    ) -> None:
+        """``wrap``: a command line to run tm under (``unshare ...``, ``taskset ...``)."""
+        self._stack = stack
         self.log_path = tmp_path / f"tm-{unique('run')}.log"
         self.port = free_port()
         env = {
@@ -235,7 +256,7 @@ class TmRun:
         }
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tm", "run"],
+            [*wrap, sys.executable, "-m", "tm", "run"],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -245,17 +266,23 @@ class TmRun:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def owned(self) -> set[int]:
+        """The partitions this run's workers own now, from their assigned/revoked lines."""
+        mine: set[int] = set()
+        for what, listed in PARTITIONS.findall(self.output()):
+            partitions = {int(p) for p in listed.split(",") if p.strip()}
+            if what == "assigned":
+                mine |= partitions
+            else:
+                mine -= partitions
+        return mine
+
     def wait_assigned(self, partitions: int, timeout_s: float = 30.0) -> None:
-        """Wait until the workers own ``partitions`` partitions in all (from their log lines)."""
+        """Wait until the workers own ``partitions`` partitions in all, as their own lines say
+        and as the group coordinator says (the group is stable with them assigned)."""
 
         def assigned() -> bool:
-            total = 0
-            for line in self.output().splitlines():
-                if "partitions assigned" in line:
-                    total += line.count(",") + 1 if "[" in line and "[]" not in line else 0
-                elif "partitions revoked" in line:
-                    total -= line.count(",") + 1 if "[" in line and "[]" not in line else 0
-            return total >= partitions
+            return len(self.owned()) >= partitions and self._stack.group_assigned() >= partitions
 
         wait_for(assigned, timeout_s=timeout_s, what=f"{partitions} partitions assigned")
 

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not in its __all__
+    AdminClient,
+    ConfigResource,
+    ResourceType,
+)
 from confluent_kafka.cimpl import NewTopic
 
 from tm.config import KafkaSettings
@@ -98,6 +102,75 @@ def describe(settings: KafkaSettings, *, timeout_s: float) -> ClusterInfo:
     )
 
 
+# Kafka's default max.message.bytes (the broker's message.max.bytes), for a topic and a broker
+# that report none.
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+# librdkafka's default message.max.bytes: tm's producer never goes above it.
+PRODUCER_MAX_MESSAGE_BYTES = 1_000_000
+# What a record batch adds around its records: librdkafka's message.max.bytes bounds the
+# records of a batch, the broker's max.message.bytes the whole batch (v2 header: 61 bytes).
+RECORD_BATCH_OVERHEAD_BYTES = 128
+# The smallest producer limit tm works with: below it a dead letter's own dlq_* headers may
+# not fit, and every dead letter would be refused (librdkafka's floor is 1000).
+MIN_PRODUCE_LIMIT_BYTES = 4096
+LIMITS_TIMEOUT_S = 10.0  # for reading the topics' limits at a worker's boot
+
+
+def max_message_bytes(
+    settings: KafkaSettings, topics: list[str], *, timeout_s: float
+) -> dict[str, int]:
+    """Each topic's ``max.message.bytes``: its own, or the broker's default when the topic has
+    no override. Raises KafkaUnavailableError (or FatalError: not authorized)."""
+    config = client_config(settings)
+    config["log_level"] = 0
+    admin = AdminClient(config)
+    limits: dict[str, int] = {}
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics]
+    try:
+        futures = admin.describe_configs(resources, request_timeout=timeout_s)
+        for resource, future in futures.items():
+            entry = future.result(timeout=timeout_s).get("max.message.bytes")
+            if entry is not None and entry.value:
+                limits[resource.name] = int(entry.value)
+        if len(limits) < len(topics):
+            default = _broker_max_message_bytes(admin, timeout_s)
+            limits.update({name: default for name in topics if name not in limits})
+    except KafkaException as exc:
+        raise translate_error(exc) from exc
+    except TimeoutError as exc:
+        raise KafkaUnavailableError(f"topic configs not described in {timeout_s:.0f} s") from exc
+    return limits
+
+
+def _broker_max_message_bytes(admin: AdminClient, timeout_s: float) -> int:
+    brokers = admin.list_topics(timeout=timeout_s).brokers
+    if not brokers:
+        return KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    resource = ConfigResource(ResourceType.BROKER, str(next(iter(brokers))))
+    future = admin.describe_configs([resource], request_timeout=timeout_s)[resource]
+    entry = future.result(timeout=timeout_s).get("message.max.bytes")
+    return (
+        int(entry.value) if entry is not None and entry.value else KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    )
+
+
+def produce_limit(settings: KafkaSettings, *, timeout_s: float = LIMITS_TIMEOUT_S) -> int:
+    """The producer's ``message.max.bytes``: a record, and a batch of them, fit every topic tm
+    produces to (crawl requests, dead letters). Raises KafkaUnavailableError, or FatalError when
+    a topic's limit is too small for tm."""
+    topics = [settings.web_crawl_request_topic, settings.dlq_topic]
+    limits = max_message_bytes(settings, topics, timeout_s=timeout_s)
+    limit = min(
+        PRODUCER_MAX_MESSAGE_BYTES, *(v - RECORD_BATCH_OVERHEAD_BYTES for v in limits.values())
+    )
+    if limit < MIN_PRODUCE_LIMIT_BYTES:
+        raise FatalError(
+            f"max.message.bytes of the topics {limits} is too small: tm needs at least"
+            f" {MIN_PRODUCE_LIMIT_BYTES + RECORD_BATCH_OVERHEAD_BYTES}"
+        )
+    return limit
+
+
 def create_topics(
     settings: KafkaSettings, names: list[str], *, partitions: int, timeout_s: float = 30.0
 ) -> dict[str, str]:
@@ -161,10 +234,14 @@ def consumer_config(settings: KafkaSettings, *, slot: int) -> dict[str, Any]:
     return config
 
 
-def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+def producer_config(
+    settings: KafkaSettings, *, max_message_bytes: int = PRODUCER_MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
     config = client_config(settings)
     config.update(
         {
+            # Also bounds a batch's records: a batch must fit the topic as a single record must.
+            "message.max.bytes": max_message_bytes,
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": PRODUCER_LINGER_MS,
@@ -180,10 +257,16 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
 
 class KafkaSink:
     """The producer: crawl requests and dead letters. ``produce`` only enqueues; ``flush``
-    blocks until every enqueued message is acknowledged (call it from a thread)."""
+    blocks until every enqueued message is acknowledged (call it from a thread).
 
-    def __init__(self, settings: KafkaSettings, *, logger: Any = None) -> None:
-        config = producer_config(settings)
+    ``max_message_bytes`` is the largest record it sends (:func:`produce_limit`, read at a
+    worker's boot), which a dead letter is cut to fit."""
+
+    def __init__(
+        self, settings: KafkaSettings, *, max_message_bytes: int, logger: Any = None
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        config = producer_config(settings, max_message_bytes=self.max_message_bytes)
         self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
         self._producer = Producer(config, logger=logger) if logger else Producer(config)
         # Failed delivery reports since the last flush; appended from the flushing thread.
@@ -295,6 +378,31 @@ class KafkaSource:
     def resume(self, partitions: list[int]) -> None:
         if partitions:
             self._consumer.resume([TopicPartition(self.topic, p) for p in partitions])
+
+    @staticmethod
+    def assign_in_callback(
+        consumer: Consumer, partitions: list[TopicPartition], *, paused: bool
+    ) -> None:
+        """From inside the assign callback: take the partitions now (so confluent-kafka does not
+        assign them after the callback) and set their pause flag, which librdkafka would
+        otherwise carry over from an earlier assignment."""
+        try:
+            consumer.incremental_assign(partitions)
+            if paused:
+                consumer.pause(partitions)
+            else:
+                consumer.resume(partitions)
+        except KafkaException as exc:
+            raise translate_error(exc) from exc
+
+    @staticmethod
+    def resume_in_callback(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """From inside the revoke or lost callback: clear the pause flag of partitions that go,
+        so that they are fetched again if they come back."""
+        try:
+            consumer.resume(partitions)
+        except KafkaException as exc:
+            raise translate_error(exc) from exc
 
     def committed(self, partitions: list[int], timeout_s: float) -> dict[int, int]:
         tps = [TopicPartition(self.topic, p) for p in partitions]
