@@ -62,6 +62,14 @@ bench: venv stack-up
 	$(VENV)/bin/python -m bench.e2e
 	$(VENV)/bin/pytest bench/test_micro.py --benchmark-only -q -p no:cacheprovider
 
+# Chaos with an exact oracle (tests/chaos): a seeded schedule of faults against tm on a private
+# PostgreSQL and broker; `make test` runs every fault once (about 3 minutes), this runs
+# CHAOS_MINUTES of them. CHAOS_SEED=<seed> replays a schedule.
+.PHONY: chaos
+CHAOS_MINUTES ?= 10
+chaos: venv stack-up
+	CHAOS_MINUTES=$(CHAOS_MINUTES) $(VENV)/bin/pytest tests/chaos -s -p no:cacheprovider
+
 # The OpenTelemetry Collector the trace tests export to (tests/e2e/test_tracing.py), built once
 # with the Collector Builder from the Go module proxy into .stack/otelcol/ (first time: about
 # 3 minutes and 150 MB of modules; then nothing). The tests build it on demand too; `test`

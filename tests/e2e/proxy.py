@@ -9,6 +9,8 @@ breaks the path in between.
   that connection and every other one open at that moment stop forwarding for good, with no FIN
   or RST either way (a NAT entry dropped, a cable pulled); later connections pass. Each side sees
   a live peer that never answers;
+- ``delay(seconds)``: forward, but hold each chunk that long first, both ways (a slow or
+  congested network; 0 ends it);
 - ``restore()``: forward again (frozen connections stay frozen).
 
 One thread accepts, one thread per connection pumps both directions with ``select``. Every
@@ -22,6 +24,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 
 _OPEN, _CUT, _BLACKHOLE = "open", "cut", "blackhole"
@@ -50,6 +53,7 @@ class TcpProxy:
         self._threads: list[threading.Thread] = []
         self.accepted = 0  # connections forwarded, for the tests' curiosity
         self.refused = 0  # connections reset at once because the proxy was cut
+        self._delay_s = 0.0
         self._freeze_pattern: bytes | None = None
         self._frozen: set[tuple[socket.socket, socket.socket]] = set()
         self.frozen = 0  # connections frozen by freeze_on()
@@ -78,9 +82,14 @@ class TcpProxy:
         with self._lock:
             self._freeze_pattern = pattern
 
+    def delay(self, seconds: float) -> None:
+        with self._lock:
+            self._delay_s = seconds
+
     def restore(self) -> None:
         with self._lock:
             self._mode = _OPEN
+            self._delay_s = 0.0
 
     def stuck(self) -> int:
         """While blackholed: how many connections hold bytes that nobody forwarded, a query on
@@ -183,6 +192,10 @@ class TcpProxy:
                         return
                     if sock is client and self._should_freeze(data):
                         break  # the chunk is held: never forwarded
+                    with self._lock:
+                        delay_s = self._delay_s
+                    if delay_s:
+                        time.sleep(delay_s)
                     peer[sock].sendall(data)
         except (OSError, ValueError):  # reset, or closed by cut() under our feet
             return
