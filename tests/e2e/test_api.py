@@ -149,6 +149,26 @@ def test_health_endpoints_when_ready(stack: Stack, tmp_path: Path) -> None:
     }
 
 
+def test_two_members_of_one_group_are_both_ready(stack: Stack, tmp_path: Path) -> None:
+    """Two pods of one StatefulSet: each owns its share of the partitions, and both are ready
+    (readiness counts the group's assignment, not one pod's)."""
+    first = TmRun(stack, tmp_path, TM_WORKERS="1")
+    second: TmRun | None = None
+    try:
+        second = TmRun(stack, tmp_path, TM_WORKERS="1")
+        wait_for(
+            lambda: len(first.owned()) == 3 and len(second.owned()) == 3,
+            what="3 partitions each",
+        )
+        for tm in (first, second):
+            body = orjson.loads(wait_status(tm.port, "/api/health/ready", 200).body)
+            assert body["ready"] is True
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
 def test_errors_are_json(stack: Stack, tmp_path: Path) -> None:
     tm = TmRun(stack, tmp_path, TM_WORKERS="1")
     try:

@@ -121,11 +121,14 @@ async def test_everything_down_is_unhealthy_but_alive(
         (state_line(stopping=True), "stopping"),
         (state_line(joined=False, partitions=0), "worker 0 has not joined the group"),
         (state_line(partitions=1), "2 of 6 partitions owned"),
+        (state_line(partitions=1), "4 of 6 partitions assigned in the group"),
     ],
 )
 async def test_service_not_ready(
     api: Api, client: TestClient[web.Request, web.Application], line: bytes, reason: str
 ) -> None:
+    if "group" in reason:  # the group coordinator's view, when the API could read it
+        api.kafka.check = up(taskStatusPartitions=6, groupAssignedPartitions=4)
     api.state.feed(line)
     status, body = await answer(client, "/api/health/ready")
     assert status == 503 and body["checks"]["service"] == "down"
@@ -184,3 +187,13 @@ async def test_an_unexpected_error_is_a_bare_500(caplog: pytest.LogCaptureFixtur
     assert set(body) == {"error", "timestamp"} and body["error"] == "Internal server error"
     assert "secret" not in orjson.dumps(body).decode()
     assert "unexpected error in the API" in caplog.text
+
+
+async def test_a_pod_owning_its_share_of_the_partitions_is_ready(
+    api: Api, client: TestClient[web.Request, web.Application]
+) -> None:
+    """Several pods in one group: this one's workers own 2 of 6, the group owns all 6."""
+    api.kafka.check = up(taskStatusPartitions=6, groupAssignedPartitions=6)
+    api.state.feed(state_line(partitions=1))
+    status, body = await answer(client, "/api/health/ready")
+    assert (status, body["ready"]) == (200, True), body

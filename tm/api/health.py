@@ -104,11 +104,16 @@ def _service(api: Api, now: float) -> Component:
     if not state.workers:
         problems.append("no worker")
     # A worker joins with an empty first assignment, and a cooperative rebalance moves
-    # partitions in two rounds: ready means that every partition of the topic is owned.
+    # partitions in two rounds: ready means that every partition of the topic is owned, by
+    # this pod's workers or another pod's (in a group of several pods each owns its share).
     topic_partitions = api.kafka.check.details.get("taskStatusPartitions")
+    in_group = api.kafka.check.details.get("groupAssignedPartitions")
     owned = sum(w.partitions for w in state.workers if w.pid)
-    if isinstance(topic_partitions, int) and owned < topic_partitions:
-        problems.append(f"{owned} of {topic_partitions} partitions owned")
+    if isinstance(topic_partitions, int):
+        if isinstance(in_group, int) and in_group < topic_partitions:
+            problems.append(f"{in_group} of {topic_partitions} partitions assigned in the group")
+        elif in_group is None and owned < topic_partitions:
+            problems.append(f"{owned} of {topic_partitions} partitions owned")
     pids = [os.getpid(), os.getppid(), *(w.pid for w in state.workers if w.pid)]
     sizes = [size for size in map(_rss_mb, pids) if size is not None]
     details = {
@@ -176,6 +181,10 @@ def _overall(request: web.Request, *, detailed: bool) -> web.Response:
             name: part.full() if detailed else part.summary() for name, part in parts.items()
         },
     }
+    if detailed and api.redis is not None:
+        # Shown, never counted: the task-event feed is best effort (DESIGN §11).
+        redis = _from_check(api.redis.check, time.monotonic(), {"countsForReadiness": False})
+        body["checks"]["redis"] = redis.full()  # type: ignore[index]
     return json_response(body, status=200 if status == "healthy" else 503)
 
 

@@ -13,7 +13,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupState,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 
 from tm.adapters.kafka import client_config
 from tm.api.check import STALE_AFTER_S, Check
@@ -75,18 +82,19 @@ class KafkaWatch:
         )
         try:
             consumer = Consumer(config)
+            admin = AdminClient({k: v for k, v in config.items() if k != "group.id"})
         except KafkaException as exc:
             self.check = Check.now(is_up=False, started=time.monotonic(), error=str(exc))
             log.error("cannot create the API's Kafka client", extra={"fields": {"error": exc}})
             return
         try:
             while not self._stop.is_set():
-                self._refresh(consumer)
+                self._refresh(consumer, admin)
                 self._stop.wait(REFRESH_INTERVAL_S)
         finally:
             consumer.close()
 
-    def _refresh(self, consumer: Consumer) -> None:
+    def _refresh(self, consumer: Consumer, admin: AdminClient) -> None:
         started = time.monotonic()
         previous = self.check
         try:
@@ -116,6 +124,9 @@ class KafkaWatch:
                 "groupId": self._settings.group_id,
                 "taskStatusTopic": self._settings.task_status_topic,
                 "taskStatusPartitions": len(partitions),
+                # Readiness needs every partition owned by some member of the group (this
+                # pod's workers may own only their share of it); None: not known.
+                "groupAssignedPartitions": self._group_assigned(admin),
             },
         )
         if not previous.is_up and self.check.is_up and previous.error != "not checked yet":
@@ -123,6 +134,25 @@ class KafkaWatch:
         self._last_error = None
         if partitions:
             self._refresh_lag(consumer, partitions)
+
+    def _group_assigned(self, admin: AdminClient) -> int | None:
+        """Partitions of the task-status topic assigned to members of the stable group (0
+        while it rebalances), or None when the group cannot be described."""
+        group = self._settings.group_id
+        try:
+            description = admin.describe_consumer_groups([group])[group].result(REQUEST_TIMEOUT_S)
+        except (KafkaException, TimeoutError):
+            return None
+        if description.state != ConsumerGroupState.STABLE:
+            return 0
+        topic = self._settings.task_status_topic
+        return sum(
+            1
+            for member in description.members
+            if member.assignment is not None
+            for tp in member.assignment.topic_partitions
+            if tp.topic == topic
+        )
 
     def _refresh_lag(self, consumer: Consumer, partitions: list[int]) -> None:
         topic = self._settings.task_status_topic
