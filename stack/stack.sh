@@ -7,6 +7,10 @@
 # otherwise installs (apt, Maven Central) and starts its own services, with
 # all state under .stack/ (git-ignored). `down` stops only what `up` started;
 # `clean` also deletes the data (.stack/kafka/data, .stack/postgres).
+#
+# Redis (the optional task-event feed, REDIS_URL) is started only when asked for:
+# STACK_REDIS=1 (what `make test` sets), or REDIS_URL pointing at the local default
+# (redis://localhost:6379 or 127.0.0.1:6379); Debian's redis-server, no persistence.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +25,12 @@ POSTGRES_DB="${POSTGRES_DB:-tasks_manager}"
 KAFKA_BROKERS="${KAFKA_BROKERS:-localhost:9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_VERSION="${KAFKA_VERSION:-}"          # empty: the version in stack/pom.xml
+REDIS_URL="${REDIS_URL:-}"
+STACK_REDIS="${STACK_REDIS:-}"
+R_PORT=6379
+R_BASE="$STATE/redis"
+R_PID="$R_BASE/redis.pid"
+R_LOG="$R_BASE/redis.log"
 PYTHON="${PYTHON:-python3}"
 
 PG_BASE="$STATE/postgres"
@@ -516,6 +526,58 @@ k_status() {
     return $rc
 }
 
+# ================================================================ redis
+r_wanted() {
+    [[ "$STACK_REDIS" == 1 ]] && return 0
+    [[ "$REDIS_URL" =~ ^redis://(localhost|127\.0\.0\.1)(:6379)?(/[0-9]*)?$ ]]
+}
+
+r_answers() { # PING over TCP, with bash's /dev/tcp (no client needed)
+    local reply
+    { exec 3<>"/dev/tcp/127.0.0.1/$R_PORT"; } 2>/dev/null || return 1
+    printf 'PING\r\n' >&3
+    read -r -t 2 reply <&3 || reply=""
+    exec 3<&- 3>&-
+    [[ "$reply" == +PONG* ]]
+}
+
+r_install() {
+    command -v redis-server >/dev/null && return 0
+    command -v apt-get >/dev/null || die "redis: redis-server missing and no apt-get: install Redis 6+"
+    [[ $EUID -eq 0 ]] || die "redis: redis-server missing: run 'sudo apt-get install redis-server'"
+    say "redis: installing redis-server (apt)"
+    local policy=/usr/sbin/policy-rc.d made=0
+    if [[ ! -e $policy ]]; then  # the package would start a system Redis on :6379
+        printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; made=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server \
+        > "$STATE/redis-apt.log" 2>&1 || { apt-get update -q > /dev/null 2>&1 && \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server \
+        > "$STATE/redis-apt.log" 2>&1; } || fail "$STATE/redis-apt.log" "redis: apt-get install failed"
+    [[ $made -eq 1 ]] && rm -f "$policy"
+    return 0
+}
+
+r_up() {
+    r_wanted || return 0
+    if r_answers; then say "redis: ready at 127.0.0.1:$R_PORT"; return 0; fi
+    r_install
+    mkdir -p "$R_BASE"
+    redis-server --bind 127.0.0.1 --port "$R_PORT" --dir "$R_BASE" --save "" --appendonly no \
+        --daemonize yes --pidfile "$R_PID" --logfile "$R_LOG" \
+        || fail "$R_LOG" "redis: start failed"
+    local i
+    for i in $(seq 1 50); do r_answers && { say "redis: started at 127.0.0.1:$R_PORT"; return 0; }; sleep 0.1; done
+    fail "$R_LOG" "redis: did not answer PING at 127.0.0.1:$R_PORT within 5 s"
+}
+
+r_down() {
+    [[ -s "$R_PID" ]] || return 0
+    local pid; pid="$(cat "$R_PID")"
+    if kill "$pid" 2>/dev/null; then say "redis: stopped (pid $pid)"; fi
+    rm -f "$R_PID"
+}
+
 # ================================================================ main
 usage() { echo "usage: bash stack/stack.sh up|down|status|clean" >&2; exit 2; }
 
@@ -525,8 +587,10 @@ up)
     mkdir -p "$STATE"
     pg_up
     k_up
+    r_up
     ;;
 down)
+    r_down
     k_down
     pg_down
     ;;

@@ -114,6 +114,12 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_refresh_interval_s: int
 
 
+class RedisSettings(msgspec.Struct, frozen=True, kw_only=True):
+    url: str | None  # None: no task-event feed, and no Redis client is imported
+    stream: str
+    stream_maxlen: int
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     environment: str
     kafka: KafkaSettings
@@ -122,6 +128,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log: LogSettings
     otel: OtelSettings
     http: HttpSettings
+    redis: RedisSettings
 
 
 class _Env:
@@ -218,6 +225,22 @@ class _Env:
 
         return self._parse(name, default, parse, "an http(s) base URL")
 
+    def redis_url(self, name: str) -> str | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            parts = urlsplit(raw)
+            port_ok = parts.port is None or 0 < parts.port < 65536
+            db = parts.path.strip("/")
+        except ValueError:
+            parts, port_ok, db = urlsplit(""), False, ""
+        ok = parts.scheme in ("redis", "rediss") and bool(parts.hostname) and port_ok
+        if ok and (not db or db.isdigit()):
+            return raw
+        shown = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", raw)  # never print a password
+        raise ConfigError(name, shown, "redis://[user:password@]host[:port][/db]")
+
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Parse the environment (``os.environ`` by default) into Settings, or raise ConfigError."""
@@ -249,6 +272,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             timeout_ms=env.integer("TRACING_TIMEOUT_MS", 30000, lo=1, hi=3_600_000),
         ),
         http=_http(env),
+        redis=RedisSettings(
+            url=env.redis_url("REDIS_URL"),
+            stream=env.text("TM_REDIS_STREAM", "tm:task-events"),
+            stream_maxlen=env.integer(
+                "TM_REDIS_STREAM_MAXLEN", 1_000_000, lo=1_000, hi=1_000_000_000
+            ),
+        ),
     )
 
 

@@ -37,7 +37,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
 from confluent_kafka import KafkaError, Message
@@ -59,6 +59,9 @@ from tm.observability import metrics, tracing
 from tm.pipeline import Pipeline, Summary
 from tm.supervisor import Reporter
 
+if TYPE_CHECKING:
+    from tm.adapters.redis import TaskEvents
+
 log = logging.getLogger("tm.worker")
 T = TypeVar("T")
 
@@ -73,6 +76,7 @@ POOL_SIZE = 2  # one batch in the database at a time, plus one spare
 # batch and then commit; io calls (flush, commit) are bounded by the Kafka request timeout.
 POLL_STUCK_AFTER_S = REVOKE_BUDGET_S + 40.0
 IO_STUCK_MARGIN_S = 30.0  # added to the producer's flush bound for the io thread
+EVENTS_CLOSE_BUDGET_S = 2.0  # on shutdown, for the task events still queued for Redis
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -180,6 +184,7 @@ class Worker:
         )
         self._source = source
         traces = tracing.setup(settings)  # None when OTEL_ENABLED is false
+        events = _task_events(settings)  # None when REDIS_URL is unset
         pipeline = Pipeline(
             settings=settings,
             database=database,
@@ -187,6 +192,7 @@ class Worker:
             io_executor=self._io_thread,
             tracing=traces,
             dead_letter_max_bytes=sink.max_message_bytes,  # fits the DLQ topic (read at boot)
+            task_events=events,
         )
         self._decode_stats = pipeline.decode_stats
         self._reporter.send("B")
@@ -198,6 +204,8 @@ class Worker:
             await self._consume(source, pipeline)
         finally:
             await self._close(source, sink, database)
+            if events is not None:
+                await events.close(EVENTS_CLOSE_BUDGET_S)
             if traces is not None:
                 traces.close()  # the queued spans, within tracing.SHUTDOWN_BUDGET_S
 
@@ -507,6 +515,17 @@ class Worker:
             return deferred
         summary.committed = True
         return {**deferred, **self._owned_offsets(summary)}
+
+
+def _task_events(settings: Settings) -> TaskEvents | None:
+    """The Redis task-event feed, started; imported only when REDIS_URL is set."""
+    if settings.redis.url is None:
+        return None
+    from tm.adapters.redis import TaskEvents
+
+    events = TaskEvents(settings.redis)
+    events.start()
+    return events
 
 
 def stuck_thread(

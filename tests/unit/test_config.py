@@ -276,3 +276,34 @@ def test_default_workers_never_above_the_topic_partitions() -> None:
     explicit = config.load({"TM_WORKERS": "4"})
     assert explicit.consumer.is_workers_default is False
     assert config.cap_workers(explicit, partitions=1).consumer.workers == 4  # the operator's say
+
+
+def test_without_redis_url_there_is_no_task_event_feed() -> None:
+    assert config.load({}).redis == config.RedisSettings(
+        url=None, stream="tm:task-events", stream_maxlen=1_000_000
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://localhost", "redis://127.0.0.1:6379/2", "rediss://user:secret@cache:6380/0"]
+)
+def test_redis_urls_are_accepted(url: str) -> None:
+    assert config.load({"REDIS_URL": url}).redis.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://localhost:6379", "http://localhost:6379"),
+        ("redis://", "redis://"),
+        ("redis://cache:99999", "redis://cache:99999"),
+        ("redis://cache/db", "redis://cache/db"),
+        ("redis://user:secret@", "redis://user:***@"),  # the password is never printed
+    ],
+)
+def test_a_bad_redis_url_is_refused_without_showing_its_password(url: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        config.load({"REDIS_URL": url})
+    assert str(raised.value) == (
+        f"REDIS_URL={shown!r} is invalid: expected redis://[user:password@]host[:port][/db]"
+    )

@@ -36,3 +36,14 @@ def test_core_imports_only_what_it_may() -> None:
                 assert top not in FORBIDDEN_STDLIB, f"{path.name} imports {name} (I/O or clock)"
             else:
                 assert top in ALLOWED_THIRD_PARTY, f"{path.name} imports {name}"
+
+
+def test_no_redis_client_is_imported_without_redis_url() -> None:
+    """REDIS_URL unset: nothing of the task-event feed is loaded (DESIGN §11)."""
+    import subprocess
+
+    code = (
+        "import sys, tm.worker, tm.api.server, tm.pipeline, tm.__main__; "
+        "sys.exit(1 if 'redis' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -41,10 +41,20 @@ def update(
     return FakeMessage(headers, orjson.dumps({field: text}), partition, n)
 
 
+class Events:
+    """Stands in for the task-event feed (tm.pipeline.TaskEventSink)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    def publish(self, events: list[Any]) -> None:
+        self.batches.append(events)
+
+
 class Parts:
     """A pipeline wired to fakes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, events: Events | None = None) -> None:
         self.database = FakeDatabase()
         self.sink = FakeSink()
         self.pipeline = Pipeline(
@@ -52,6 +62,7 @@ class Parts:
             database=self.database,
             sink=self.sink,
             io_executor=ThreadPoolExecutor(1),
+            task_events=events,
         )
 
     async def run(self, messages: list[FakeMessage]) -> Any:
@@ -195,3 +206,31 @@ async def test_a_run_of_batches_with_every_row_refused_stops_the_worker(parts: P
     with pytest.raises(FatalError, match="refused by PostgreSQL"):
         await parts.run(refused_batch())
     assert parts.database.tasks == {}
+
+
+async def test_task_events_are_the_batch_transitions_in_applied_order() -> None:
+    events = Events()
+    parts = Parts(events=events)
+    task = uuid.uuid4()
+    first = new(0)
+    first._headers = [*first._headers, ("task_id", str(task).encode())]  # type: ignore[list-item]
+    await parts.run([first, new(1)])
+    created = events.batches[0]
+    assert [(e[1], e[2], e[3]) for e in created] == [("new", TS.decode(), None)] * 2
+    assert created[0][0] == str(task)
+
+    again = new(0)
+    again._headers = first._headers
+    await parts.run(
+        [
+            again,  # a duplicate: no event
+            update(2, task, "error", "timeout"),
+            update(3, task, "completed", "page"),
+            update(4, task, "completed", "page"),  # unchanged: no event
+            update(5, uuid.uuid4(), "completed", "page"),  # task_not_found: no event
+        ]
+    )
+    assert [(e[0], e[1]) for e in events.batches[1]] == [
+        (str(task), "error"),
+        (str(task), "completed"),
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -12,6 +13,9 @@ from tm.api.database import ApiDatabase
 from tm.api.kafka_watch import KafkaWatch
 from tm.api.state import StateReader
 from tm.config import Settings
+
+if TYPE_CHECKING:
+    from tm.api.redis_watch import RedisWatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +27,7 @@ class Api:
     registry: CollectorRegistry  # what GET /metrics renders
     counts: SharedCounts  # the answers of get_web_crawl_metrics, shared between requests
     started_at: float  # time.time() when this API process started
+    redis: RedisWatch | None = None  # REDIS_URL set: the task-event feed's Redis, for display
 
 
 API_KEY = web.AppKey("api", Api)

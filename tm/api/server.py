@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import uvloop
 from aiohttp import web
@@ -32,6 +33,9 @@ from tm.api.state import StateReader
 from tm.config import Settings
 from tm.observability import metrics
 from tm.supervisor import Reporter
+
+if TYPE_CHECKING:
+    from tm.api.redis_watch import RedisWatch
 
 log = logging.getLogger("tm.api")
 
@@ -72,6 +76,7 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
         loop.add_reader(state_fd, on_state)
     database = ApiDatabase(settings.postgres)
     kafka = KafkaWatch(settings.kafka)
+    redis = _redis_watch(settings)
     api = Api(
         settings=settings,
         state=state,
@@ -80,6 +85,7 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
         registry=prometheus.build_registry(kafka, state),
         counts=SharedCounts(database),
         started_at=time.time(),
+        redis=redis,
     )
     await database.start()
     kafka.start()
@@ -91,7 +97,7 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
     except OSError as exc:
         reporter.send(f"F cannot listen on APP_PORT {settings.http.port}: {exc.strerror}")
         await runner.cleanup()
-        await _close(database, kafka)
+        await _close(database, kafka, redis)
         return 1
     reporter.send("B")
     log.info("api listening", extra={"fields": {"port": settings.http.port}})
@@ -104,13 +110,26 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
                 await asyncio.wait_for(stop.wait(), HEARTBEAT_INTERVAL_S)
     finally:
         await runner.cleanup()
-        await _close(database, kafka)
+        await _close(database, kafka, redis)
     return 0
 
 
-async def _close(database: ApiDatabase, kafka: KafkaWatch) -> None:
+async def _close(database: ApiDatabase, kafka: KafkaWatch, redis: RedisWatch | None) -> None:
     await asyncio.to_thread(kafka.close)
     await database.close()
+    if redis is not None:
+        await redis.close()
+
+
+def _redis_watch(settings: Settings) -> RedisWatch | None:
+    """The background check of Redis, started; imported only when REDIS_URL is set."""
+    if settings.redis.url is None:
+        return None
+    from tm.api.redis_watch import RedisWatch
+
+    watch = RedisWatch(settings.redis)
+    watch.start()
+    return watch
 
 
 def main(settings: Settings, *, state_fd: int | None, report_fd: int | None) -> int:

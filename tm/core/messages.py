@@ -130,6 +130,13 @@ class Rejected(msgspec.Struct, gc=False):
 Decoded = NewTask | StatusUpdate | Rejected
 
 
+# One transition a batch applied, for the task-event feed (DESIGN §11): (task_id, status after
+# it: new (created), completed or error; at: ISO-8601 UTC, the task's received_at (created) or
+# finished_at (updated); trace_id of the message's traceparent, or None). A plain tuple: the
+# feed serialises a batch of them with one orjson call.
+TaskEvent = tuple[str, str, str, str | None]
+
+
 class CrawlRequest(msgspec.Struct):
     """The value of an outbound crawl request (wire names of the original service)."""
 

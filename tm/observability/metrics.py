@@ -91,6 +91,12 @@ end_to_end_latency = Histogram(
     "Per message, from its Kafka timestamp to the commit of its batch",
     buckets=LATENCY_BUCKETS_S,
 )
+task_events = Counter(
+    "tm_task_events_total",
+    "Task transitions for the Redis feed (REDIS_URL), by outcome: sent (in the stream and on "
+    "the task's channel) or dropped (Redis slow or down, or the feed's queue full)",
+    ["outcome"],
+)
 db_pool_connections = Gauge(
     "tm_db_pool_connections",
     "Connections of the live workers' asyncpg pools, by state (in_use, idle)",
