@@ -116,7 +116,21 @@ def test_parse_timestamp(raw: str, iso: str) -> None:
     assert parsed is not None and parsed.isoformat() == iso
 
 
-@pytest.mark.parametrize("raw", ["", "soon", "2025-13-01", "99999999999999999999"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "soon",
+        "2025-13-01",
+        "99999999999999999999",
+        "\u00b2",  # a digit to str.isdigit, not to int()
+        "\u0661\u0662\u0663",  # Arabic-Indic digits: epoch milliseconds are ASCII digits
+        "0001-01-01T00:00:00+05:00",  # before year 1 in UTC
+        "9999-12-31T23:59:59-05:00",  # after year 9999 in UTC
+        "0001-01-01T00:00:00",  # asyncpg would store it as -infinity
+        "9999-12-31T23:59:59.999999+00:00",  # and this as infinity
+    ],
+)
 def test_parse_timestamp_refuses(raw: str) -> None:
     assert parse_timestamp(raw) is None
 
@@ -209,3 +223,86 @@ def test_nothing_decoded_holds_a_nul(status: str, field: str, text: str) -> None
     else:
         stored = [result.result]
     assert not any("\x00" in s for s in stored), result
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (
+            "new",
+            b'{"user_email": "ada@example.com", "user_query": "\xff", "base_url": "https://e.com/"}',
+        ),
+        ("completed", b'{"crawl_result": "<html>\xc3</html>"}'),
+        ("error", b'{"error": "\xed\xa0\x80"}'),
+    ],
+    ids=["new", "completed", "error"],
+)
+def test_a_string_field_that_is_not_utf8_is_invalid_json(status: str, body: bytes) -> None:
+    """msgspec raises UnicodeDecodeError, not DecodeError, for such a string: it must come
+    back as a rejection, never as an exception that would stop the worker."""
+    headers = [("task_type", b"web-crawl"), ("status", status.encode())]
+    headers.append(("timestamp", b"2025-08-10T10:18:59.023Z"))
+    if status != "new":
+        headers.append(("task_id", str(uuid.uuid4()).encode()))
+
+    result = decode(
+        headers,
+        body,
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        max_result_chars=1_048_576,
+        stats=DecodeStats(),
+    )
+
+    assert isinstance(result, Rejected) and result.reason == Reason.INVALID_JSON, result
+    assert "not valid UTF-8" in result.error
+
+
+@pytest.mark.parametrize(
+    "timestamp", [b"0001-01-01T00:00:00+05:00", b"9999-12-31T23:59:59-05:00", b"\xc2\xb2"]
+)
+@pytest.mark.parametrize("status", ["new", "completed"])
+def test_a_timestamp_out_of_range_in_utc_is_an_invalid_header(
+    status: str, timestamp: bytes
+) -> None:
+    headers = [("task_type", b"web-crawl"), ("status", status.encode()), ("timestamp", timestamp)]
+    if status != "new":
+        headers.append(("task_id", str(uuid.uuid4()).encode()))
+    body = _GOOD_BODIES[status]
+
+    result = decode(
+        headers,
+        json.dumps(body).encode(),
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        max_result_chars=1_048_576,
+        stats=DecodeStats(),
+    )
+
+    assert isinstance(result, Rejected) and result.reason == Reason.INVALID_HEADERS, result
+
+
+@pytest.mark.parametrize("status", ["new", "completed", "error"])
+def test_json_nested_too_deeply_is_invalid_json(status: str) -> None:
+    """An unknown field nested thousands deep: msgspec raises RecursionError skipping it."""
+    headers = [("task_type", b"web-crawl"), ("status", status.encode())]
+    headers.append(("timestamp", b"2025-08-10T10:18:59.023Z"))
+    if status != "new":
+        headers.append(("task_id", str(uuid.uuid4()).encode()))
+
+    result = decode(
+        headers,
+        b'{"a":' * 5000,
+        topic="t",
+        partition=0,
+        offset=0,
+        timestamp_ms=0,
+        max_result_chars=1_048_576,
+        stats=DecodeStats(),
+    )
+
+    assert result == Rejected(Reason.INVALID_JSON, "JSON nested too deeply")

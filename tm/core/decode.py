@@ -43,8 +43,12 @@ _ZERO_SPAN = "0" * 16
 _STATUSES = {s.value: s for s in TaskStatus}
 _WANTED = frozenset({"task_type", "status", "timestamp", "task_id", "traceparent", "tracestate"})
 _MAX_TRACESTATE = 512
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+_NOT_UTF8 = "\ufffd"  # stands for a trace header that is not UTF-8; no check accepts it
 # Epoch milliseconds accepted in the timestamp header: years 1970..9999.
 _MAX_EPOCH_MS = 253_402_300_799_999
+# asyncpg stores the first and last instants Python has as PostgreSQL's -infinity/infinity.
+_INFINITIES = frozenset({datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)})
 # PostgreSQL text cannot hold U+0000 (SQLSTATE 22021), and crawled binary pages often
 # contain it: such a body is refused here, one `in` per field, before a database round trip.
 _NUL = "\x00"
@@ -66,6 +70,8 @@ def parse_timestamp(raw: str) -> datetime | None:
     if _NUL in raw:  # datetime.fromisoformat accepts a trailing NUL
         return None
     if raw.isdigit():
+        if not raw.isascii():  # "²" is a digit to str.isdigit, and int() refuses it
+            return None
         millis = int(raw)
         if millis > _MAX_EPOCH_MS:
             return None
@@ -74,7 +80,15 @@ def parse_timestamp(raw: str) -> datetime | None:
         parsed = datetime.fromisoformat(raw)
     except ValueError:
         return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        utc = parsed.astimezone(UTC)  # 0001-01-01T00:00+05:00 is before year 1 in UTC
+    except OverflowError:
+        return None
+    if utc in _INFINITIES:
+        return None
+    return parsed
 
 
 def valid_traceparent(raw: str) -> bool:
@@ -154,7 +168,9 @@ def decode(
                 try:
                     found[key] = raw.decode()
                 except UnicodeDecodeError:
-                    return Rejected(Reason.INVALID_HEADERS, f"header {key}: not valid UTF-8")
+                    if key not in _TRACE_HEADERS:
+                        return Rejected(Reason.INVALID_HEADERS, f"header {key}: not valid UTF-8")
+                    found[key] = _NOT_UTF8  # an invalid trace context: dropped, not the message
 
     task_type = found.get("task_type")
     if task_type != TASK_TYPE:
@@ -189,7 +205,9 @@ def decode(
     if traceparent is not None and not valid_traceparent(traceparent):
         stats.invalid_trace_context += 1
         traceparent = tracestate = None
-    elif tracestate is not None and (traceparent is None or len(tracestate) > _MAX_TRACESTATE):
+    elif tracestate is not None and (
+        traceparent is None or len(tracestate) > _MAX_TRACESTATE or tracestate is _NOT_UTF8
+    ):
         tracestate = None
 
     body = value if value is not None else b"{}"
@@ -239,5 +257,9 @@ def decode(
         return Rejected(Reason.INVALID_BODY, str(exc))
     except msgspec.DecodeError as exc:
         return Rejected(Reason.INVALID_JSON, str(exc))
+    except UnicodeDecodeError as exc:  # msgspec's, for a string field that is not UTF-8
+        return Rejected(Reason.INVALID_JSON, f"JSON text is not valid UTF-8: {exc}")
+    except RecursionError:  # msgspec's, skipping an unknown field nested thousands deep
+        return Rejected(Reason.INVALID_JSON, "JSON nested too deeply")
     assert task_id is not None  # checked above for completed/error  # noqa: S101
     return StatusUpdate(task_id, status, result, timestamp, traceparent, tracestate)
