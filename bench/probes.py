@@ -237,7 +237,7 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def _status_kib(pid: int, field: str) -> int:
+def status_kib(pid: int, field: str) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field):
@@ -247,7 +247,7 @@ def _status_kib(pid: int, field: str) -> int:
     return 0
 
 
-def _pss_kib(pid: int) -> int:
+def pss_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
@@ -290,8 +290,8 @@ class RssSampler(threading.Thread):
             if label is None:
                 continue
             pids = process_tree(self._root)
-            rss = sum(_status_kib(pid, "VmRSS:") for pid in pids)
-            pss = sum(_pss_kib(pid) for pid in pids)
+            rss = sum(status_kib(pid, "VmRSS:") for pid in pids)
+            pss = sum(pss_kib(pid) for pid in pids)
             with self._lock:
                 peak = self.peaks[label]
                 peak.samples += 1
@@ -418,5 +418,7 @@ class TmProcess:
                 code = self.process.wait(10)
         finally:
             self._reader.join(5)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
             self._log.close()
         return code, time.monotonic() - began, killed
