@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check tm tests bench
-	$(VENV)/bin/ruff format --check tm tests bench
+	$(VENV)/bin/ruff check tm tests bench loadtests
+	$(VENV)/bin/ruff format --check tm tests bench loadtests
 	$(VENV)/bin/mypy --strict tm
 
 # Quick inner loop: no network, no services.
@@ -27,6 +27,8 @@ unit: venv
 # which make treats as the failure it is.
 test: venv stack-up tools lint
 	$(VENV)/bin/pytest
+# The task-event tests need Redis: the stack starts it only when asked (stack/stack.sh).
+test: export STACK_REDIS := 1
 
 # The main job on the local stack: services up, schema migrated, topics present, then the
 # supervisor and its workers in the foreground (Ctrl-C drains and stops).
@@ -62,6 +64,26 @@ bench: venv stack-up
 	$(VENV)/bin/python -m bench.e2e
 	$(VENV)/bin/pytest bench/test_micro.py --benchmark-only -q -p no:cacheprovider
 
+# Load (loadtests/README.md): locust's gateway, crawler and API users for LOAD_SECONDS against
+# the tm of `make run` (started, and stopped at the end, when none answers on APP_PORT), at
+# LOAD_RATE tasks a second; prints per stage the rate, p50/p95/p99 and failures, and where
+# locust's CSV and HTML report are. `load-ui`: locust's web UI on 127.0.0.1:8089, same users.
+.PHONY: load load-ui
+LOAD_SECONDS ?= 60
+LOAD_RATE ?= 100
+load: venv stack-up
+	$(VENV)/bin/python -m loadtests --seconds $(LOAD_SECONDS) --rate $(LOAD_RATE)
+load-ui: venv stack-up
+	$(VENV)/bin/python -m loadtests --ui --rate $(LOAD_RATE)
+
+# Soak with leak detection (bench/soak.py): SOAK_MINUTES of production-shaped traffic at half
+# the maximum rate (measured first on the same fresh stack), tm sampled every 10 s; markdown
+# report, PNG plot and samples in the folder it prints; exit 1 on a series growing 5 % or more.
+.PHONY: soak
+SOAK_MINUTES ?= 10
+soak: venv stack-up
+	$(VENV)/bin/python -m bench.soak --minutes $(SOAK_MINUTES)
+
 # Chaos with an exact oracle (tests/chaos): a seeded schedule of faults against tm on a private
 # PostgreSQL and broker; `make test` runs every fault once (about 3 minutes), this runs
 # CHAOS_MINUTES of them. CHAOS_SEED=<seed> replays a schedule.
@@ -78,3 +100,30 @@ chaos: venv stack-up
 otelcol:
 	bash stack/otelcol/build.sh
 test: otelcol
+
+# The container image localhost/tm:latest (Containerfile; README "Container image"): podman,
+# runc and debootstrap installed when missing, a Debian base debootstrapped once, the wheels
+# built on the host, then an offline `podman build` (first time on a machine: 4-5 minutes;
+# with the base made: about 80 s; nothing changed: 1 s). tests/container/ runs it the way the
+# StatefulSet does; `test` builds it first so that its output shows here. `venv`: the wheels
+# follow the venv's versions.
+.PHONY: image
+image: venv
+	bash stack/image.sh
+test: image
+
+# The checks of k8s/ (tests/k8s/; README "Deploy on Kubernetes"): kustomize, `go install`ed from
+# the Go module proxy into .stack/kustomize/ (first time on a machine: about 30 s; another
+# clone: 2 s; then nothing), the CRD schemas of KEDA and prometheus-operator from their Go
+# modules, and what `podman kube play` needs here (catatonit; a containers.conf). After `image`,
+# which installs podman.
+.PHONY: k8s k8s-rules
+k8s: image
+	bash stack/k8s.sh >/dev/null
+	bash stack/k8s.sh kube-play >/dev/null
+test: k8s
+
+# k8s/components/monitoring/prometheusrule.yaml from k8s/prometheus/tm-alerts.yaml (run after
+# editing the rules; tests/k8s fails while the two differ).
+k8s-rules:
+	bash k8s/prometheus/prometheusrule.sh

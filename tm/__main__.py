@@ -35,7 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     replay = dlq.add_parser("replay", help="put dead letters back on their source topic")
     replay.add_argument("--reason", default=None, help="only dead letters of this dlq_reason")
     replay.add_argument("--dry-run", action="store_true", help="count, do not produce")
-    sub.add_parser("check", help="say whether PostgreSQL and Kafka answer; non-zero if not")
+    check = sub.add_parser("check", help="say whether PostgreSQL and Kafka answer; non-zero if not")
+    check.add_argument(
+        "--config-only",
+        action="store_true",
+        help="only parse the settings from the environment (exit 2 naming a bad one); "
+        "contact nothing",
+    )
+
+    watch = sub.add_parser("watch", help="follow the task-event feed (REDIS_URL) and print it")
+    watch.add_argument("task_id", nargs="?", default=None, help="only this task (its channel)")
+    watch.add_argument("--count", type=int, default=None, help="stop after this many events")
 
     topics = sub.add_parser("topics", help="Kafka topics").add_subparsers(
         dest="topics_command", required=True, metavar="topics-command"
@@ -85,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             return commands.db_migrate(settings)
         if args.command == "check":
+            if args.config_only:
+                return commands.check_config(settings)
             return commands.check(settings)
+        if args.command == "watch":
+            from tm import watch
+
+            return watch.watch(settings, args.task_id, limit=args.count)
         if args.command == "topics":
             if args.partitions is not None and args.partitions < 1:
                 raise ConfigError("--partitions", str(args.partitions), "a positive integer")

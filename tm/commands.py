@@ -1,4 +1,5 @@
-"""The operator commands behind ``tm db migrate``, ``tm check`` and ``tm topics create``.
+"""The operator commands behind ``tm db migrate``, ``tm check [--config-only]`` and
+``tm topics create``.
 
 Each returns the process exit status and prints one line per thing it did or found.
 """
@@ -33,6 +34,21 @@ def db_migrate(settings: Settings) -> int:
         print(f"applied {migration.version:04d}_{migration.name}")
     if not applied:
         print("schema is up to date; nothing to apply")
+    return 0
+
+
+def check_config(settings: Settings) -> int:
+    """``tm check --config-only``: the settings parsed (``config.load`` raised nothing, or
+    ``tm`` already exited 2 naming the bad variable); one line saying what they point at, no
+    secret in it. Contacts nothing, so a manifest's environment can be checked anywhere."""
+    k, pg, c = settings.kafka, settings.postgres, settings.consumer
+    workers = f"{c.workers} (default)" if c.is_workers_default else str(c.workers)
+    print(
+        f"settings: ok: environment {settings.environment}, workers {workers},"
+        f" kafka {','.join(k.brokers)} group {k.group_id}"
+        f" (instance {k.group_instance_id or 'dynamic'}), topic {k.task_status_topic},"
+        f" postgres {pg.host}:{pg.port}/{pg.database}, http :{settings.http.port}"
+    )
     return 0
 
 
