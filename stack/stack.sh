@@ -579,7 +579,7 @@ r_down() {
 }
 
 # ================================================================ main
-usage() { echo "usage: bash stack/stack.sh up|down|status|clean" >&2; exit 2; }
+usage() { echo "usage: bash stack/stack.sh up|down|status|clean|kafka-libs" >&2; exit 2; }
 
 cmd="${1:-}"
 case "$cmd" in
@@ -593,6 +593,11 @@ down)
     r_down
     k_down
     pg_down
+    ;;
+kafka-libs) # the broker's jars only (tests/chaos starts brokers of its own from them)
+    mkdir -p "$STATE"
+    need_java
+    k_resolve
     ;;
 status)
     rc=0

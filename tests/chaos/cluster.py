@@ -114,7 +114,17 @@ class Kafka:
         """``proxied_listener_port``: where the PROXIED listener listens (the proxy's target);
         ``proxied_port``: the proxy's own port, which that listener advertises."""
         if not any(KAFKA_LIBS.glob("kafka-clients-*.jar")):
-            raise RuntimeError("Kafka jars missing in .stack/kafka/libs: run `make stack-up`")
+            # The shared broker may be one this checkout did not start (another clone's, or an
+            # external one): fetch the jars (Maven, cached in ~/.m2).
+            done = subprocess.run(
+                ["bash", str(REPO / "stack" / "stack.sh"), "kafka-libs"],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+            if done.returncode != 0 or not any(KAFKA_LIBS.glob("kafka-clients-*.jar")):
+                raise RuntimeError(f"Kafka jars missing in .stack/kafka/libs: {done.stderr}")
         self.port = free_port()  # DIRECT: the test's own clients
         self.proxied_listener_port = proxied_listener_port
         self._controller_port = free_port()
