@@ -158,8 +158,7 @@ class Kafka:
                 *self._java(),
                 "kafka.tools.StorageTool",
                 "format",
-                "-t",
-                cluster_id,
+                f"--cluster-id={cluster_id}",  # with "=": an id may begin with "-"
                 "-c",
                 str(self._props),
             ],
