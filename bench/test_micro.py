@@ -1,7 +1,8 @@
 """Micro-benchmarks of the CPU work a worker does per poll, with no Kafka and no PostgreSQL:
 decoding one message (a gateway ``new``, a crawler ``completed``, invalid ones), and assembling
-a 2000-message poll into a Batch (decode + ``Batch.add``; and ``Pipeline.assemble`` on real
-``confluent_kafka.Message`` objects, which this confluent-kafka version can construct).
+a 2000-message poll into a Batch (decode + ``Batch.add``; and ``Pipeline.assemble``, which is
+``decode_poll``, on real ``confluent_kafka.Message`` objects, which this confluent-kafka version
+can construct).
 
     .venv/bin/pytest bench/test_micro.py --benchmark-only -q -p no:cacheprovider
 
@@ -78,11 +79,13 @@ def test_decode(benchmark: Any, raw: Raw, expected: type) -> None:
 
 
 def _poll(kind: str) -> list[tuple[int, int, Raw]]:
-    """(partition, offset, raw) of a 2000-message poll: all `new`, or the mix of a busy topic
-    (70 % new, 25 % updates, 5 % invalid)."""
+    """(partition, offset, raw) of a 2000-message poll: all `new`, all updates (half completed,
+    half error), or the mix of a busy topic (70 % new, 25 % updates, 5 % invalid)."""
     poll = []
     for n in range(POLL_SIZE):
-        if kind == "new" or n % 20 < 14:
+        if kind == "updates":
+            raw = update_message(uuid.uuid4(), failed=n % 2 == 1)
+        elif kind == "new" or n % 20 < 14:
             raw = new_task_message(n)
         elif n % 20 < 19:
             raw = update_message(uuid.uuid4(), failed=n % 5 == 0)
@@ -111,13 +114,15 @@ def _assemble(poll: list[tuple[int, int, Raw]]) -> Batch:
     return batch
 
 
-@pytest.mark.parametrize("kind", ["new", "mixed"])
+@pytest.mark.parametrize("kind", ["new", "updates", "mixed"])
 def test_assemble_2000(benchmark: Any, kind: str) -> None:
     poll = _poll(kind)
     batch = benchmark(_assemble, poll)
     assert batch.size == POLL_SIZE
     if kind == "new":
         assert len(batch.creates) == POLL_SIZE
+    if kind == "updates":
+        assert len(batch.updates) == POLL_SIZE
 
 
 def _messages(kind: str) -> list[Message]:
@@ -147,7 +152,7 @@ def _pipeline() -> Pipeline:
     )
 
 
-@pytest.mark.parametrize("kind", ["new", "mixed"])
+@pytest.mark.parametrize("kind", ["new", "updates", "mixed"])
 def test_pipeline_assemble_2000(benchmark: Any, kind: str) -> None:
     pipeline = _pipeline()
     messages = _messages(kind)
