@@ -11,6 +11,7 @@ import ssl
 from typing import Any
 
 import asyncpg
+import orjson
 
 from tm.config import PostgresSettings
 from tm.core.messages import NewTask, StatusUpdate
@@ -132,14 +133,35 @@ def translate_error(exc: BaseException) -> BaseException:
     return exc
 
 
-_CREATE_SQL = (
-    "SELECT outcome FROM tm_create_tasks($1::uuid[], $2::text[], $3::text[], $4::text[],"
-    " $5::timestamptz[]) ORDER BY ord"
-)
-_UPDATE_SQL = (
-    "SELECT outcome FROM tm_apply_status_updates($1::uuid[], $2::task_status[], $3::text[],"
-    " $4::timestamptz[]) ORDER BY ord"
-)
+# The columns of a batch travel as JSON arrays, one parameter each, unpacked into the set-based
+# functions' array arguments by the server. asyncpg's own array encoding costs the client about
+# 6 µs per row (per element it checks, through Python-level ABC isinstance calls, whether the
+# element is itself an array); orjson writes the same columns in about 0.5 µs a row, and the
+# server's JSON parse costs less than the difference. A subquery over one set-returning
+# function yields its rows in the function's order, which ARRAY() keeps.
+_CREATE_SQL = """
+SELECT outcome FROM tm_create_tasks(
+    ARRAY(SELECT json_array_elements_text($1::json))::uuid[],
+    ARRAY(SELECT json_array_elements_text($2::json)),
+    ARRAY(SELECT json_array_elements_text($3::json)),
+    ARRAY(SELECT json_array_elements_text($4::json)),
+    ARRAY(SELECT json_array_elements_text($5::json))::timestamptz[]
+) ORDER BY ord
+"""
+_UPDATE_SQL = """
+SELECT outcome FROM tm_apply_status_updates(
+    ARRAY(SELECT json_array_elements_text($1::json))::uuid[],
+    ARRAY(SELECT json_array_elements_text($2::json))::task_status[],
+    ARRAY(SELECT json_array_elements_text($3::json)),
+    ARRAY(SELECT json_array_elements_text($4::json))::timestamptz[]
+) ORDER BY ord
+"""
+
+
+def _json(values: list[Any]) -> str:
+    """One column as JSON text; datetimes as RFC 3339 with their offset (naive ones as UTC,
+    as decode reads them), which the server's timestamptz input reads back exactly."""
+    return orjson.dumps(values, option=orjson.OPT_NAIVE_UTC).decode()
 
 
 class Database:
@@ -208,11 +230,11 @@ class Database:
 async def _create(conn: asyncpg.Connection, creates: list[NewTask]) -> list[str]:
     rows = await conn.fetch(
         _CREATE_SQL,
-        [t.id for t in creates],
-        [t.user_email for t in creates],
-        [t.user_query for t in creates],
-        [t.base_url for t in creates],
-        [t.received_at for t in creates],
+        _json([t.id for t in creates]),
+        _json([t.user_email for t in creates]),
+        _json([t.user_query for t in creates]),
+        _json([t.base_url for t in creates]),
+        _json([t.received_at for t in creates]),
     )
     return [row[0] for row in rows]
 
@@ -220,9 +242,9 @@ async def _create(conn: asyncpg.Connection, creates: list[NewTask]) -> list[str]
 async def _update(conn: asyncpg.Connection, updates: list[StatusUpdate]) -> list[str]:
     rows = await conn.fetch(
         _UPDATE_SQL,
-        [u.id for u in updates],
-        [u.status.value for u in updates],
-        [u.result for u in updates],
-        [u.finished_at for u in updates],
+        _json([u.id for u in updates]),
+        _json([u.status.value for u in updates]),
+        _json([u.result for u in updates]),
+        _json([u.finished_at for u in updates]),
     )
     return [row[0] for row in rows]
