@@ -1,7 +1,8 @@
 """The pipeline of one worker, wired in one place: decode a poll into a batch, apply it with one
-set-based call per kind, publish crawl requests and dead letters and wait for their
-acknowledgements. What comes out is a Summary whose ``committable`` offsets the worker commits
-last (from its event loop, or from inside a revoke callback: see tm.worker).
+set-based call per kind, enqueue crawl requests and dead letters (:meth:`Pipeline.stage`),
+then wait for their acknowledgements (:meth:`Pipeline.acknowledge`, which covers every batch
+staged so far). What comes out is a Summary per batch; the worker commits its offsets once it is
+acknowledged, in poll order (tm.core.offsets).
 
 Nothing here swallows an error. A TransientError leaves the batch uncommitted for the worker to
 rewind and retry; a row the database refuses is isolated by splitting the batch and only that
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol, cast
@@ -23,7 +24,7 @@ from confluent_kafka import Message
 from tm.config import Settings
 from tm.core import dead_letter
 from tm.core.batch import Batch
-from tm.core.decode import DecodeStats, decode, iso_utc
+from tm.core.decode import DecodeStats, decode_poll, iso_utc
 from tm.core.messages import (
     CRAWL_REQUEST_ENCODER,
     DLQ_ERROR,
@@ -97,27 +98,30 @@ class Summary:
     """What one batch did, for metrics and the per-batch debug line."""
 
     __slots__ = (
-        "commit_s",
         "committable",
-        "committed",
         "db_s",
         "dead_letters",
         "decode_s",
         "outcomes",
         "publish_s",
+        "seq",
         "size",
+        "staged_at",
         "timestamps_ms",
+        "trace",
     )
 
     def __init__(self, batch: Batch) -> None:
         self.size = batch.size
         self.committable = batch.committable
         self.timestamps_ms = batch.timestamps_ms
-        self.committed = False  # set by whoever commits it (the loop, or a revoke callback)
         self.outcomes: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
-        # Stage durations in seconds; decode and commit are timed by the worker.
-        self.decode_s = self.db_s = self.publish_s = self.commit_s = 0.0
+        # Stage durations in seconds; decode is timed by the worker. publish_s runs from the
+        # end of the database call to the acknowledgement of everything the batch produced.
+        self.decode_s = self.db_s = self.publish_s = self.staged_at = 0.0
+        self.seq = 0  # the worker's sequence number of the batch (tm.core.offsets)
+        self.trace: BatchTrace | None = None
 
 
 class Pipeline:
@@ -147,42 +151,60 @@ class Pipeline:
 
     def assemble(self, messages: Sequence[Message]) -> Batch:
         """Decode a poll's messages into a batch (a few microseconds per message)."""
-        batch = Batch()
-        topic = self._topic
-        limit = self._max_result_chars
-        stats = self.decode_stats
-        for ref, message in enumerate(messages):
-            partition = message.partition()
-            offset = message.offset()
-            if partition is None or offset is None:  # pragma: no cover (errors are filtered)
-                continue
-            timestamp_ms = message.timestamp()[1]
-            item = decode(
-                cast(_Headers, message.headers()),
-                message.value(),
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                timestamp_ms=timestamp_ms,
-                max_result_chars=limit,
-                stats=stats,
-            )
-            batch.add(ref, partition, offset, item, timestamp_ms)
-        return batch
+        return decode_poll(
+            messages,
+            topic=self._topic,
+            max_result_chars=self._max_result_chars,
+            stats=self.decode_stats,
+        )
 
     async def process(self, batch: Batch, messages: Sequence[Message]) -> Summary:
-        """Apply, publish, wait for the acknowledgements; the batch is then ready to commit.
-        Raises TransientError (retry the batch) or FatalError."""
-        if self._tracing is None:
-            return await self._process(batch, messages, None)
-        trace = self._tracing.start_batch(batch, messages)
-        with trace.active():  # the batch span is current; an exception ends the spans with it
-            summary = await self._process(batch, messages, trace)
-        trace.end(summary.outcomes, summary.dead_letters)
+        """:meth:`stage` then :meth:`acknowledge`: the batch is then ready to commit."""
+        summary = await self.stage(batch, messages)
+        await self.acknowledge([summary])
         return summary
 
-    async def _process(
-        self, batch: Batch, messages: Sequence[Message], trace: BatchTrace | None
+    async def stage(
+        self,
+        batch: Batch,
+        messages: Sequence[Message],
+        before_publishing: Callable[[], Awaitable[None]] | None = None,
+    ) -> Summary:
+        """Apply the batch, await ``before_publishing`` if given, then enqueue its crawl
+        requests and dead letters; they are not acknowledged yet (:meth:`acknowledge`).
+        Raises TransientError (retry the batch) or FatalError."""
+        if self._tracing is None:
+            return await self._stage(batch, messages, None, before_publishing)
+        trace = self._tracing.start_batch(batch, messages)
+        with trace.active():  # the batch span is current; an exception ends the spans with it
+            summary = await self._stage(batch, messages, trace, before_publishing)
+        summary.trace = trace
+        return summary
+
+    async def acknowledge(self, summaries: Sequence[Summary]) -> None:
+        """Wait until everything produced so far is acknowledged, which covers the staged
+        batches ``summaries`` (and nothing more if no batch is staged meanwhile: see
+        ``before_publishing``): they may then be committed. Raises KafkaUnavailableError (none
+        of them may be committed) or FatalError."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._io, self._sink.flush)
+        except BaseException as exc:
+            for summary in summaries:
+                if summary.trace is not None:
+                    summary.trace.fail(exc)
+            raise
+        acknowledged = time.perf_counter()
+        for summary in summaries:
+            summary.publish_s = acknowledged - summary.staged_at
+            if summary.trace is not None:
+                summary.trace.end(summary.outcomes, summary.dead_letters)
+
+    async def _stage(
+        self,
+        batch: Batch,
+        messages: Sequence[Message],
+        trace: BatchTrace | None,
+        before_publishing: Callable[[], Awaitable[None]] | None,
     ) -> Summary:
         summary = Summary(batch)
         started = time.perf_counter()
@@ -197,10 +219,15 @@ class Pipeline:
         if trace is not None:
             trace.db_ended()
         summary.db_s = applied - started
+        if before_publishing is not None:
+            await before_publishing()
+        summary.staged_at = time.perf_counter()
+        outcomes = summary.outcomes
+        outcomes.update(o for o in created if o is not None)  # counted in C, not per row
+        outcomes.update(o for o in updated if o is not None)
         for task, ref, outcome in zip(batch.creates, batch.create_refs, created, strict=True):
             if outcome is None:
                 continue
-            summary.outcomes[outcome] += 1
             if trace is not None:
                 trace.outcome(ref, task.id, outcome)
             if outcome in _PUBLISHED:
@@ -208,7 +235,6 @@ class Pipeline:
         for update, ref, outcome in zip(batch.updates, batch.update_refs, updated, strict=True):
             if outcome is None:
                 continue
-            summary.outcomes[outcome] += 1
             if trace is not None:
                 trace.outcome(ref, update.id, outcome)
             reason = _DEAD.get(outcome)
@@ -231,8 +257,6 @@ class Pipeline:
             if trace is not None:
                 trace.dead_lettered(ref, Reason.ROW_REJECTED, self._dlq_topic)
 
-        await asyncio.get_running_loop().run_in_executor(self._io, self._sink.flush)
-        summary.publish_s = time.perf_counter() - applied
         return summary
 
     async def _apply(

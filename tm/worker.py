@@ -1,13 +1,23 @@
 """One worker process: everything with a socket or a thread is built here, after the fork.
 
 The worker runs on uvloop. Its Kafka consumer is driven from one thread (``poll``, ``close``:
-rebalance callbacks run inside those calls), acknowledgements and commits wait in another, and
-the event loop decodes, talks to PostgreSQL and decides. While batch N is in the database, the
-poll of batch N+1 is already running, so polling and decoding overlap the database call.
+rebalance and commit callbacks run inside those calls), the producer's acknowledgements are
+awaited in another, and the event loop decodes, talks to PostgreSQL and decides. A batch goes
+through three stages, each overlapping the others' work on other batches:
 
-A transient failure commits nothing: the worker seeks the partitions of the failed batch (and of
-the batch polled meanwhile, which is dropped) back to their first offsets, pauses everything it
-owns, backs off, resumes, and the messages come again. It keeps polling so it stays in the group.
+1. poll and decode (batch N+1 is polled while batch N is in the database);
+2. stage: one database call, then its crawl requests and dead letters are enqueued; one batch
+   at a time, in poll order, so an update never overtakes the `new` of its task;
+3. acknowledgement: one flush covers every batch staged so far; then the batches are done, in
+   poll order, and their offsets are committed asynchronously by the next poll (the result
+   comes back in a callback; a commit a rebalance refused is sent again with the next). The
+   revoke callback, and so shutdown, commits synchronously.
+
+The state of all this (owned partitions, batches in flight, committable offsets, backoff) is one
+pure object, tm.core.offsets.Offsets. A transient failure commits nothing of what is in flight:
+the worker seeks the owned partitions of every batch in flight (and of the batch polled
+meanwhile, which is dropped) back to their first offsets, pauses everything it owns, backs off,
+resumes, and the messages come again. It keeps polling so it stays in the group.
 librdkafka keeps a partition's pause flag across a revoke and a later assignment, so the
 rebalance callbacks set it themselves: an assigned partition is paused while the worker backs
 off and resumed otherwise, and a revoked one is resumed before it goes. Ownership is recorded
@@ -34,6 +44,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,15 +57,11 @@ from tm.adapters import kafka
 from tm.adapters.kafka import KafkaSink, KafkaSource
 from tm.adapters.postgres import Database
 from tm.config import Settings
-from tm.core.batch import Batch, merge_first_offsets
+from tm.core.batch import Batch
 from tm.core.decode import DecodeStats
+from tm.core.offsets import Offsets
 from tm.core.policy import backoff_s
-from tm.errors import (
-    CommitDeferredError,
-    FatalError,
-    TmError,
-    TransientError,
-)
+from tm.errors import FatalError, TmError, TransientError
 from tm.observability import metrics, tracing
 from tm.pipeline import Pipeline, Summary
 from tm.supervisor import Reporter
@@ -77,6 +84,7 @@ POOL_SIZE = 2  # one batch in the database at a time, plus one spare
 POLL_STUCK_AFTER_S = REVOKE_BUDGET_S + 40.0
 IO_STUCK_MARGIN_S = 30.0  # added to the producer's flush bound for the io thread
 EVENTS_CLOSE_BUDGET_S = 2.0  # on shutdown, for the task events still queued for Redis
+DRAIN_POLL_S = 0.005  # how often a drain (revoke, shutdown) looks at the batches in flight
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -89,16 +97,20 @@ class Worker:
         self._slot = slot
         self._reporter = reporter
         self._stopping = asyncio.Event()
-        # Partitions owned: written by the rebalance callbacks (poll thread), read by the loop;
-        # replaced whole, never mutated, so that a reader never sees it change under it.
-        self._owned: frozenset[int] = frozenset()
-        self._paused = False  # backing off: every owned partition is paused
-        self._inflight: asyncio.Task[Summary] | None = None
+        # The consume loop's state (tm.core.offsets). The rebalance and commit callbacks
+        # change it from the poll thread, inside the poll and before it returns, so that a
+        # busy event loop cannot leave a revoked partition marked owned: every access holds
+        # the lock (a few per batch).
+        self._state = Offsets()
+        self._lock = threading.Lock()
         self._source: KafkaSource | None = None
-        self._inflight_decode_s = 0.0
-        # Committable offsets a rebalance refused (ILLEGAL_GENERATION): sent with the next
-        # commit, or by the revoke callback; dropped for partitions that went elsewhere.
-        self._deferred: dict[int, int] = {}
+        self._staging: asyncio.Task[Summary] | None = None  # the batch in the database stage
+        self._unacked: list[Summary] = []  # staged, waiting for their acknowledgements
+        self._to_ack = asyncio.Event()
+        self._flushing = asyncio.Lock()  # held while a flush waits for acknowledgements
+        self._acked = asyncio.Event()  # set when a flush ends
+        self._ack_failure: TransientError | None = None  # for the loop to back off
+        self._commits_sent: dict[tuple[tuple[int, int], ...], float] = {}  # for the metric
         self._database: Database | None = None
         self._decode_stats = DecodeStats()
         self._poll_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}")
@@ -181,6 +193,7 @@ class Worker:
             on_lost=self._on_lost,
             logger=kafka_log,
             error_cb=self._on_kafka_error,
+            on_commit=self._on_commit,
         )
         self._source = source
         traces = tracing.setup(settings)  # None when OTEL_ENABLED is false
@@ -253,98 +266,148 @@ class Worker:
     # -- the loop ----------------------------------------------------------------------------
 
     async def _consume(self, source: KafkaSource, pipeline: Pipeline) -> None:
+        """Poll, decode, stage (database + produce) one batch at a time, in order; the
+        acknowledgements and commits follow in :meth:`_acknowledge`, off this path."""
         loop = asyncio.get_running_loop()
         consumer = self._settings.consumer
         max_messages = consumer.batch_max_messages
         linger_s = consumer.batch_linger_ms / 1000
-        attempt = 0
-        resume_at: float | None = None
-        inflight_batch: Batch | None = None
-        while not self._stopping.is_set():
-            if resume_at is not None and loop.time() >= resume_at:
-                self._paused = False  # before resume(): an assignment from now on is resumed
-                source.resume(sorted(self._owned))
-                log.info(
-                    "resuming after backoff", extra={"fields": {"partitions": sorted(self._owned)}}
-                )
-                resume_at = None
-            timeout_s = linger_s if resume_at is None else PAUSED_POLL_S
-            polled = await self._in_thread("poll", source.poll, max_messages, timeout_s)
-            messages = self._usable(polled)
-            decode_started = time.perf_counter()
-            batch = pipeline.assemble(messages) if messages else None
-            decode_s = time.perf_counter() - decode_started
-
-            if self._inflight is not None:
-                failure = await self._finish(self._inflight, source)
-                self._inflight = None
-                if failure is not None:
-                    assert inflight_batch is not None  # noqa: S101
-                    pending = [inflight_batch.first_offsets]
-                    if batch is not None:
-                        pending.append(batch.first_offsets)
-                    resume_at = loop.time() + self._back_off(
-                        source, merge_first_offsets(*pending), attempt, failure
+        state = self._state
+        acker = asyncio.create_task(self._acknowledge(source, pipeline))
+        try:
+            while not self._stopping.is_set():
+                if state.resume_due(loop.time()):
+                    source.resume(sorted(state.owned))
+                    log.info(
+                        "resuming after backoff",
+                        extra={"fields": {"partitions": sorted(state.owned)}},
                     )
-                    attempt += 1
-                    continue
-                if attempt:
-                    self._reporter.send("R 0")  # a batch went through again
-                attempt = 0
-            if batch is not None:
-                inflight_batch = batch
-                self._inflight = asyncio.create_task(pipeline.process(batch, messages))
-                self._inflight_decode_s = decode_s
-            elif self._deferred and self._inflight is None:
-                # Idle, with offsets a rebalance refused: the poll has served the rebalance.
-                await self._commit(source, self._owned_deferred())
+                timeout_s = linger_s if not state.paused else PAUSED_POLL_S
+                # The commit goes with the poll, from the poll thread: the consumer's calls
+                # wait for each other (an asynchronous commit from another thread would block
+                # until a rebalance callback running in the poll returns).
+                commit = self._due_commit()
+                polled = await self._in_thread("poll", source.poll, max_messages, timeout_s, commit)
+                messages = self._usable(polled)
+                decode_started = time.perf_counter()
+                batch = pipeline.assemble(messages) if messages else None
+                decode_s = time.perf_counter() - decode_started
 
-        if self._inflight is not None:
-            # The last batch is committed by the revoke callback when close() leaves the group:
-            # a commit from here could wait on a rebalance that needs us to poll. So the task
-            # stays in self._inflight for _ready_to_commit to find.
-            failure = await self._finish(self._inflight, source, commit=False)
+                # One batch in the database at a time, in poll order.
+                failure = await self._staged()
+                if failure is None and acker.done():
+                    acker.result()  # a fatal error in the acknowledgements: raise it
+                failure = failure or self._ack_failure
+                if failure is not None:
+                    await self._back_off(source, failure, batch)
+                    continue
+                if batch is not None:
+                    with self._lock:
+                        seq = state.admit(batch.first_offsets, batch.committable)
+                    self._staging = asyncio.create_task(
+                        self._stage(pipeline, batch, messages, seq, decode_s)
+                    )
+
+            # Stopping: the last batches reach their end here; their offsets are committed by
+            # the revoke callback when close() leaves the group (a commit from here could wait
+            # on a rebalance that needs us to poll).
+            failure = await self._staged() or await self._drained()
             if failure is not None:
                 log.warning(
-                    "last batch not applied; it will be consumed again after restart",
+                    "last batches not applied; they will be consumed again after restart",
                     extra={"fields": {"error": str(failure)}},
                 )
+        finally:
+            acker.cancel()
 
-    async def _finish(
-        self, task: asyncio.Task[Summary], source: KafkaSource, *, commit: bool = True
-    ) -> TransientError | None:
-        """Wait for a batch and commit it; return its transient failure, raise a fatal one."""
+    async def _stage(
+        self, pipeline: Pipeline, batch: Batch, messages: list[Message], seq: int, decode_s: float
+    ) -> Summary:
+        summary = await pipeline.stage(batch, messages, self._previous_acknowledged)
+        summary.seq = seq
+        summary.decode_s = decode_s
+        self._unacked.append(summary)
+        self._to_ack.set()
+        return summary
+
+    async def _previous_acknowledged(self) -> None:
+        """Before a batch produces: every batch before it is acknowledged. librdkafka's flush
+        waits for an empty queue, so a flush under way while the next batch produces would
+        wait for that batch too, and under steady load for ever more; this way a flush waits
+        for one batch's messages, while the next batch's database call runs. Raises the
+        failure of an earlier batch (this one is then retried with it)."""
+        while self._unacked or self._flushing.locked():
+            if self._ack_failure is not None:
+                break
+            self._acked.clear()
+            await self._acked.wait()
+        if self._ack_failure is not None:
+            raise self._ack_failure
+
+    async def _staged(self) -> TransientError | None:
+        """Wait for the batch in the database stage; its transient failure, or None. A fatal
+        failure raises."""
+        staging, self._staging = self._staging, None
+        if staging is None:
+            return None
         try:
-            summary = await task
-            summary.decode_s = self._inflight_decode_s
-            if commit and not summary.committed:
-                # Offsets a rebalance kept from being committed go with these (newer wins).
-                committable = {**self._owned_deferred(), **self._owned_offsets(summary)}
-                summary.commit_s = await self._commit(source, committable)
-                summary.committed = True
+            await staging
         except TransientError as exc:
             return exc
-        self.applied_messages += summary.size
-        self._record(summary)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "batch done",
-                extra={
-                    "fields": {
-                        "size": summary.size,
-                        "decode_ms": round(summary.decode_s * 1000, 1),
-                        "db_ms": round(summary.db_s * 1000, 1),
-                        "publish_ms": round(summary.publish_s * 1000, 1),
-                        "commit_ms": round(summary.commit_s * 1000, 1),
-                        **summary.outcomes,
-                        **{f"dlq_{k}": v for k, v in summary.dead_letters.items()},
-                    }
-                },
-            )
         return None
 
+    async def _acknowledge(self, source: KafkaSource, pipeline: Pipeline) -> None:
+        """Forever: wait for staged batches, wait for the acknowledgement of what they
+        produced (one flush), mark them done in poll order (their offsets go with the next
+        poll's commit). A transient failure is left in ``_ack_failure`` for the loop to back
+        off."""
+        state = self._state
+        while True:
+            await self._to_ack.wait()
+            self._to_ack.clear()
+            if not self._unacked or self._ack_failure is not None:
+                continue
+            recovered = False
+            async with self._flushing:
+                summaries, self._unacked = self._unacked, []
+                try:
+                    await pipeline.acknowledge(summaries)
+                except TransientError as exc:
+                    self._ack_failure = exc
+                    summaries = []
+                else:
+                    with self._lock:
+                        for summary in summaries:
+                            state.acked(summary.seq)
+                        recovered = state.went_through()
+            self._acked.set()  # after the lock: a batch waiting to publish may go now
+            if recovered:
+                self._reporter.send("R 0")  # a batch went through again
+            for summary in summaries:
+                self.applied_messages += summary.size
+                self._record(summary)
+
+    async def _drained(self) -> TransientError | None:
+        """Wait until every staged batch is acknowledged (or failed); the failure, or None."""
+        while self._unacked or self._flushing.locked():
+            if self._ack_failure is not None:
+                break
+            self._to_ack.set()
+            await asyncio.sleep(DRAIN_POLL_S)
+        return self._ack_failure
+
+    def _due_commit(self) -> dict[int, int] | None:
+        """The offsets that became committable since the last commit (sent with the next
+        poll; the result comes to :meth:`_on_commit`), or None."""
+        with self._lock:
+            due = self._state.take_commit()
+        if not due:
+            return None
+        self._commits_sent[_commit_key(due)] = time.perf_counter()
+        return due
+
     def _record(self, summary: Summary) -> None:
-        """Metrics of a committed batch: a handful of updates per batch, none per message."""
+        """Metrics of an acknowledged batch: a handful of updates per batch, none per message."""
         metrics.messages_consumed.inc(summary.size)
         metrics.batch_size.observe(summary.size)
         for outcome, count in summary.outcomes.items():
@@ -355,7 +418,6 @@ class Worker:
             ("decode", summary.decode_s),
             ("db", summary.db_s),
             ("publish", summary.publish_s),
-            ("commit", summary.commit_s),
         ):
             metrics.stage_duration.labels(stage).observe(seconds)
         now_ms = time.time() * 1000
@@ -364,61 +426,65 @@ class Worker:
         if invalid:
             metrics.invalid_trace_context.inc(invalid)
             self._decode_stats.invalid_trace_context = 0
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch done",
+                extra={
+                    "fields": {
+                        "size": summary.size,
+                        "decode_ms": round(summary.decode_s * 1000, 1),
+                        "db_ms": round(summary.db_s * 1000, 1),
+                        "publish_ms": round(summary.publish_s * 1000, 1),
+                        **summary.outcomes,
+                        **{f"dlq_{k}": v for k, v in summary.dead_letters.items()},
+                    }
+                },
+            )
 
-    async def _commit(self, source: KafkaSource, committable: dict[int, int]) -> float:
-        """Commit from the io thread; a refusal by a rebalance keeps the offsets for later
-        (the next commit, an idle loop turn, or the revoke callback). Returns the seconds taken."""
-        started = time.perf_counter()
-        try:
-            await self._in_thread("io", source.commit, committable)
-            self._deferred = {}
-        except CommitDeferredError as exc:
-            if not self._deferred:
-                log.info("commit deferred by a rebalance", extra={"fields": {"error": str(exc)}})
-            self._deferred = committable
-        return time.perf_counter() - started
-
-    def _owned_deferred(self) -> dict[int, int]:
-        return {p: o for p, o in self._deferred.items() if p in self._owned}
-
-    def _owned_offsets(self, summary: Summary) -> dict[int, int]:
-        return {p: o for p, o in summary.committable.items() if p in self._owned}
-
-    def _back_off(
-        self, source: KafkaSource, first_offsets: dict[int, int], attempt: int, error: TmError
-    ) -> float:
-        """Rewind the owned partitions of the failed batches, pause everything; return the
-        delay before resuming."""
+    async def _back_off(self, source: KafkaSource, failure: TmError, polled: Batch | None) -> None:
+        """Abandon every batch in flight: rewind the owned partitions to their first offsets
+        (and those of the batch just polled), pause everything, and set the time to resume."""
         consumer = self._settings.consumer
-        rewind = {p: o for p, o in first_offsets.items() if p in self._owned}
-        source.rewind(rewind)
-        self._paused = True  # before pause(): an assignment from now on is paused too
-        source.pause(sorted(self._owned))
+        async with self._flushing:  # a flush under way ends first (its batches may commit)
+            for summary in self._unacked:
+                if summary.trace is not None:
+                    summary.trace.fail(failure)
+            self._unacked = []
+            self._ack_failure = None
+            delay = backoff_s(
+                self._state.attempt,
+                initial_s=consumer.retry_backoff_initial_ms / 1000,
+                cap_s=consumer.retry_backoff_max_ms / 1000,
+                jitter=random.random(),  # noqa: S311 (spreading retries, not security)
+            )
+            with self._lock:
+                attempt = self._state.attempt
+                rewind = self._state.failed(
+                    asyncio.get_running_loop().time(),
+                    delay,
+                    polled.first_offsets if polled is not None else None,
+                )
+                source.rewind(rewind)
+                # Paused from now on: an assignment during the backoff is paused too.
+                source.pause(sorted(self._state.owned))
         self._reporter.send("R 1")  # retrying: readiness reports the degraded state
         metrics.batch_retries.inc()
-        delay = backoff_s(
-            attempt,
-            initial_s=consumer.retry_backoff_initial_ms / 1000,
-            cap_s=consumer.retry_backoff_max_ms / 1000,
-            jitter=random.random(),  # noqa: S311 (spreading retries, not security)
-        )
         log.warning(
             "batch failed; nothing committed, retrying",
             extra={
                 "fields": {
-                    "error": str(error),
+                    "error": str(failure),
                     "attempt": attempt + 1,
                     "retry_in_s": round(delay, 3),
                     "rewound": rewind,
                 }
             },
         )
-        return delay
 
     def _usable(self, polled: list[Message]) -> list[Message]:
         """The polled messages that are real and of partitions still owned (a revoke can land
         between the fetch and the return of a poll)."""
-        owned = self._owned
+        owned = self._state.owned
         if all(m.error() is None and m.partition() in owned for m in polled):
             return polled
         usable = []
@@ -433,17 +499,19 @@ class Worker:
                 log.warning("consumer error", extra={"fields": {"error": error.str()}})
         return usable
 
-    # -- rebalance callbacks: they run in the poll thread, inside consume()/close() ----------
+    # -- callbacks: they run in the poll thread, inside consume()/close() --------------------
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         assert self._source is not None  # noqa: S101
-        # Assign here rather than after the callback, so the pause flag can be set at once:
-        # paused while backing off (the loop resumes every owned partition when it ends).
-        self._source.assign_in_callback(consumer, partitions, paused=self._paused)
         assigned = {tp.partition for tp in partitions}
-        self._owned = self._owned | assigned
+        with self._lock:
+            # Assign here rather than after the callback, so the pause flag can be set at
+            # once: paused while backing off (the loop resumes every owned partition after).
+            self._source.assign_in_callback(consumer, partitions, paused=self._state.paused)
+            self._state.assigned(assigned)
+            owned = len(self._state.owned)
         metrics.rebalances.labels("assign").inc()
-        self._reporter.send(f"A {len(self._owned)}")
+        self._reporter.send(f"A {owned}")
         log.info("partitions assigned", extra={"fields": {"partitions": sorted(assigned)}})
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
@@ -456,7 +524,7 @@ class Worker:
             future.cancel()
             committable = {}
             log.warning(
-                "revoke: the in-flight batch did not finish in time; its partitions go"
+                "revoke: the batches in flight did not finish in time; their partitions go"
                 " uncommitted and their messages will be consumed again",
                 extra={"fields": {"budget_s": REVOKE_BUDGET_S}},
             )
@@ -477,11 +545,24 @@ class Worker:
         self._forget({tp.partition for tp in partitions}, "lost")
 
     def _forget(self, partitions: set[int], how: str) -> None:
-        self._owned = self._owned - partitions
-        # Another member owns them now: their refused commits are not ours to retry.
-        self._deferred = {p: o for p, o in self._deferred.items() if p not in partitions}
-        self._reporter.send(f"A {len(self._owned)}")
+        with self._lock:
+            self._state.forget(partitions)
+            owned = len(self._state.owned)
+        self._reporter.send(f"A {owned}")
         log.info(f"partitions {how}", extra={"fields": {"partitions": sorted(partitions)}})
+
+    def _on_commit(self, offsets: dict[int, int], error: str | None, rebalancing: bool) -> None:
+        sent_at = self._commits_sent.pop(_commit_key(offsets), None)
+        if error is None:
+            if sent_at is not None:
+                metrics.stage_duration.labels("commit").observe(time.perf_counter() - sent_at)
+            return
+        with self._lock:
+            self._state.commit_refused(offsets)  # sent again with the next commit
+        if rebalancing:
+            log.info("commit deferred by a rebalance", extra={"fields": {"error": error}})
+        else:
+            log.warning("commit failed; retried with the next", extra={"fields": {"error": error}})
 
     def _on_kafka_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -499,22 +580,26 @@ class Worker:
             self._busy_since[thread] = None
 
     async def _ready_to_commit(self) -> dict[int, int]:
-        """On revoke: wait for the in-flight batch (up to the budget); if it succeeded and is
-        not committed yet, claim its commit and return its owned offsets."""
-        deferred = self._owned_deferred()
-        self._deferred = {}
-        inflight = self._inflight
-        if inflight is None:
-            return deferred
-        if not inflight.done():
-            await asyncio.wait({inflight}, timeout=REVOKE_BUDGET_S)
-        if not inflight.done() or inflight.cancelled() or inflight.exception() is not None:
-            return deferred  # abandoned or failed: the loop rewinds what is still ours
-        summary = inflight.result()
-        if summary.committed:
-            return deferred
-        summary.committed = True
-        return {**deferred, **self._owned_offsets(summary)}
+        """On revoke: wait (up to the budget) for the batches in flight to reach their end;
+        return every owned committable offset, for a synchronous commit before they go."""
+        deadline = asyncio.get_running_loop().time() + REVOKE_BUDGET_S
+        while self._state.in_flight and asyncio.get_running_loop().time() < deadline:
+            staging = self._staging
+            if self._ack_failure is not None or (
+                staging is not None
+                and staging.done()
+                and (staging.cancelled() or staging.exception() is not None)
+            ):
+                break  # failed: the loop rewinds what is still ours
+            self._to_ack.set()
+            await asyncio.sleep(DRAIN_POLL_S)
+        with self._lock:
+            self._state.take_commit()
+            return {p: o for p, o in self._state.committable.items() if p in self._state.owned}
+
+
+def _commit_key(offsets: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted(offsets.items()))
 
 
 def _task_events(settings: Settings) -> TaskEvents | None:

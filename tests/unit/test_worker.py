@@ -61,14 +61,14 @@ def test_assignment_is_recorded_inside_the_callback_even_when_the_loop_is_busy(
     started = time.monotonic()
     worker._on_assign(None, tps(3, 4))
     assert time.monotonic() - started < 1.0  # it did not wait for the loop
-    assert worker._owned == {3, 4}
+    assert worker._state.owned == {3, 4}
     assert worker._reporter.lines == ["A 2"]  # type: ignore[attr-defined]
 
 
 def test_an_assignment_is_resumed_normally_and_paused_while_backing_off(worker: Worker) -> None:
     source: CallbackSource = worker._source  # type: ignore[assignment]
     worker._on_assign(None, tps(0, 1))
-    worker._paused = True
+    worker._state.paused = True
     worker._on_assign(None, tps(2))
     assert source.assigned == [([0, 1], False), ([2], True)]
 
@@ -76,10 +76,10 @@ def test_an_assignment_is_resumed_normally_and_paused_while_backing_off(worker: 
 def test_lost_partitions_are_forgotten_and_unpaused_inside_the_callback(worker: Worker) -> None:
     source: CallbackSource = worker._source  # type: ignore[assignment]
     worker._on_assign(None, tps(0, 1, 2))
-    worker._deferred = {1: 10, 2: 20}
+    worker._state.committable.update({0: 5, 1: 10, 2: 20})
     worker._on_lost(None, tps(1, 2))
-    assert worker._owned == {0}
-    assert worker._deferred == {}  # another member's now: never committed by us
+    assert worker._state.owned == {0}
+    assert worker._state.take_commit() == {0: 5}  # 1 and 2 are another member's now
     assert source.resumed == [[1, 2]]
 
 

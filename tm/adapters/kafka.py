@@ -6,6 +6,7 @@ librdkafka are translated by their error code (``KafkaError.code()``), never by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,6 +268,7 @@ class KafkaSink:
     ) -> None:
         self.max_message_bytes = max_message_bytes
         config = producer_config(settings, max_message_bytes=self.max_message_bytes)
+        config["on_delivery"] = self._on_delivery
         self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
         self._producer = Producer(config, logger=logger) if logger else Producer(config)
         # Failed delivery reports since the last flush; appended from the flushing thread.
@@ -285,16 +287,12 @@ class KafkaSink:
         headers: list[tuple[str, bytes | str | None]],
         timestamp_ms: int = 0,
     ) -> None:
+        # The delivery callback is the producer's default (set in its config): one fewer
+        # argument per call, on the path of every crawl request.
+        produce = self._producer.produce
         while True:
             try:
-                self._producer.produce(
-                    topic,
-                    value=value,
-                    key=key,
-                    headers=headers,
-                    timestamp=timestamp_ms,
-                    on_delivery=self._on_delivery,
-                )
+                produce(topic, value, key, headers=headers, timestamp=timestamp_ms)
                 return
             except BufferError:
                 # The local queue is full: serve delivery reports to make room.
@@ -321,6 +319,25 @@ class KafkaSink:
         return int(self._producer.flush(timeout_s))
 
 
+def _commit_reporter(
+    on_commit: Callable[[dict[int, int], str | None, bool], None],
+) -> Callable[[KafkaError | None, list[TopicPartition]], None]:
+    """librdkafka's commit callback, as ``on_commit(offsets, error, rebalancing)``: the
+    offsets of the request, the first error (of the request or of a partition) or None, and
+    whether that error is a rebalance's refusal (the offsets can be sent again later)."""
+
+    def report(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        offsets = {tp.partition: tp.offset for tp in partitions}
+        failed = error or next((tp.error for tp in partitions if tp.error is not None), None)
+        if failed is None:
+            on_commit(offsets, None, False)
+        else:
+            text = f"{failed.name()}: {failed.str()}"
+            on_commit(offsets, text, failed.code() in _REBALANCING_CODES)
+
+    return report
+
+
 class KafkaSource:
     """The consumer of one worker. Every method blocks; the worker calls them from its Kafka
     thread (``poll``, ``close``: rebalance callbacks run inside them) or its commit thread."""
@@ -335,18 +352,29 @@ class KafkaSource:
         on_lost: Any,
         logger: Any = None,
         error_cb: Any = None,
+        on_commit: Callable[[dict[int, int], str | None, bool], None] | None = None,
     ) -> None:
         config = consumer_config(settings, slot=slot)
         if error_cb is not None:
             config["error_cb"] = error_cb
+        if on_commit is not None:
+            config["on_commit"] = _commit_reporter(on_commit)
         self.topic = settings.task_status_topic
         self._consumer = Consumer(config, logger=logger) if logger else Consumer(config)
         self._consumer.subscribe(
             [self.topic], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
         )
 
-    def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
+    def poll(
+        self, max_messages: int, timeout_s: float, commit: dict[int, int] | None = None
+    ) -> list[Message]:
+        """Up to ``max_messages``, waiting at most ``timeout_s`` for the first. ``commit``:
+        offsets to commit asynchronously first (the result reaches ``on_commit`` from inside
+        this or a later poll)."""
         try:
+            if commit:
+                offsets = [TopicPartition(self.topic, p, o) for p, o in commit.items()]
+                self._consumer.commit(offsets=offsets, asynchronous=True)
             return self._consumer.consume(max_messages, timeout_s)
         except KafkaException as exc:
             raise translate_error(exc) from exc
