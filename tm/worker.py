@@ -75,6 +75,10 @@ T = TypeVar("T")
 HEARTBEAT_INTERVAL_S = 1.0
 REVOKE_BUDGET_S = 20.0  # time given to the in-flight batch on revoke; < session timeout
 PAUSED_POLL_S = 0.2  # poll timeout while backing off: keeps the group alive, wakes up soon
+# Poll timeouts otherwise; a poll returns as soon as a message is there. Busy (batches in
+# flight, or a commit just sent): short, as the next commit waits for the poll to return.
+BUSY_POLL_S = 0.005
+IDLE_POLL_S = 0.05  # nothing in flight: what a stop or a backoff's end may wait for
 POOL_SIZE = 2  # one batch in the database at a time, plus one spare
 
 # Longest a call may run in a worker thread before the worker counts it as hung and stops its
@@ -282,12 +286,20 @@ class Worker:
                         "resuming after backoff",
                         extra={"fields": {"partitions": sorted(state.owned)}},
                     )
-                timeout_s = linger_s if not state.paused else PAUSED_POLL_S
-                # The commit goes with the poll, from the poll thread: the consumer's calls
-                # wait for each other (an asynchronous commit from another thread would block
-                # until a rebalance callback running in the poll returns).
+                # The commit goes with the poll, from the poll thread: the client's calls wait
+                # for each other (a commit from another thread would wait for the poll). So
+                # while batches are in flight a poll is short, and their commits soon follow
+                # their acknowledgements; idle, it waits longer for the next message.
                 commit = self._due_commit()
-                polled = await self._in_thread("poll", source.poll, max_messages, timeout_s, commit)
+                if state.paused:
+                    timeout_s = PAUSED_POLL_S
+                elif state.in_flight or commit:
+                    timeout_s = BUSY_POLL_S
+                else:
+                    timeout_s = IDLE_POLL_S
+                polled = await self._in_thread(
+                    "poll", source.poll, max_messages, timeout_s, commit, linger_s
+                )
                 messages = self._usable(polled)
                 decode_started = time.perf_counter()
                 batch = pipeline.assemble(messages) if messages else None
@@ -370,6 +382,7 @@ class Worker:
             recovered = False
             async with self._flushing:
                 summaries, self._unacked = self._unacked, []
+                self._busy_since["io"] = time.monotonic()  # the flush runs in the io thread
                 try:
                     await pipeline.acknowledge(summaries)
                 except TransientError as exc:
@@ -380,6 +393,8 @@ class Worker:
                         for summary in summaries:
                             state.acked(summary.seq)
                         recovered = state.went_through()
+                finally:
+                    self._busy_since["io"] = None
             self._acked.set()  # after the lock: a batch waiting to publish may go now
             if recovered:
                 self._reporter.send("R 0")  # a batch went through again
@@ -594,8 +609,7 @@ class Worker:
             self._to_ack.set()
             await asyncio.sleep(DRAIN_POLL_S)
         with self._lock:
-            self._state.take_commit()
-            return {p: o for p, o in self._state.committable.items() if p in self._state.owned}
+            return self._state.take_all()
 
 
 def _commit_key(offsets: dict[int, int]) -> tuple[tuple[int, int], ...]:

@@ -108,3 +108,12 @@ def test_failures_in_a_row_are_counted_until_a_batch_goes_through() -> None:
     assert state.went_through()  # ends a run of failures: the worker reports R 0
     assert state.attempt == 0
     assert not state.went_through()
+
+
+def test_a_revoke_commits_every_owned_offset_again_sent_or_not() -> None:
+    state = owning(0, 1)
+    state.acked(state.admit({0: 0, 1: 0}, {0: 10, 1: 3}))
+    assert state.take_commit() == {0: 10, 1: 3}  # sent asynchronously, maybe not confirmed
+    state.forget({1})
+    assert state.take_all() == {0: 10}
+    assert state.take_commit() == {}

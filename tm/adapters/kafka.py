@@ -366,16 +366,29 @@ class KafkaSource:
         )
 
     def poll(
-        self, max_messages: int, timeout_s: float, commit: dict[int, int] | None = None
+        self,
+        max_messages: int,
+        timeout_s: float,
+        commit: dict[int, int] | None = None,
+        linger_s: float = 0.0,
     ) -> list[Message]:
-        """Up to ``max_messages``, waiting at most ``timeout_s`` for the first. ``commit``:
-        offsets to commit asynchronously first (the result reaches ``on_commit`` from inside
-        this or a later poll)."""
+        """Wait at most ``timeout_s`` for a first message, then take up to ``max_messages`` in
+        all of what is already fetched, waiting at most ``linger_s`` more for the rest (not at
+        all by default: a batch is what arrived while the last one was being applied). ``commit``:
+        offsets to commit asynchronously first; the result reaches ``on_commit`` from inside
+        this or a later poll. (The client's calls wait for each other, so a commit is sent from
+        the thread that polls.)"""
+        consumer = self._consumer
         try:
             if commit:
                 offsets = [TopicPartition(self.topic, p, o) for p, o in commit.items()]
-                self._consumer.commit(offsets=offsets, asynchronous=True)
-            return self._consumer.consume(max_messages, timeout_s)
+                consumer.commit(offsets=offsets, asynchronous=True)
+            first = consumer.poll(timeout_s)
+            if first is None:
+                return []
+            if max_messages == 1:
+                return [first]
+            return [first, *consumer.consume(max_messages - 1, linger_s)]
         except KafkaException as exc:
             raise translate_error(exc) from exc
 

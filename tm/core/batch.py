@@ -52,14 +52,3 @@ class Batch:
 
     def __bool__(self) -> bool:
         return self.size > 0
-
-
-def merge_first_offsets(*offsets: dict[int, int]) -> dict[int, int]:
-    """The earliest offset per partition over several batches: where a rewind must seek."""
-    merged: dict[int, int] = {}
-    for mapping in offsets:
-        for partition, offset in mapping.items():
-            current = merged.get(partition)
-            if current is None or offset < current:
-                merged[partition] = offset
-    return merged

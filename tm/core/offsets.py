@@ -120,6 +120,13 @@ class Offsets:
         sent.update(due)
         return due
 
+    def take_all(self) -> dict[int, int]:
+        """Every owned committable offset, sent or not (for a synchronous commit that must
+        cover them all: on a revoke, at shutdown); they count as sent from now on."""
+        due = {p: o for p, o in self.committable.items() if p in self.owned}
+        self._sent.update(due)
+        return due
+
     def commit_refused(self, offsets: dict[int, int]) -> None:
         """The broker refused a commit (a rebalance): send these offsets again with the next
         commit, unless a later one has been sent since."""
