@@ -1,0 +1,310 @@
+"""CPU per message of tm's processes, per process kind, and the end-to-end rate (issue 10):
+
+    python -m bench.cpu [--messages 200000] [--workers 2] [--instances 1] [--partitions 6]
+                        [--rounds 1] [--json FILE]
+
+On a fresh database and fresh topics: N gateway ``new`` events are produced before tm starts;
+tm runs (``--instances`` copies of ``python -m tm run`` in one consumer group, ``--workers``
+each) until every message is committed; then tm stops, N ``completed``/``error`` updates of
+those tasks are produced, and a fresh tm applies them. In each phase the CPU time (user +
+system, ``/proc/<pid>/stat``, every thread) of each tm process is read when every partition is
+owned and again when every message is committed: start-up is left out. The messages committed
+before the first reading are left out of the count too. The same readings are taken of
+PostgreSQL's processes and of the broker (the JVM), for scale.
+
+The rate is the messages committed between the two readings over the time between them
+(committed offsets read every 50 ms). Markdown on stdout; ``--json`` writes the figures for
+``bench.compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from bench.e2e import Message, end_offsets, free_port, note, produce_bulk
+from bench.probes import BenchError, TmProcess
+from bench.stack import Stack, kafka_config, query, unique
+from tm import config
+from tm.traffic import new_task_message, update_message
+
+UPDATE_ERROR_RATIO = 0.2
+READY_TIMEOUT_S = 60.0
+PHASE_TIMEOUT_S = 600.0
+WATCH_S = 0.05
+_TICK_S = os.sysconf("SC_CLK_TCK")
+_SPAWNED_RE = re.compile(r"\b(worker|api) spawned\b.*\bpid=(\d+)")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK_S
+
+
+def pids_named(pattern: str) -> list[int]:
+    """The processes whose command line matches ``pattern`` (as ``pgrep -f``)."""
+    regex = re.compile(pattern)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if regex.search(command):
+                found.append(int(entry))
+    return found
+
+
+class Instance:
+    """One ``tm run`` and the pids of its processes by kind, from its spawn log lines."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.tm = TmProcess(env, log)
+
+    def kinds(self) -> dict[str, list[int]]:
+        kinds: dict[str, list[int]] = {"supervisor": [self.tm.pid], "worker": [], "api": []}
+        for _, line in list(self.tm.lines):
+            match = _SPAWNED_RE.search(line)
+            if match:
+                kinds[match.group(1)].append(int(match.group(2)))
+        return kinds
+
+
+def reading(instances: list[Instance]) -> dict[str, float]:
+    """CPU seconds so far per kind: tm's kinds, PostgreSQL and the broker."""
+    totals = {"supervisor": 0.0, "worker": 0.0, "api": 0.0}
+    for instance in instances:
+        for kind, pids in instance.kinds().items():
+            totals[kind] += sum(cpu_s(pid) for pid in pids)
+    totals["postgres"] = sum(cpu_s(pid) for pid in pids_named(r"^(\S*/)?postgres\b"))
+    totals["broker"] = sum(cpu_s(pid) for pid in pids_named(r"kafka\.Kafka"))
+    return totals
+
+
+class Committed(threading.Thread):
+    """The group's committed total, read every WATCH_S: (monotonic, total) at each change."""
+
+    def __init__(self, kconfig: dict[str, Any], group: str, topic: str, partitions: int) -> None:
+        super().__init__(daemon=True, name="bench-committed")
+        self._consumer = Consumer({**kconfig, "group.id": group, "log_level": 3})
+        self._tps = [TopicPartition(topic, p) for p in range(partitions)]
+        self._halt = threading.Event()
+        self.total = 0
+        self.changed_at = time.monotonic()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            answer = self._consumer.committed(self._tps, timeout=10)
+            total = sum(max(tp.offset, 0) for tp in answer)
+            if total != self.total:
+                self.total, self.changed_at = total, time.monotonic()
+            time.sleep(WATCH_S)
+        self._consumer.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(15)
+
+
+@dataclass
+class Phase:
+    kind: str  # "new" | "update"
+    messages: int  # committed between the readings
+    seconds: float
+    cpu_s: dict[str, float]
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    def us_per_message(self, kind: str) -> float:
+        return self.cpu_s[kind] / self.messages * 1e6
+
+    @property
+    def tm_us(self) -> float:
+        return sum(self.us_per_message(k) for k in ("supervisor", "worker", "api"))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.settings = config.load()
+        self.stack = Stack(self.settings)
+        self.kconfig = kafka_config(self.settings)
+        self.log_dir = Path(tempfile.mkdtemp(prefix="tm-bench-cpu-"))
+
+    def round(self) -> list[Phase]:
+        a = self.args
+        db = self.stack.database("bench_cpu")
+        base = unique("bench-cpu").replace("_", "-")
+        topic, group = f"{base}-ts", f"{base}-group"
+        requests, dlq = f"{base}-req", f"{base}.dlq"
+        self.stack.create_topics([topic, requests, dlq], partitions=a.partitions)
+        env = {
+            **os.environ,
+            "POSTGRES_DB": db.postgres.database,
+            "TASK_STATUS_TOPIC": topic,
+            "WEB_CRAWL_REQUEST_TOPIC": requests,
+            "DLQ_TOPIC": dlq,
+            "KAFKA_GROUP_ID": group,
+            "TM_WORKERS": str(a.workers),
+            "LOG_FORMAT": "simple",
+            "LOG_LEVEL": "info",
+            "LOG_COLORS": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("REDIS_URL", None)
+        note(f"producing {a.messages} `new` events")
+        produce_bulk(self.kconfig, topic, [(None, *new_task_message(n)) for n in range(a.messages)])
+        news = self.phase("new", env, topic, group, a.messages)
+        requests_out = sum(end_offsets(self.kconfig, requests, a.partitions))
+        if requests_out != a.messages:
+            raise BenchError(f"{requests_out} crawl requests for {a.messages} tasks")
+        ids = [r[0] for r in query(db, "SELECT id FROM web_crawl_tasks")]
+        if len(ids) != a.messages:
+            raise BenchError(f"{len(ids)} rows for {a.messages} `new` events")
+        chooser = random.Random(0)
+        updates: list[Message] = []
+        for task_id in ids:
+            headers, value = update_message(task_id, failed=chooser.random() < UPDATE_ERROR_RATIO)
+            updates.append((str(task_id).encode(), headers, value))
+        note(f"producing {len(updates)} updates")
+        produce_bulk(self.kconfig, topic, updates)
+        del updates
+        done = self.phase("update", env, topic, group, 2 * a.messages)
+        left = query(db, "SELECT count(*) FROM web_crawl_tasks WHERE status = 'new'")[0][0]
+        dead = sum(end_offsets(self.kconfig, dlq, a.partitions))
+        if left or dead:
+            raise BenchError(f"{left} tasks still new, {dead} dead letters")
+        return [news, done]
+
+    def phase(self, kind: str, env: dict[str, str], topic: str, group: str, target: int) -> Phase:
+        a = self.args
+        watcher = Committed(self.kconfig, group, topic, a.partitions)
+        watcher.start()
+        instances = [
+            Instance({**env, "APP_PORT": str(free_port())}, self.log_dir / f"{kind}-{i}.log")
+            for i in range(a.instances)
+        ]
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not all(_owned(instances, a.partitions)):
+                for i in instances:
+                    if i.tm.problem():
+                        raise BenchError(i.tm.problem() or "")
+                if time.monotonic() > deadline:
+                    raise BenchError("tm did not own every partition in time")
+                time.sleep(0.01)
+            before, at_before, started = reading(instances), watcher.total, time.monotonic()
+            deadline = started + PHASE_TIMEOUT_S
+            while watcher.total < target:
+                for i in instances:
+                    if i.tm.problem():
+                        raise BenchError(i.tm.problem() or "")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"only {watcher.total} of {target} committed")
+                time.sleep(0.01)
+            after, ended = reading(instances), watcher.changed_at
+            count = target - at_before
+            cpu = {k: after[k] - before[k] for k in after}
+            note(
+                f"{kind}: {count} messages in {ended - started:.2f} s, tm"
+                f" {sum(cpu[k] for k in ('supervisor', 'worker', 'api')) / count * 1e6:.1f} µs/msg"
+            )
+            return Phase(kind, count, ended - started, cpu)
+        finally:
+            for i in instances:
+                i.tm.stop(30)
+            watcher.stop()
+
+
+def _owned(instances: list[Instance], partitions: int) -> list[bool]:
+    """Whether every partition is owned by some worker of some instance (net of revokes)."""
+    owners: dict[int, int] = {}
+    for instance in instances:
+        for _, how, parts in instance.tm.rebalance_events():
+            for p in parts:
+                owners[p] = owners.get(p, 0) + (1 if how == "assigned" else -1)
+    return [owners.get(p, 0) > 0 for p in range(partitions)]
+
+
+def render(args: argparse.Namespace, phases: list[list[Phase]]) -> tuple[str, dict[str, Any]]:
+    by_kind: dict[str, list[Phase]] = {}
+    for round_ in phases:
+        for phase in round_:
+            by_kind.setdefault(phase.kind, []).append(phase)
+    lines = [
+        f"`python -m bench.cpu --messages {args.messages} --workers {args.workers}"
+        f" --instances {args.instances} --partitions {args.partitions} --rounds {args.rounds}`"
+        f" (median of {args.rounds}; load average {os.getloadavg()[0]:.2f} at the end)",
+        "",
+        "| messages | rate | tm µs/msg | workers | supervisor | API | PostgreSQL | broker |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "phases": {}}
+    for kind, runs in by_kind.items():
+        med = statistics.median
+        row = {
+            "rate": med(p.rate for p in runs),
+            "tm_us": med(p.tm_us for p in runs),
+            **{k: med(p.us_per_message(k) for p in runs) for k in runs[0].cpu_s},
+            "runs": [asdict(p) for p in runs],
+        }
+        summary["phases"][kind] = row
+        lines.append(
+            f"| {kind} | {row['rate']:,.0f}/s | **{row['tm_us']:.1f}** | {row['worker']:.1f} |"
+            f" {row['supervisor']:.1f} | {row['api']:.1f} | {row['postgres']:.1f} |"
+            f" {row['broker']:.1f} |"
+        )
+    return "\n".join(lines), summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__)
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--instances", type=int, default=1)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    phases: list[list[Phase]] = []
+    try:
+        for _ in range(args.rounds):
+            phases.append(bench.round())
+            bench.stack.cleanup()
+    except BenchError as exc:
+        print(f"bench.cpu: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.stack.cleanup()
+    text, summary = render(args, phases)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
