@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -159,9 +160,15 @@ SELECT outcome FROM tm_apply_status_updates(
 
 
 def _json(values: list[Any]) -> str:
-    """One column as JSON text; datetimes as RFC 3339 with their offset (naive ones as UTC,
-    as decode reads them), which the server's timestamptz input reads back exactly."""
-    return orjson.dumps(values, option=orjson.OPT_NAIVE_UTC).decode()
+    """One column as JSON text."""
+    return orjson.dumps(values).decode()
+
+
+def _instants(moments: list[datetime]) -> str:
+    """A timestamptz column as JSON text: RFC 3339 in UTC, which the server reads back exactly.
+    In UTC because a header's offset may be anything Python accepts (-19:25, say) and
+    PostgreSQL's timestamptz input refuses offsets beyond ±15:59."""
+    return _json([m if m.tzinfo is UTC else m.astimezone(UTC) for m in moments])
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -242,7 +249,7 @@ async def _create(conn: asyncpg.Connection, creates: list[NewTask]) -> list[str]
         _json([t.user_email for t in creates]),
         _json([t.user_query for t in creates]),
         _json([t.base_url for t in creates]),
-        _json([t.received_at for t in creates]),
+        _instants([t.received_at for t in creates]),
     )
     return [row[0] for row in rows]
 
@@ -253,6 +260,6 @@ async def _update(conn: asyncpg.Connection, updates: list[StatusUpdate]) -> list
         _json([u.id for u in updates]),
         _json([u.status.value for u in updates]),
         _json([u.result for u in updates]),
-        _json([u.finished_at for u in updates]),
+        _instants([u.finished_at for u in updates]),
     )
     return [row[0] for row in rows]
