@@ -219,9 +219,9 @@ class Pipeline:
         if trace is not None:
             trace.db_ended()
         summary.db_s = applied - started
+        summary.staged_at = applied  # publish_s counts the wait for the previous batch too
         if before_publishing is not None:
             await before_publishing()
-        summary.staged_at = time.perf_counter()
         outcomes = summary.outcomes
         outcomes.update(o for o in created if o is not None)  # counted in C, not per row
         outcomes.update(o for o in updated if o is not None)

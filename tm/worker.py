@@ -88,6 +88,7 @@ POOL_SIZE = 2  # one batch in the database at a time, plus one spare
 POLL_STUCK_AFTER_S = REVOKE_BUDGET_S + 40.0
 IO_STUCK_MARGIN_S = 30.0  # added to the producer's flush bound for the io thread
 EVENTS_CLOSE_BUDGET_S = 2.0  # on shutdown, for the task events still queued for Redis
+COMMITS_TIMED = 64  # commits awaiting their answer, kept for the commit-stage metric
 DRAIN_POLL_S = 0.005  # how often a drain (revoke, shutdown) looks at the batches in flight
 
 EXIT_OK = 0
@@ -418,7 +419,10 @@ class Worker:
             due = self._state.take_commit()
         if not due:
             return None
-        self._commits_sent[_commit_key(due)] = time.perf_counter()
+        sent = self._commits_sent
+        if len(sent) >= COMMITS_TIMED:  # answers that never came (a rebalance): drop the oldest
+            del sent[next(iter(sent))]
+        sent[_commit_key(due)] = time.perf_counter()
         return due
 
     def _record(self, summary: Summary) -> None:
