@@ -1,7 +1,7 @@
 """CPU per message of tm's processes, per process kind, and the end-to-end rate (issue 10):
 
     python -m bench.cpu [--messages 200000] [--workers 2] [--instances 1] [--partitions 6]
-                        [--rounds 1] [--json FILE]
+                        [--rounds 1] [--json FILE] [--redis-url URL]
 
 On a fresh database and fresh topics: N gateway ``new`` events are produced before tm starts;
 tm runs (``--instances`` copies of ``python -m tm run`` in one consumer group, ``--workers``
@@ -174,6 +174,9 @@ class Bench:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("REDIS_URL", None)
+        if a.redis_url:  # the task-event feed on (issue 12: its cost is set minus unset)
+            env["REDIS_URL"] = a.redis_url
+            env["TM_REDIS_STREAM"] = unique("bench:events")
         note(f"producing {a.messages} `new` events")
         produce_bulk(self.kconfig, topic, [(None, *new_task_message(n)) for n in range(a.messages)])
         news = self.phase("new", env, topic, group, a.messages)
@@ -255,7 +258,9 @@ def render(args: argparse.Namespace, phases: list[list[Phase]]) -> tuple[str, di
             by_kind.setdefault(phase.kind, []).append(phase)
     lines = [
         f"`python -m bench.cpu --messages {args.messages} --workers {args.workers}"
-        f" --instances {args.instances} --partitions {args.partitions} --rounds {args.rounds}`"
+        f" --instances {args.instances} --partitions {args.partitions} --rounds {args.rounds}"
+        + (f" --redis-url {args.redis_url}" if args.redis_url else "")
+        + "`"
         f" (median of {args.rounds}; load average {os.getloadavg()[0]:.2f} at the end)",
         "",
         "| messages | rate | tm µs/msg | workers | supervisor | API | PostgreSQL | broker |",
@@ -287,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--redis-url", default=None, help="set REDIS_URL (the task-event feed)")
     args = parser.parse_args(argv)
     bench = Bench(args)
     phases: list[list[Phase]] = []
