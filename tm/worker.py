@@ -89,7 +89,6 @@ POLL_STUCK_AFTER_S = REVOKE_BUDGET_S + 40.0
 IO_STUCK_MARGIN_S = 30.0  # added to the producer's flush bound for the io thread
 EVENTS_CLOSE_BUDGET_S = 2.0  # on shutdown, for the task events still queued for Redis
 COMMITS_TIMED = 64  # commits awaiting their answer, kept for the commit-stage metric
-DRAIN_POLL_S = 0.005  # how often a drain (revoke, shutdown) looks at the batches in flight
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -349,13 +348,9 @@ class Worker:
         wait for that batch too, and under steady load for ever more; this way a flush waits
         for one batch's messages, while the next batch's database call runs. Raises the
         failure of an earlier batch (this one is then retried with it)."""
-        while self._unacked or self._flushing.locked():
-            if self._ack_failure is not None:
-                break
-            self._acked.clear()
-            await self._acked.wait()
-        if self._ack_failure is not None:
-            raise self._ack_failure
+        failure = await self._drained()
+        if failure is not None:
+            raise failure
 
     async def _staged(self) -> TransientError | None:
         """Wait for the batch in the database stage; its transient failure, or None. A fatal
@@ -405,11 +400,9 @@ class Worker:
 
     async def _drained(self) -> TransientError | None:
         """Wait until every staged batch is acknowledged (or failed); the failure, or None."""
-        while self._unacked or self._flushing.locked():
-            if self._ack_failure is not None:
-                break
-            self._to_ack.set()
-            await asyncio.sleep(DRAIN_POLL_S)
+        while (self._unacked or self._flushing.locked()) and self._ack_failure is None:
+            self._acked.clear()
+            await self._acked.wait()
         return self._ack_failure
 
     def _due_commit(self) -> dict[int, int] | None:
@@ -601,19 +594,20 @@ class Worker:
     async def _ready_to_commit(self) -> dict[int, int]:
         """On revoke: wait (up to the budget) for the batches in flight to reach their end;
         return every owned committable offset, for a synchronous commit before they go."""
-        deadline = asyncio.get_running_loop().time() + REVOKE_BUDGET_S
-        while self._state.in_flight and asyncio.get_running_loop().time() < deadline:
-            staging = self._staging
-            if self._ack_failure is not None or (
-                staging is not None
-                and staging.done()
-                and (staging.cancelled() or staging.exception() is not None)
-            ):
-                break  # failed: the loop rewinds what is still ours
-            self._to_ack.set()
-            await asyncio.sleep(DRAIN_POLL_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled(), REVOKE_BUDGET_S)
         with self._lock:
             return self._state.take_all()
+
+    async def _settled(self) -> None:
+        """The batch in the database stage and every staged batch have reached their end, or
+        one failed (the loop then rewinds what is still ours)."""
+        staging = self._staging
+        if staging is not None:
+            await asyncio.wait({staging})
+            if staging.cancelled() or staging.exception() is not None:
+                return
+        await self._drained()
 
 
 def _commit_key(offsets: dict[int, int]) -> tuple[tuple[int, int], ...]:
