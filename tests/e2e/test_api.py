@@ -90,7 +90,9 @@ def rows_of(status: str, age: str, count: int) -> list[tuple[str, str, str | Non
 # -- health, liveness, errors ----------------------------------------------------------------
 
 
-def test_health_endpoints_when_ready(stack: Stack, tmp_path: Path) -> None:
+def test_once_ready_every_health_endpoint_answers_up_with_its_details(
+    stack: Stack, tmp_path: Path
+) -> None:
     tm = TmRun(stack, tmp_path, TM_WORKERS="2")
     try:
         live = wait_status(tm.port, "/api/health/live", 200)
@@ -347,7 +349,9 @@ def test_task_metrics_count_rows_by_creation_window(stack: Stack, tmp_path: Path
 # -- /api/tasks --------------------------------------------------------------------------------
 
 
-def test_tasks_lookup_pagination_and_token(stack: Stack, tmp_path: Path) -> None:
+def test_tasks_api_demands_the_token_finds_by_id_pages_in_order_and_refuses_bad_queries(
+    stack: Stack, tmp_path: Path
+) -> None:
     token = TOKEN
     rows = (
         rows_of("new", "1 hour", 40)
@@ -487,7 +491,7 @@ def lag_of(port: int) -> dict[int, float]:
     return {int(p): float(v) for p, v in LAG_LINE.findall(reply.body.decode())}
 
 
-def test_prometheus_metrics_with_consumer_lag(
+def test_consumer_lag_per_partition_rises_while_the_database_is_cut_and_drains_to_zero(
     stack: Stack, proxy: TcpProxy, tmp_path: Path
 ) -> None:
     env = {"POSTGRES_HOST": proxy.host, "POSTGRES_PORT": str(proxy.port), **FAST}

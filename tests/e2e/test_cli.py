@@ -47,7 +47,7 @@ def database(settings: Settings, pg_up: None) -> Iterator[str]:
         asyncio.run(_admin(settings, f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
-def test_db_migrate_twice(database: str) -> None:
+def test_db_migrate_applies_every_migration_then_reports_nothing_to_apply(database: str) -> None:
     first = tm("db", "migrate", env={"POSTGRES_DB": database})
     second = tm("db", "migrate", env={"POSTGRES_DB": database})
     assert first.returncode == 0, first.stderr

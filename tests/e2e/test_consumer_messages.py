@@ -341,7 +341,9 @@ def test_completed_and_error_updates_finish_the_tasks(stack: Stack, tmp_path: Pa
 # -- 2. the state machine ---------------------------------------------------------------------
 
 
-def test_every_transition_of_the_state_machine(stack: Stack, tmp_path: Path) -> None:
+def test_valid_transitions_apply_repeats_are_no_ops_and_invalid_ones_dead_letter(
+    stack: Stack, tmp_path: Path
+) -> None:
     ids = {name: uuid.uuid4() for name in ("c", "e_to_c", "e_same", "c_to_e", "c_to_c", "e_to_e")}
     stack.produce(
         [new_task(name, task_id=task_id, timestamp=at(1)) for name, task_id in ids.items()],
@@ -712,7 +714,9 @@ def test_redelivery_of_a_retried_task_dead_letters_nothing(stack: Stack, tmp_pat
 # -- 5. gateway details -------------------------------------------------------------------------
 
 
-def test_gateway_header_and_body_details(stack: Stack, tmp_path: Path) -> None:
+def test_every_gateway_variant_is_applied_in_utc_with_its_id_and_nothing_dead_lettered(
+    stack: Stack, tmp_path: Path
+) -> None:
     given_id = uuid.uuid4()
     upper_traceparent = b"00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01"
     stack.produce(

@@ -110,7 +110,9 @@ def parse(text: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("colors", [None, "false", "0", "no"])
-def test_simple_exact_lines_without_colours(colors: str | None) -> None:
+def test_simple_format_without_colours_prints_exact_lines_errors_to_stderr(
+    colors: str | None,
+) -> None:
     env = {} if colors is None else {"LOG_COLORS": colors}
     done = run(FOUR_LEVELS, env)
     head = f"service:Task Manager,timestamp:{TS}]:"
@@ -143,7 +145,7 @@ def test_simple_colours_the_level_word_only_when_on() -> None:
         ("error", ["database unavailable"]),
     ],
 )
-def test_log_level_filters(level: str, shown: list[str]) -> None:
+def test_log_level_shows_only_records_at_or_above_it(level: str, shown: list[str]) -> None:
     done = run(FOUR_LEVELS, {"LOG_FORMAT": "structured", "LOG_LEVEL": level})
     records = parse(done.stdout) + parse(done.stderr)
     assert [r["message"] for r in records] == shown
@@ -247,7 +249,7 @@ def test_emails_are_shown_with_pii_on() -> None:
     assert "duplicate key dave@example.net" in error["exception"]
 
 
-def test_simple_masks_too() -> None:
+def test_simple_format_masks_emails_too() -> None:
     done = run(PII, {})
     assert done.stdout.splitlines() == [
         f"[level:INFO,service:Task Manager,timestamp:{TS}]:mail to a***@example.com"

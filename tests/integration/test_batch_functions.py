@@ -219,7 +219,7 @@ async def test_overlapping_create_batches_in_opposite_orders_never_deadlock(
         "completed-error-same-text",
     ],
 )
-async def test_state_machine_transition(
+async def test_each_transition_has_its_outcome_and_only_an_updated_one_changes_the_row(
     db: asyncpg.Connection,
     start: str,
     start_result: str | None,

@@ -79,7 +79,9 @@ async def test_original_create_and_update_are_counted(db: asyncpg.Connection) ->
     assert got == (0, 1, 0, 1)
 
 
-async def test_counts_of_rows_written_before_the_migration(conn: asyncpg.Connection) -> None:
+async def test_the_hourly_counters_migration_counts_the_rows_written_before_it(
+    conn: asyncpg.Connection,
+) -> None:
     """Adopting a filled database: the migration counts the rows already there."""
     from tm.adapters import migrations
 

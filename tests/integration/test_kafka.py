@@ -24,7 +24,9 @@ def test_create_topics_creates_only_missing(settings: Settings, topic: str) -> N
     assert topics[f"{topic}-b"] == 2
 
 
-def test_headers_round_trip_and_committed_offset(settings: Settings, topic: str) -> None:
+def test_a_message_round_trips_with_its_headers_and_its_commit_is_the_next_offset(
+    settings: Settings, topic: str
+) -> None:
     kafka.create_topics(settings.kafka, [topic], partitions=1)
     headers = [
         ("task_type", b"web-crawl"),

@@ -161,7 +161,7 @@ async def test_find_by_status_returns_that_status_newest_first(db: asyncpg.Conne
     assert "result" in rows[0]
 
 
-async def test_count_by_status(db: asyncpg.Connection) -> None:
+async def test_count_by_status_counts_the_tasks_of_that_status(db: asyncpg.Connection) -> None:
     for status in ["new", "new", "completed", "error", "error", "error"]:
         await _create(db, status=status)
 
@@ -186,13 +186,17 @@ async def windowed(db: asyncpg.Connection) -> asyncpg.Connection:
     return db
 
 
-async def test_windowed_count_by_status(windowed: asyncpg.Connection) -> None:
+async def test_windowed_count_by_status_counts_only_tasks_created_in_the_window(
+    windowed: asyncpg.Connection,
+) -> None:
     assert await windowed.fetchval("SELECT get_tasks_count_by_status('new', 1)") == 2
     assert await windowed.fetchval("SELECT get_tasks_count_by_status('completed', 1)") == 1
     assert await windowed.fetchval("SELECT get_tasks_count_by_status('new', 24)") == 3
 
 
-async def test_windowed_counts_per_status_and_total(windowed: asyncpg.Connection) -> None:
+async def test_windowed_status_and_total_counts_include_only_tasks_created_in_the_window(
+    windowed: asyncpg.Connection,
+) -> None:
     assert await windowed.fetchval("SELECT get_new_tasks_count(1)") == 2
     assert await windowed.fetchval("SELECT get_completed_tasks_count(1)") == 1
     assert await windowed.fetchval("SELECT get_error_tasks_count(1)") == 1

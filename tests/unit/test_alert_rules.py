@@ -31,7 +31,7 @@ def _promtool(*args: str) -> str:
     return done.stdout
 
 
-def test_promtool_checks_the_rules() -> None:
+def test_the_alert_rules_pass_promtool_check_rules() -> None:
     assert "SUCCESS" in _promtool("check", "rules", RULES.name)
 
 

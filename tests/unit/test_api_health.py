@@ -124,7 +124,7 @@ async def test_everything_down_is_unhealthy_but_alive(
         (state_line(partitions=1), "4 of 6 partitions assigned in the group"),
     ],
 )
-async def test_service_not_ready(
+async def test_ready_is_503_naming_why_when_stopping_unjoined_or_short_of_partitions(
     api: Api, client: TestClient[web.Request, web.Application], line: bytes, reason: str
 ) -> None:
     if "group" in reason:  # the group coordinator's view, when the API could read it

@@ -41,11 +41,13 @@ from tm.api.tasks import (
         (["1", "2"], None),
     ],
 )
-def test_hours(values: list[str], expected: int | None) -> None:
+def test_hours_absent_is_the_default_else_one_plain_integer_in_1_to_max_hours(
+    values: list[str], expected: int | None
+) -> None:
     assert parse_hours(values, 24) == expected
 
 
-def test_prometheus_text() -> None:
+def test_metrics_text_is_gauges_labelled_by_time_range_with_a_whole_second_timestamp() -> None:
     text = render(6, (1, 2, 3, 6), 1_700_000_000.9).decode()
     lines = text.splitlines()
     assert text.endswith("\n") and "" not in lines
@@ -78,11 +80,11 @@ def test_cursor_round_trip_keeps_microseconds() -> None:
         "OTk5OTk5OTk5OTk5OTk5OTk5OTk5OmE",
     ],
 )
-def test_bad_cursors(cursor: str) -> None:
+def test_a_malformed_cursor_decodes_to_none(cursor: str) -> None:
     assert decode_cursor(cursor) is None
 
 
-def test_list_query() -> None:
+def test_list_query_reads_status_limit_and_cursor_and_defaults_to_100_without_them() -> None:
     cursor = encode_cursor(datetime(2025, 1, 1, tzinfo=UTC), str(uuid.UUID(int=1)))
     status, limit, after = parse_list_query(MultiDict(status="error", limit="1000", after=cursor))
     assert (status, limit) == ("error", 1000)
@@ -102,24 +104,26 @@ def test_list_query() -> None:
         {"after": "nope"},
     ],
 )
-def test_list_query_rejects(query: dict[str, str]) -> None:
+def test_list_query_refuses_a_bad_limit_an_unknown_status_or_a_bad_cursor(
+    query: dict[str, str],
+) -> None:
     with pytest.raises(BadRequestError):
         parse_list_query(MultiDict(query))
 
 
-def test_list_query_rejects_repeats() -> None:
+def test_list_query_refuses_a_parameter_given_twice() -> None:
     with pytest.raises(BadRequestError, match="at most once"):
         parse_list_query(MultiDict([("limit", "1"), ("limit", "2")]))
 
 
-def test_task_id() -> None:
+def test_task_id_must_be_a_canonical_uuid_in_any_case_and_comes_back_lower_cased() -> None:
     task_id = uuid.uuid4()
     assert parse_task_id(str(task_id).upper()) == str(task_id)
     for raw in ("", "x", task_id.hex, f"{{{task_id}}}", f"urn:uuid:{task_id}", f"{task_id} "):
         assert parse_task_id(raw) is None
 
 
-def test_token() -> None:
+def test_without_a_token_all_are_authorized_with_one_only_bearer_of_that_token() -> None:
     assert is_authorized(None, None)
     assert is_authorized("anything", None)
     assert is_authorized("Bearer abc", "abc")

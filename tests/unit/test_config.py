@@ -66,7 +66,9 @@ def test_settings_are_frozen() -> None:
         (" false ", False),
     ],
 )
-def test_booleans(raw: str, expected: bool) -> None:
+def test_boolean_settings_read_true_1_yes_on_and_false_0_no_off_in_any_case_trimmed(
+    raw: str, expected: bool
+) -> None:
     s = config.load({"POSTGRES_SSL": raw, "OTEL_ENABLED": raw, "LOG_COLORS": raw})
     assert s.postgres.ssl is expected
     assert s.otel.enabled is expected
@@ -77,7 +79,7 @@ def test_empty_value_means_default() -> None:
     assert config.load({"POSTGRES_PORT": "", "LOG_PII": "  "}).postgres.port == 5432
 
 
-def test_values_are_parsed() -> None:
+def test_given_values_are_parsed_into_typed_trimmed_and_normalised_settings() -> None:
     s = config.load(
         {
             "KAFKA_BROKERS": " a:9092 , b:9093 ",
@@ -218,7 +220,9 @@ def test_cgroup_v1_quota_over_period_is_rounded_up(
     assert cpus.cgroup_cpu_limit(root) == expected
 
 
-def test_cgroup_v1_in_a_container_without_cgroup_namespace(tmp_path: Path) -> None:
+def test_cgroup_v1_without_a_cgroup_namespace_reads_the_quota_at_the_controller_root(
+    tmp_path: Path,
+) -> None:
     """/proc/self/cgroup names the host's path, but the container sees its own cgroup mounted
     at the controller's root."""
     base = "sys/fs/cgroup/cpu"
@@ -230,7 +234,7 @@ def test_cgroup_v1_in_a_container_without_cgroup_namespace(tmp_path: Path) -> No
     assert cpus.cgroup_cpu_limit(root) == 2
 
 
-def test_hybrid_layout_without_a_quota(tmp_path: Path) -> None:
+def test_a_hybrid_v1_and_empty_v2_layout_without_a_quota_means_no_limit(tmp_path: Path) -> None:
     """This machine's layout: v1 controllers plus an empty v2 hierarchy under unified/."""
     root = fake_tree(
         tmp_path,

@@ -55,7 +55,9 @@ def test_a_huge_error_and_key_are_cut() -> None:
 
 @pytest.mark.parametrize("max_bytes", [4096, 5000, 20_000, 1_000_000])
 @pytest.mark.parametrize("scale", [1, 100, 10_000])
-def test_always_fits(max_bytes: int, scale: int) -> None:
+def test_a_dead_letter_always_fits_and_keeps_every_dlq_header_in_order(
+    max_bytes: int, scale: int
+) -> None:
     original = [(f"header-{i}", b"x" * scale) for i in range(20)]
     ours = [*OURS, ("dlq_topic", "t" * 249), ("dlq_error", "e" * scale * 10)]
     key, value, headers = dead_letter.fit(

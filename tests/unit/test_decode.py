@@ -43,7 +43,7 @@ def test_corpus_is_not_empty() -> None:
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_corpus_case(path: Path) -> None:
+def test_each_corpus_message_decodes_as_its_file_expects(path: Path) -> None:
     case = json.loads(path.read_text())
     expect = case["expect"]
     stats = DecodeStats()
@@ -111,7 +111,9 @@ def test_task_id_header_is_canonicalised() -> None:
         ("1754821139023", "2025-08-10T10:18:59.023000+00:00"),
     ],
 )
-def test_parse_timestamp(raw: str, iso: str) -> None:
+def test_parse_timestamp_reads_iso_with_any_offset_naive_as_utc_and_epoch_millis(
+    raw: str, iso: str
+) -> None:
     parsed = parse_timestamp(raw)
     assert parsed is not None and parsed.isoformat() == iso
 
@@ -131,7 +133,9 @@ def test_parse_timestamp(raw: str, iso: str) -> None:
         "9999-12-31T23:59:59.999999+00:00",  # and this as infinity
     ],
 )
-def test_parse_timestamp_refuses(raw: str) -> None:
+def test_parse_timestamp_refuses_garbage_non_ascii_digits_and_out_of_range_instants(
+    raw: str,
+) -> None:
     assert parse_timestamp(raw) is None
 
 

@@ -175,7 +175,9 @@ def test_the_traceparent_regex_is_the_w3c_rule(
         ("00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01", False),
     ],
 )
-def test_traceparent_examples(raw: str, valid: bool) -> None:
+def test_both_traceparent_checks_accept_the_w3c_example_and_refuse_its_broken_variants(
+    raw: str, valid: bool
+) -> None:
     assert valid_traceparent(raw) is valid
     assert _traceparent_by_groups(raw) is valid
 
@@ -224,7 +226,7 @@ def test_a_canonical_timestamp_parses_as_parse_timestamp_parses_it(moment: datet
         "2024-02-29T23:59:59.999Z",
     ],
 )
-def test_canonical_timestamp_edges(raw: str) -> None:
+def test_the_canonical_timestamp_parser_agrees_with_parse_timestamp_on_edge_dates(raw: str) -> None:
     assert _parse_iso_utc_ms(raw) == parse_timestamp(raw)
 
 

@@ -116,7 +116,7 @@ def test_observe_many_counts_exactly_as_observe(values: list[float]) -> None:
     _compare(values, metrics.LATENCY_BUCKETS_S)
 
 
-def test_observe_many_on_bounds_and_odd_values() -> None:
+def test_observe_many_equals_observe_on_bounds_odd_values_no_values_and_repeats() -> None:
     bounds = metrics.STAGE_BUCKETS_S
     values = [*bounds, *bounds, -0.5, 0.0, 1e9, math.inf, 0.1, 0.1000001, 0.0999999]
     _compare(values, bounds)
@@ -190,7 +190,9 @@ def _run_multiprocess(tmp_path: Path, values: list[float]) -> dict[str, Any]:
     return result
 
 
-def test_multiprocess_files_behave_as_tm_run_needs(tmp_path: Path) -> None:
+def test_multiprocess_series_start_at_zero_add_up_and_lose_only_a_gone_workers_gauges(
+    tmp_path: Path,
+) -> None:
     values = [0.001, 0.05, 0.05, 0.0500001, 0.2, 3.0, 100.0, -0.01, *metrics.LATENCY_BUCKETS_S]
     out = _run_multiprocess(tmp_path, values)
     single = _samples(out["single"])
