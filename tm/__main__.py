@@ -1,6 +1,9 @@
 """Command line: ``tm <command>``. Parses argv, loads the settings once, runs the command.
 
 Exit status: 0 success, 1 failure, 2 bad settings or usage (one line on stderr naming it).
+
+Each command's module is imported when it runs: ``tm run`` is the supervisor, which forks the
+workers and must not load the Kafka or PostgreSQL clients (nor start an OTLP exporter) first.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tm import commands, config
+from tm import config
 from tm.errors import ConfigError, TmError
 
 
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             from tm import supervisor
             from tm.observability import logs
 
-            logs.setup(settings.log, settings.otel, environment=settings.environment)
+            # The console and files only: each child builds its own OTLP exporter after the fork.
+            logs.setup(settings.log, settings.otel, environment=settings.environment, export=False)
             return supervisor.run(settings)
         if args.command == "send":
             from tm import traffic
@@ -93,8 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "db":
+            from tm import commands
+
             return commands.db_migrate(settings)
         if args.command == "check":
+            from tm import commands
+
             if args.config_only:
                 return commands.check_config(settings)
             return commands.check(settings)
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "topics":
             if args.partitions is not None and args.partitions < 1:
                 raise ConfigError("--partitions", str(args.partitions), "a positive integer")
+            from tm import commands
+
             return commands.topics_create(settings, args.partitions)
     except ConfigError as exc:
         print(f"tm: {exc}", file=sys.stderr)

@@ -5,9 +5,10 @@ This module is the only reader of ``os.environ``. :func:`load` turns the environ
 value and what was expected; ``tm`` prints that one line and exits with status 2.
 
 Names and defaults follow the service tm replaces (``KAFKA_*``, ``POSTGRES_*``, ``LOG_*``,
-``OTEL_*``, ...), so its deployments keep working; tm's own knobs start with ``TM_``. Booleans
-accept ``true/false/1/0/yes/no/on/off`` in any case: ``"false"`` is false (the old service read it
-as true). Durations keep the unit of the original variable (milliseconds) in their names.
+``OTEL_*``, ...), so its deployments keep working; tm's own knobs start with ``TM_``, and
+``PROMETHEUS_MULTIPROC_DIR`` is prometheus-client's own. Booleans accept
+``true/false/1/0/yes/no/on/off`` in any case: ``"false"`` is false (the old service read it as
+true). Durations keep the unit of the original variable (milliseconds) in their names.
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True):
     stream_maxlen: int
 
 
+class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True):
+    # PROMETHEUS_MULTIPROC_DIR: where the processes of `tm run` keep their metric files. None:
+    # the supervisor makes a temporary one, and passes it down to its children in their settings.
+    directory: str | None
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     environment: str
     kafka: KafkaSettings
@@ -129,6 +136,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     otel: OtelSettings
     http: HttpSettings
     redis: RedisSettings
+    metrics: MetricsSettings
 
 
 class _Env:
@@ -279,6 +287,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                 "TM_REDIS_STREAM_MAXLEN", 1_000_000, lo=1_000, hi=1_000_000_000
             ),
         ),
+        metrics=MetricsSettings(directory=env.optional("PROMETHEUS_MULTIPROC_DIR")),
     )
 
 

@@ -9,22 +9,17 @@ the id tm gave it from its original coordinates, so replaying twice cannot creat
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 from typing import cast
 
-from confluent_kafka import Consumer, Producer, TopicPartition
-
-from tm.adapters import kafka
+from tm.adapters.kafka.tools import Headers, Publisher, TopicReader
 from tm.config import Settings
 from tm.core.decode import new_task_id
 from tm.core.messages import DLQ_HEADERS, DLQ_OFFSET, DLQ_PARTITION, DLQ_REASON, DLQ_TOPIC
 from tm.errors import KafkaUnavailableError
 
 READ_TIMEOUT_S = 30.0
-
-Headers = list[tuple[str, str | bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,53 +48,15 @@ def _original_headers(headers: Headers, timestamp_ms: int) -> Headers:
 
 def replay(settings: Settings, *, reason: str | None, dry_run: bool = False) -> ReplayResult:
     k = settings.kafka
-    base = kafka.client_config(k)
-    consumer = Consumer(
-        {
-            **base,
-            "group.id": f"{k.group_id}-dlq-replay-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
-    )
-    producer = Producer({**base, "enable.idempotence": True, "acks": "all"})
-    failures: list[str] = []
-
-    def on_delivery(error: object, _message: object) -> None:
-        if error is not None:
-            failures.append(str(error))
-
+    publisher = Publisher(k)
     replayed = skipped = 0
-    try:
-        meta = consumer.list_topics(k.dlq_topic, timeout=READ_TIMEOUT_S)
-        topic = meta.topics.get(k.dlq_topic)
-        if topic is None or topic.error is not None:
+    with TopicReader(k, group_id=f"{k.group_id}-dlq-replay-{uuid.uuid4().hex[:8]}") as reader:
+        ends = reader.ends(k.dlq_topic, timeout_s=READ_TIMEOUT_S)
+        if ends is None:
             raise KafkaUnavailableError(f"dead-letter topic {k.dlq_topic} not found")
-        ends: dict[int, int] = {}
-        for p in topic.partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(k.dlq_topic, p), timeout=READ_TIMEOUT_S
-            )
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(k.dlq_topic, p, 0) for p in ends])
-        done = {p: False for p in ends}
-        deadline = time.monotonic() + READ_TIMEOUT_S
-        while not all(done.values()):
-            if time.monotonic() > deadline:
-                raise KafkaUnavailableError("reading the dead-letter topic timed out")
-            for message in consumer.consume(500, 0.5):
-                if message.error() is not None:
-                    continue
-                partition, offset = message.partition(), message.offset()
-                if partition is None or offset is None:
-                    continue
-                if offset + 1 >= ends[partition]:
-                    done[partition] = True
-                if offset >= ends[partition]:
-                    continue
-                headers = cast(Headers, message.headers() or [])
-                found = dict(headers)
+        try:
+            for record in reader.read(k.dlq_topic, ends, timeout_s=READ_TIMEOUT_S):
+                found = dict(record.headers)
                 message_reason = cast(bytes | None, found.get(DLQ_REASON))
                 if reason is not None and message_reason != reason.encode():
                     skipped += 1
@@ -109,19 +66,18 @@ def replay(settings: Settings, *, reason: str | None, dry_run: bool = False) -> 
                 replayed += 1
                 if dry_run:
                     continue
-                producer.produce(
+                publisher.produce(
                     target,
-                    key=message.key(),
-                    value=message.value(),
-                    headers=_original_headers(headers, message.timestamp()[1]),
-                    on_delivery=on_delivery,
+                    key=record.key,
+                    value=record.value,
+                    headers=_original_headers(record.headers, record.timestamp_ms),
                 )
-                producer.poll(0)
-        left = producer.flush(READ_TIMEOUT_S)
-        if left or failures:
+        except TimeoutError as exc:
+            raise KafkaUnavailableError("reading the dead-letter topic timed out") from exc
+        delivery = publisher.flush(READ_TIMEOUT_S)
+        if not delivery.is_complete:
             raise KafkaUnavailableError(
-                f"{left} replayed message(s) unacknowledged, {len(failures)} failed"
+                f"{delivery.unacknowledged} replayed message(s) unacknowledged,"
+                f" {len(delivery.failures)} failed"
             )
-    finally:
-        consumer.close()
     return ReplayResult(replayed=replayed, skipped=skipped)

@@ -12,19 +12,21 @@ row is dead-lettered; FatalError stops the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol, cast
-
-from confluent_kafka import Message
+from types import MappingProxyType
+from typing import Protocol
 
 from tm.config import Settings
 from tm.core import dead_letter
 from tm.core.batch import Batch
-from tm.core.decode import DecodeStats, decode_poll, iso_utc
+from tm.core.decode import DecodeStats, RawMessage, decode_poll, iso_utc
+from tm.core.events import transitions
 from tm.core.messages import (
     CRAWL_REQUEST_ENCODER,
     DLQ_ERROR,
@@ -43,13 +45,7 @@ from tm.core.messages import (
 from tm.core.policy import RowRejectionLimit, halves
 from tm.errors import RowRejectedError
 
-if TYPE_CHECKING:
-    from tm.observability.tracing import BatchTrace, Tracing
-
-# What a consumed message's headers() returns (the stubs also allow a dict, for produce()).
-_Headers = list[tuple[str, bytes | None]] | None
 _PUBLISHED = frozenset({Outcome.CREATED, Outcome.DUPLICATE})
-_CREATED, _UPDATED = Outcome.CREATED.value, Outcome.UPDATED.value  # plain str: fast to compare
 # Largest dead letter when the caller does not say: librdkafka's default message.max.bytes. The
 # worker passes its producer's (which fits the DLQ topic's max.message.bytes).
 DEAD_LETTER_MAX_BYTES = 1_000_000
@@ -95,33 +91,94 @@ class Database(Protocol):
 
 
 class Summary:
-    """What one batch did, for metrics and the per-batch debug line."""
+    """What one batch did: its outcomes (for its trace and the task events), its counts (for
+    metrics and the per-batch debug line) and its stage times (``time.perf_counter()``)."""
 
     __slots__ = (
         "committable",
+        "created",
         "db_s",
+        "db_started",
+        "dead_lettered",
         "dead_letters",
         "decode_s",
         "outcomes",
         "publish_s",
+        "publishing_at",
         "seq",
         "size",
         "staged_at",
         "timestamps_ms",
         "trace",
+        "updated",
     )
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, trace: Trace) -> None:
         self.size = batch.size
         self.committable = batch.committable
         self.timestamps_ms = batch.timestamps_ms
+        self.trace = trace
+        # One outcome per create and per update, in batch order (None: the row was refused).
+        self.created: list[str | None] = []
+        self.updated: list[str | None] = []
         self.outcomes: Counter[str] = Counter()
         self.dead_letters: Counter[str] = Counter()
+        self.dead_lettered: list[tuple[int, Reason]] = []  # (message ref, reason)
         # Stage durations in seconds; decode is timed by the worker. publish_s runs from the
         # end of the database call to the acknowledgement of everything the batch produced.
-        self.decode_s = self.db_s = self.publish_s = self.staged_at = 0.0
+        self.decode_s = self.db_s = self.publish_s = 0.0
+        self.db_started = self.staged_at = self.publishing_at = 0.0
         self.seq = 0  # the worker's sequence number of the batch (tm.core.offsets)
-        self.trace: BatchTrace | None = None
+
+
+class Trace(Protocol):
+    """The trace of one batch (tm.observability.tracing.BatchTrace): it reads the Summary."""
+
+    @property
+    def traceparents(self) -> Mapping[int, str]:
+        """Message ref -> the traceparent its crawl request carries, for the traced messages
+        only; every other message's crawl request carries its upstream traceparent unchanged."""
+        ...
+
+    def active(self) -> AbstractContextManager[object]: ...
+    def end(self, summary: Summary) -> None: ...
+    def fail(self, error: BaseException, summary: Summary) -> None: ...
+
+
+class Tracer(Protocol):
+    """Starts a Trace per batch (tm.observability.tracing.Tracing)."""
+
+    def start_batch(self, batch: Batch, messages: Sequence[RawMessage]) -> Trace: ...
+    def close(self) -> None: ...
+
+
+class _NoTrace:
+    """Tracing off: a trace that records nothing."""
+
+    traceparents: Mapping[int, str] = MappingProxyType({})  # (a class attribute)
+
+    def active(self) -> AbstractContextManager[object]:
+        return self._context
+
+    def end(self, summary: Summary) -> None:
+        pass
+
+    def fail(self, error: BaseException, summary: Summary) -> None:
+        pass
+
+    _context = contextlib.nullcontext()
+
+
+class _NoTracer:
+    def start_batch(self, batch: Batch, messages: Sequence[RawMessage]) -> Trace:
+        return NO_TRACE
+
+    def close(self) -> None:
+        pass
+
+
+NO_TRACE: Trace = _NoTrace()
+NO_TRACER: Tracer = _NoTracer()
 
 
 class Pipeline:
@@ -132,13 +189,13 @@ class Pipeline:
         database: Database,
         sink: Sink,
         io_executor: Executor,
-        tracing: Tracing | None = None,
+        tracing: Tracer = NO_TRACER,
         dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
         task_events: TaskEventSink | None = None,
     ) -> None:
         self._task_events = task_events  # None: REDIS_URL unset, no event is even built
         self._dead_letter_max_bytes = dead_letter_max_bytes
-        self._tracing = tracing  # None: tracing is off, and costs one `if` per batch/request
+        self._tracing = tracing
         self._topic = settings.kafka.task_status_topic
         self._requests_topic = settings.kafka.web_crawl_request_topic
         self._dlq_topic = settings.kafka.dlq_topic
@@ -149,7 +206,7 @@ class Pipeline:
         self._row_limit = RowRejectionLimit()
         self.decode_stats = DecodeStats()
 
-    def assemble(self, messages: Sequence[Message]) -> Batch:
+    def assemble(self, messages: Sequence[RawMessage]) -> Batch:
         """Decode a poll's messages into a batch (a few microseconds per message)."""
         return decode_poll(
             messages,
@@ -158,7 +215,7 @@ class Pipeline:
             stats=self.decode_stats,
         )
 
-    async def process(self, batch: Batch, messages: Sequence[Message]) -> Summary:
+    async def process(self, batch: Batch, messages: Sequence[RawMessage]) -> Summary:
         """:meth:`stage` then :meth:`acknowledge`: the batch is then ready to commit."""
         summary = await self.stage(batch, messages)
         await self.acknowledge([summary])
@@ -167,19 +224,40 @@ class Pipeline:
     async def stage(
         self,
         batch: Batch,
-        messages: Sequence[Message],
+        messages: Sequence[RawMessage],
         before_publishing: Callable[[], Awaitable[None]] | None = None,
     ) -> Summary:
         """Apply the batch, await ``before_publishing`` if given, then enqueue its crawl
         requests and dead letters; they are not acknowledged yet (:meth:`acknowledge`).
         Raises TransientError (retry the batch) or FatalError."""
-        if self._tracing is None:
-            return await self._stage(batch, messages, None, before_publishing)
-        trace = self._tracing.start_batch(batch, messages)
-        with trace.active():  # the batch span is current; an exception ends the spans with it
-            summary = await self._stage(batch, messages, trace, before_publishing)
-        summary.trace = trace
+        summary = Summary(batch, self._tracing.start_batch(batch, messages))
+        with summary.trace.active():  # the batch span is current (log lines carry its trace id)
+            try:
+                await self._stage(batch, messages, summary, before_publishing)
+            except BaseException as exc:
+                summary.trace.fail(exc, summary)
+                raise
         return summary
+
+    async def _stage(
+        self,
+        batch: Batch,
+        messages: Sequence[RawMessage],
+        summary: Summary,
+        before_publishing: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        summary.db_started = time.perf_counter()
+        summary.created, summary.updated, refused = await self._apply(batch)
+        if self._task_events is not None:
+            # Committed in PostgreSQL: a created task's event is queued before its crawl
+            # request is even produced, so it precedes the crawler's update of the task.
+            self._task_events.publish(transitions(batch, summary.created, summary.updated))
+        summary.staged_at = time.perf_counter()  # publish_s counts the wait for the previous
+        summary.db_s = summary.staged_at - summary.db_started
+        if before_publishing is not None:
+            await before_publishing()
+        summary.publishing_at = time.perf_counter()
+        self._publish(batch, messages, refused, summary)
 
     async def acknowledge(self, summaries: Sequence[Summary]) -> None:
         """Wait until everything produced so far is acknowledged, which covers the staged
@@ -190,54 +268,31 @@ class Pipeline:
             await asyncio.get_running_loop().run_in_executor(self._io, self._sink.flush)
         except BaseException as exc:
             for summary in summaries:
-                if summary.trace is not None:
-                    summary.trace.fail(exc)
+                summary.trace.fail(exc, summary)
             raise
         acknowledged = time.perf_counter()
         for summary in summaries:
             summary.publish_s = acknowledged - summary.staged_at
-            if summary.trace is not None:
-                summary.trace.end(summary.outcomes, summary.dead_letters)
+            summary.trace.end(summary)
 
-    async def _stage(
+    def _publish(
         self,
         batch: Batch,
-        messages: Sequence[Message],
-        trace: BatchTrace | None,
-        before_publishing: Callable[[], Awaitable[None]] | None,
-    ) -> Summary:
-        summary = Summary(batch)
-        started = time.perf_counter()
-        if trace is not None:
-            trace.db_started(rows=len(batch.creates) + len(batch.updates))
-        created, updated, refused = await self._apply(batch)
-        if self._task_events is not None:
-            # Committed in PostgreSQL: a created task's event is queued before its crawl
-            # request is even produced, so it precedes the crawler's update of the task.
-            self._task_events.publish(_transitions(batch, created, updated))
-        applied = time.perf_counter()
-        if trace is not None:
-            trace.db_ended()
-        summary.db_s = applied - started
-        summary.staged_at = applied  # publish_s counts the wait for the previous batch too
-        if before_publishing is not None:
-            await before_publishing()
+        messages: Sequence[RawMessage],
+        refused: list[tuple[int, str]],
+        summary: Summary,
+    ) -> None:
+        """Produce the crawl requests of created (and duplicate) tasks, and the dead letters."""
+        created, updated = summary.created, summary.updated
         outcomes = summary.outcomes
         outcomes.update(o for o in created if o is not None)  # counted in C, not per row
         outcomes.update(o for o in updated if o is not None)
+        traceparents = summary.trace.traceparents
         for task, ref, outcome in zip(batch.creates, batch.create_refs, created, strict=True):
-            if outcome is None:
-                continue
-            if trace is not None:
-                trace.outcome(ref, task.id, outcome)
             if outcome in _PUBLISHED:
-                self._publish_request(task, ref, trace)
+                self._publish_request(task, traceparents.get(ref, task.traceparent))
         for update, ref, outcome in zip(batch.updates, batch.update_refs, updated, strict=True):
-            if outcome is None:
-                continue
-            if trace is not None:
-                trace.outcome(ref, update.id, outcome)
-            reason = _DEAD.get(outcome)
+            reason = _DEAD.get(outcome) if outcome is not None else None
             if reason is not None:
                 text = (
                     f"task {update.id} does not exist"
@@ -245,19 +300,11 @@ class Pipeline:
                     else f"task {update.id} cannot move to {update.status} from its current"
                     " status (allowed: new -> completed|error, error -> completed)"
                 )
-                self._dead_letter(messages[ref], reason, text, summary)
-                if trace is not None:
-                    trace.dead_lettered(ref, reason, self._dlq_topic)
+                self._dead_letter(messages, ref, reason, text, summary)
         for ref, rejected in batch.rejected:
-            self._dead_letter(messages[ref], rejected.reason, rejected.error, summary)
-            if trace is not None:
-                trace.dead_lettered(ref, rejected.reason, self._dlq_topic)
+            self._dead_letter(messages, ref, rejected.reason, rejected.error, summary)
         for ref, text in refused:
-            self._dead_letter(messages[ref], Reason.ROW_REJECTED, text, summary)
-            if trace is not None:
-                trace.dead_lettered(ref, Reason.ROW_REJECTED, self._dlq_topic)
-
-        return summary
+            self._dead_letter(messages, ref, Reason.ROW_REJECTED, text, summary)
 
     async def _apply(
         self, batch: Batch
@@ -294,18 +341,15 @@ class Pipeline:
             self._row_limit.record(rejected=len(refused), applied=rows - len(refused))
         return created, updated, refused
 
-    def _publish_request(self, task: NewTask, ref: int, trace: BatchTrace | None) -> None:
+    def _publish_request(self, task: NewTask, traceparent: str | None) -> None:
+        """``traceparent``: the message's consumer span when traced (DESIGN §2), otherwise the
+        upstream context unchanged (tm exported nothing to name instead)."""
         task_id = task.id
         headers: list[tuple[str, bytes | str | None]] = [
             ("task_id", task_id),
             ("timestamp", task.timestamp),
         ]
-        traceparent = task.traceparent
         if traceparent is not None:
-            # Traced: the message's consumer span is the parent (DESIGN §2). Otherwise the
-            # upstream context passes through unchanged: tm exported nothing to name instead.
-            if trace is not None:
-                traceparent = trace.crawl_request(ref, self._requests_topic, task_id, traceparent)
             headers.append(("traceparent", traceparent))
             if task.tracestate is not None:
                 headers.append(("tracestate", task.tracestate))
@@ -316,19 +360,22 @@ class Pipeline:
 
     def _dead_letter(
         self,
-        message: Message,
+        messages: Sequence[RawMessage],
+        ref: int,
         reason: Reason,
         error: str,
         summary: Summary,
     ) -> None:
+        message = messages[ref]
         summary.dead_letters[reason] += 1
+        summary.dead_lettered.append((ref, reason))
         # Cut to fit (the source topic may take larger records, or hold them compressed): a
         # dead letter the DLQ topic refuses would fail the batch at every retry.
         key, value, headers = dead_letter.fit(
             max_bytes=self._dead_letter_max_bytes,
             key=message.key(),
             value=message.value(),
-            headers=list(cast(_Headers, message.headers()) or ()),
+            headers=list(message.headers() or ()),
             dlq_headers=[
                 (DLQ_REASON, reason.value),
                 (DLQ_ERROR, error),
@@ -346,28 +393,3 @@ class Pipeline:
             # Keep the original timestamp: a replayed `new` event gets back its task id.
             timestamp_ms=message.timestamp()[1],
         )
-
-
-def _transitions(
-    batch: Batch, created: list[str | None], updated: list[str | None]
-) -> list[TaskEvent]:
-    """The task events of an applied batch: tasks created and updates applied, in the order
-    the database applied them (new tasks first, then updates in input order). About a
-    microsecond per event: plain tuples, the trace id sliced out of the traceparent."""
-    events: list[TaskEvent] = [
-        (task.id, "new", task.timestamp, task.traceparent[3:35] if task.traceparent else None)
-        for task, outcome in zip(batch.creates, created, strict=True)
-        if outcome == _CREATED
-    ]
-    if updated:
-        events += [
-            (
-                update.id,
-                update.status.value,
-                iso_utc(update.finished_at),
-                update.traceparent[3:35] if update.traceparent else None,
-            )
-            for update, outcome in zip(batch.updates, updated, strict=True)
-            if outcome == _UPDATED
-        ]
-    return events

@@ -1,41 +1,46 @@
 """The parent process: check the dependencies, fork the workers, keep them alive, stop them.
 
 A short loop in the shape of gunicorn's arbiter. Signal handlers only record the signal (the
-wakeup fd interrupts ``select``); the loop dispatches. Each worker reports on a pipe (see
-:mod:`tm.worker`): a worker that dies is restarted with backoff, one that stops sending
-heartbeats is killed and restarted, and workers that keep failing before they boot halt the
-service with the worker's error in one line (a wrong password must not become a restart storm).
+wakeup fd interrupts ``select``); the loop dispatches it to ``handle_<signal>``, then runs the
+tick of its mode: running, stopping (draining on SIGTERM/SIGINT) or halting. Each child
+reports on a pipe in the line protocol of :mod:`tm.protocol`: a child that dies is restarted
+with backoff, one that stops sending heartbeats is killed and restarted, and a child that keeps
+failing before it boots halts the service with its error in one line (a wrong password must not
+become a restart storm). The children are kept in slots (:mod:`tm.slots`: the workers and the
+API process), and forked, signalled and reaped through :class:`tm.processes.Processes`.
 
 Nothing here imports Kafka or PostgreSQL clients: librdkafka's threads must not cross a fork.
-The pre-flight check and the workers import them in their own children.
+The pre-flight check (:mod:`tm.preflight`) and the workers import them in their own children.
 
 In a container without an init process the supervisor is PID 1: it reaps every child that
-reparents to it (``waitpid(-1)``), and its handlers are installed before the pre-flight check,
-because PID 1 ignores a signal it has no handler for (the kubelet's SIGTERM included). Signals
-are blocked around each ``fork`` so that a SIGTERM in that window waits for whoever it was sent
-to (the parent's handler, or the child's once its event loop handles it).
+reparents to it, and its handlers are installed before the pre-flight check, because PID 1
+ignores a signal it has no handler for (the kubelet's SIGTERM included). Signals are blocked
+around each ``fork`` so that a SIGTERM in that window waits for whoever it was sent to (the
+parent's handler, or the child's once its event loop handles it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
+import enum
+import functools
 import json
 import logging
 import os
 import select
-import shutil
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 
 import msgspec
 
-from tm.config import Settings, cap_workers
+from tm.config import MetricsSettings, Settings, cap_workers
+from tm.observability import metricfiles
+from tm.preflight import PREFLIGHT_TIMEOUT_S as PREFLIGHT_TIMEOUT_S  # tests/e2e import it here
+from tm.preflight import PreflightInterruptedError, preflight
+from tm.processes import OsProcesses, Processes
+from tm.slots import ApiSlot, Slot, WorkerSlot
 
 log = logging.getLogger("tm.supervisor")
 
@@ -43,158 +48,184 @@ LOOP_TICK_S = 0.5
 STATE_INTERVAL_S = 0.5  # how often gauges and the API's state line are refreshed
 API_START_DELAY_MAX_S = 5.0  # the API starts when the workers booted, or after this at most
 MAX_BOOT_FAILURES = 3  # consecutive failures before boot, per slot, before halting
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-STABLE_AFTER_S = 60.0  # a worker up this long resets its slot's restart backoff
-PREFLIGHT_TIMEOUT_S = 60.0
-PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
-# Blocked around fork(): a signal in the window is delivered after it, not lost or fatal.
-_FORK_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
 
 
-class Reporter:
-    """A child's side of its pipe to the supervisor (the lines :meth:`Supervisor._read`
-    parses); never blocks: a line is dropped when the pipe is full."""
-
-    def __init__(self, fd: int | None) -> None:
-        self._fd = fd
-        if fd is not None:
-            os.set_blocking(fd, False)
-
-    def send(self, line: str) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(self._fd, (line.replace("\n", " ") + "\n").encode())
-
-
-@dataclass
-class Slot:
-    number: int
-    role: str = "worker"  # or "api": the HTTP process
-    pid: int = 0
-    state_fd: int = -1  # api only: where the supervisor writes its state lines
-    fd: int = -1
-    buffer: bytes = b""
-    started_at: float = 0.0
-    last_heartbeat: float = 0.0
-    booted: bool = False
-    joined: bool = False  # has had a first assignment (possibly empty) since it started
-    retrying: bool = False  # backing off after a transient failure (database or Kafka down)
-    owned_partitions: int = 0
-    boot_failures: int = 0
-    restarts: int = 0
-    restart_at: float | None = None
-    last_error: str = ""
-    exit_codes: list[int] = field(default_factory=list)
+class Mode(enum.Enum):
+    RUNNING = "running"
+    STOPPING = "stopping"  # a stop signal came: the workers drain, then the API goes
+    HALTING = "halting"  # a slot kept failing before it booted: everything goes, exit 1
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, *, started: float) -> None:
+    """The parent of every worker and of the API process, from :meth:`start` to the exit
+    status :meth:`run` returns (what ``tm run`` exits with)."""
+
+    def __init__(
+        self, settings: Settings, *, started: float, processes: Processes | None = None
+    ) -> None:
+        self._processes: Processes = processes or OsProcesses()
         self._settings = settings
-        self._pid = os.getpid()  # what a child's parent must be: not 1 when we are PID 1
-        self._workers: list[Slot] = []
-        self._api = Slot(-1, role="api")
+        self._workers: list[WorkerSlot] = []
+        self._api = ApiSlot()
         self._slots: list[Slot] = []
         self.configure(settings)
         self._started = started
-        self._started_wall = time.time() - (time.monotonic() - started)
+        self._started_wall = time.time() - (self._processes.monotonic() - started)
         self._startup_s: float | None = None  # until every worker first joined the group
-        self._restarts_total = {"worker": 0, "api": 0}
+        self._restarts_total = {WorkerSlot.role: 0, ApiSlot.role: 0}
         self._last_state = 0.0
         self._signals: list[int] = []
-        self._stopping_since: float | None = None
-        self._halt_error: str | None = None
-        self._draining: list[Slot] = []
-        self._wakeup_r, self._wakeup_w = os.pipe()
+        self._handlers: dict[int, Callable[[int], int | None]] = {
+            signal.SIGCHLD: self.handle_chld,
+            signal.SIGTERM: self.handle_stop,
+            signal.SIGINT: self.handle_stop,
+        }
+        self._mode = Mode.RUNNING
+        self._ticks: dict[Mode, Callable[[], int | None]] = {
+            Mode.RUNNING: self._tick_running,
+            Mode.STOPPING: self._tick_stopping,
+            Mode.HALTING: self._tick_halting,
+        }
+        self._stopping_since = 0.0  # stopping and halting: when it began
+        self._api_stopped = False  # stopping: the API was sent its SIGTERM
+        self._draining: list[Slot] = []  # stopping: the slots running when it began
+        self._halt_error = ""  # halting: why, for the operator
+        self._wakeup_r = self._wakeup_w = -1  # the signal wakeup pipe, once installed
 
     def configure(self, settings: Settings) -> None:
         """Take the settings to run with (before :meth:`run`): one slot per worker."""
         self._settings = settings
-        self._workers = [Slot(n) for n in range(settings.consumer.workers)]
+        self._workers = [WorkerSlot(n) for n in range(settings.consumer.workers)]
         self._slots = [*self._workers, self._api]
 
     # -- signals -----------------------------------------------------------------------------
 
     def install_signals(self) -> None:
+        self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_w, False)
         os.set_blocking(self._wakeup_r, False)
         signal.set_wakeup_fd(self._wakeup_w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(signum, self._on_signal)
+        for signum in self._handlers:
+            signal.signal(signum, self.on_signal)
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
+    def on_signal(self, signum: int, _frame: object = None) -> None:
+        """The signal handler: record the signal for the loop."""
         self._signals.append(signum)
 
     def stop_requested(self) -> bool:
         """A SIGTERM or SIGINT is waiting to be handled."""
         return any(s != signal.SIGCHLD for s in self._signals)
 
-    # -- workers -----------------------------------------------------------------------------
+    def handle_chld(self, _signum: int) -> int | None:
+        self._reap()
+        return None
+
+    def handle_stop(self, signum: int) -> int | None:
+        """SIGTERM, SIGINT: the first drains; a second one kills everything at once."""
+        if self._mode is Mode.RUNNING:
+            self._begin_stop(signum)
+            return None
+        if self._mode is Mode.HALTING:  # already stopping everything, within the grace period
+            return None
+        log.warning("second signal: killing workers and exiting at once")
+        self._kill_all(signal.SIGKILL)
+        self._wait_all()
+        return 128 + signum
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.start()
+        while (code := self.poll(LOOP_TICK_S)) is None:
+            pass
+        return code
+
+    def start(self) -> None:
+        """Spawn the workers; the API process follows (in the running tick)."""
+        for worker in self._workers:
+            self._spawn(worker)
+        # The API process starts once the workers have booted: started together, on a small
+        # machine, it slows one worker's boot enough that the workers join the group one after
+        # the other, and a cooperative rebalance then takes two more rounds.
+        self._api.restart_at = self._now() + API_START_DELAY_MAX_S
+
+    def poll(self, timeout_s: float) -> int | None:
+        """One turn of the loop: wait up to ``timeout_s`` for a line or a signal, read the
+        lines, handle the signals, reap, and run the tick of the mode. Returns the exit status
+        once the supervisor is done, else None."""
+        fds = [s.fd for s in self._slots if s.fd >= 0]
+        if self._wakeup_r >= 0:
+            fds.append(self._wakeup_r)
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout_s)
+        except InterruptedError:
+            readable = []
+        if self._wakeup_r in readable:  # its bytes are the signal numbers, also in _signals
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wakeup_r, 4096):
+                    pass
+        return self._step(readable)
+
+    def _step(self, readable: Collection[int]) -> int | None:
+        for slot in self._slots:
+            if slot.fd in readable:
+                self._read(slot)
+        while self._signals:
+            signum = self._signals.pop(0)
+            code = self._handlers[signum](signum)
+            if code is not None:
+                return code
+        self._reap()
+        return self._ticks[self._mode]()
+
+    def _tick_running(self) -> int | None:
+        self._publish_state()
+        self._check_heartbeats()
+        now = self._now()
+        api = self._api
+        if not api.pid and not api.exit_codes and all(w.booted for w in self._workers):
+            api.restart_at = now  # first start: the workers are up
+        for slot in self._slots:
+            if slot.pid == 0 and slot.restart_at is not None and now >= slot.restart_at:
+                self._spawn(slot)
+        return None
+
+    def _tick_stopping(self) -> int | None:
+        self._publish_state()
+        if self._api.pid and not self._api_stopped and all(w.pid == 0 for w in self._workers):
+            self._processes.kill(self._api.pid, signal.SIGTERM)  # the drain is over: the API too
+            self._api_stopped = True
+        if all(s.pid == 0 for s in self._slots):
+            return self._stopped()
+        if self._now() - self._stopping_since > self._grace_s():
+            log.error("workers did not stop in time; killing them")
+            self._kill_all(signal.SIGKILL)
+            self._wait_all()
+            return 1
+        return None
+
+    def _tick_halting(self) -> int | None:
+        running = any(s.pid for s in self._slots)
+        if running and self._now() - self._stopping_since < self._grace_s():
+            return None
+        self._kill_all(signal.SIGKILL)
+        self._wait_all()
+        print(f"tm: {self._halt_error}", file=sys.stderr)
+        return 1
+
+    # -- children ----------------------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> None:
-        read_fd, write_fd = os.pipe()
-        state_r = state_w = -1
-        if slot.role == "api":
-            state_r, state_w = os.pipe()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                os.close(read_fd)
-                signal.set_wakeup_fd(-1)
-                for signum in (signal.SIGTERM, signal.SIGCHLD):
-                    signal.signal(signum, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor forwards SIGTERM
-                # A SIGTERM before the child's own handler exists must wait, not kill it: the
-                # child unblocks it once its event loop handles it (tm.worker, tm.api.server).
-                signal.pthread_sigmask(
-                    signal.SIG_SETMASK,
-                    (mask | {signal.SIGTERM})
-                    - {
-                        signal.SIGINT,
-                        signal.SIGCHLD,
-                    },
-                )
-                _stop_with_parent(self._pid)
-                for other in self._slots:
-                    for fd in (other.fd, other.state_fd):
-                        if fd >= 0:
-                            os.close(fd)
-                os.close(self._wakeup_r)
-                os.close(self._wakeup_w)
-                if slot.role == "api":
-                    os.close(state_w)
-                    from tm.api.server import main as api_main
-
-                    code = api_main(self._settings, state_fd=state_r, report_fd=write_fd)
-                else:
-                    from tm import worker
-
-                    code = worker.main(self._settings, slot=slot.number, report_fd=write_fd)
-            finally:
-                from tm.observability import logs
-
-                logs.shutdown()  # os._exit skips atexit: export the child's queued log records
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        if slot.role == "api":
-            os.close(state_r)
-            os.set_blocking(state_w, False)
-            slot.state_fd = state_w
-        now = time.monotonic()
-        slot.pid, slot.fd, slot.buffer = pid, read_fd, b""
-        slot.started_at = slot.last_heartbeat = now
-        slot.booted, slot.joined, slot.retrying = False, False, False
-        slot.owned_partitions, slot.restart_at = 0, None
-        if slot.role == "api":
-            log.info("api spawned", extra={"fields": {"pid": pid}})
-        else:
-            log.info("worker spawned", extra={"fields": {"slot": slot.number, "pid": pid}})
+        inherited = [fd for s in self._slots for fd in s.fds()]
+        inherited += [fd for fd in (self._wakeup_r, self._wakeup_w) if fd >= 0]
+        child = self._processes.spawn(
+            functools.partial(slot.main, self._settings),
+            state_pipe=slot.needs_state_pipe,
+            inherited=inherited,
+        )
+        slot.attach(child, self._now())
+        fields = {**slot.spawned_fields(), "pid": child.pid}
+        log.info(f"{slot.role} spawned", extra={"fields": fields})
 
     def _read(self, slot: Slot) -> None:
         try:
@@ -203,65 +234,39 @@ class Supervisor:
             return
         if not chunk:
             return
-        slot.buffer += chunk
-        *lines, slot.buffer = slot.buffer.split(b"\n")
-        now = time.monotonic()
-        for raw in lines:
-            line = raw.decode(errors="replace")
-            slot.last_heartbeat = now
-            if line == "B":
-                slot.booted = True
-                slot.boot_failures = 0
-            elif line.startswith("A "):
-                slot.joined = True
-                slot.owned_partitions = int(line[2:] or 0)
-            elif line.startswith("R "):
-                slot.retrying = line == "R 1"
-            elif line.startswith("F "):
-                slot.last_error = line[2:]
+        now = self._now()
+        for line in slot.reader.feed(chunk):
+            slot.hear(line, now)
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        while (exited := self._processes.reap()) is not None:
+            pid, code = exited
             slot = next((s for s in self._slots if s.pid == pid), None)
-            if slot is None:
+            if slot is None:  # an orphan that reparented to us (PID 1)
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            self._read(slot)
-            os.close(slot.fd)
-            if slot.state_fd >= 0:
-                os.close(slot.state_fd)
-            slot.pid, slot.fd, slot.state_fd = 0, -1, -1
+            self._read(slot)  # its last lines: the F line says why it exited
+            slot.detach()
             slot.exit_codes.append(code)
-            _forget_metrics(pid)
-            if self._stopping_since is not None:
-                log.info(
-                    f"{slot.role} exited", extra={"fields": {"slot": slot.number, "code": code}}
-                )
-                continue
-            self._schedule_restart(slot, code)
+            directory = self._settings.metrics.directory
+            if directory is not None:
+                metricfiles.forget(pid, directory)
+            if self._mode is Mode.RUNNING:
+                self._schedule_restart(slot, code)
+            else:
+                fields = {"slot": slot.number, "code": code}
+                log.info(f"{slot.role} exited", extra={"fields": fields})
 
     def _schedule_restart(self, slot: Slot, code: int) -> None:
-        now = time.monotonic()
+        now = self._now()
         if not slot.booted:
             slot.boot_failures += 1
             if slot.boot_failures >= MAX_BOOT_FAILURES:
-                who = "the API process" if slot.role == "api" else f"worker {slot.number}"
-                self._halt_error = (
-                    f"{who} failed {slot.boot_failures} times before it booted: "
+                self._begin_halt(
+                    f"{slot.who} failed {slot.boot_failures} times before it booted: "
                     f"{slot.last_error or f'exit status {code}'}"
                 )
                 return
-        if now - slot.started_at >= STABLE_AFTER_S:
-            slot.restarts = 0
-        delay = RESTART_BACKOFF_S[min(slot.restarts, len(RESTART_BACKOFF_S) - 1)]
-        slot.restarts += 1
-        slot.restart_at = now + delay
+        delay = slot.schedule_restart(now)
         self._restarts_total[slot.role] += 1
         log.error(
             f"{slot.role} died; restarting",
@@ -278,7 +283,7 @@ class Supervisor:
 
     def _check_heartbeats(self) -> None:
         timeout_s = self._settings.consumer.heartbeat_timeout_ms / 1000
-        now = time.monotonic()
+        now = self._now()
         for slot in self._slots:
             if slot.pid and now - slot.last_heartbeat > timeout_s:
                 log.error(
@@ -286,69 +291,27 @@ class Supervisor:
                     extra={"fields": {"slot": slot.number, "pid": slot.pid}},
                 )
                 slot.last_error = f"no heartbeat for {timeout_s:.0f} s"
-                _kill(slot.pid, signal.SIGKILL)
+                self._processes.kill(slot.pid, signal.SIGKILL)
                 slot.last_heartbeat = now  # killed once; the reaper restarts it
 
-    # -- the loop ----------------------------------------------------------------------------
+    def _kill_all(self, signum: int) -> None:
+        for slot in self._slots:
+            if slot.pid:
+                self._processes.kill(slot.pid, signum)
 
-    def run(self) -> int:
-        for worker in self._workers:
-            self._spawn(worker)
-        # The API process starts once the workers have booted: started together, on a small
-        # machine, it slows one worker's boot enough that the workers join the group one after
-        # the other, and a cooperative rebalance then takes two more rounds.
-        self._api.restart_at = time.monotonic() + API_START_DELAY_MAX_S
-        while True:
-            fds = [self._wakeup_r] + [s.fd for s in self._slots if s.fd >= 0]
-            try:
-                readable, _, _ = select.select(fds, [], [], LOOP_TICK_S)
-            except InterruptedError:
-                readable = []
-            if self._wakeup_r in readable:
-                _drain(self._wakeup_r)
-            for slot in self._slots:
-                if slot.fd in readable:
-                    self._read(slot)
-            while self._signals:
-                signum = self._signals.pop(0)
-                if signum == signal.SIGCHLD:
-                    self._reap()
-                elif self._stopping_since is None:
-                    self._begin_stop(signum)
-                else:
-                    log.warning("second signal: killing workers and exiting at once")
-                    self._kill_all(signal.SIGKILL)
-                    self._wait_all()
-                    return 128 + signum
-            self._reap()
-            self._publish_state()
-            if self._halt_error is not None:
-                return self._halt()
-            if self._stopping_since is not None:
-                if self._api.pid and all(w.pid == 0 for w in self._workers):
-                    _kill(self._api.pid, signal.SIGTERM)  # the drain is over: the API goes too
-                if all(s.pid == 0 for s in self._slots):
-                    return self._stopped()
-                if time.monotonic() - self._stopping_since > self._grace_s():
-                    log.error("workers did not stop in time; killing them")
-                    self._kill_all(signal.SIGKILL)
-                    self._wait_all()
-                    return 1
-                continue
-            self._check_heartbeats()
-            now = time.monotonic()
-            api = self._api
-            if not api.pid and not api.exit_codes and all(w.booted for w in self._workers):
-                api.restart_at = now  # first start: the workers are up
-            for slot in self._slots:
-                if slot.pid == 0 and slot.restart_at is not None and now >= slot.restart_at:
-                    self._spawn(slot)
+    def _wait_all(self) -> None:
+        for slot in self._slots:
+            if slot.pid:
+                self._processes.wait(slot.pid)
+                slot.detach()
+
+    # -- state, stop and halt ----------------------------------------------------------------
 
     def _publish_state(self) -> None:
         """The one-time "ready" line, and the state line the API process serves (and turns into
         the supervisor's metrics: this process writes no metric files, which its later children
         would inherit)."""
-        now = time.monotonic()
+        now = self._now()
         if now - self._last_state < STATE_INTERVAL_S:
             return
         self._last_state = now
@@ -361,25 +324,11 @@ class Supervisor:
             "started_at": self._started_wall,
             "startup_s": self._startup_s,
             "restarts_total": self._restarts_total,
-            "stopping": self._stopping_since is not None,
-            "workers": [
-                {
-                    "slot": w.number,
-                    "pid": w.pid,
-                    "booted": w.booted,
-                    "joined": w.joined,
-                    "partitions": w.owned_partitions,
-                    "restarts": w.restarts,
-                    "retrying": w.retrying,
-                }
-                for w in self._workers
-            ],
+            "stopping": self._mode is not Mode.RUNNING,
+            "workers": [w.state() for w in self._workers],
         }
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(self._api.state_fd, (json.dumps(state) + "\n").encode())
-
-    def _grace_s(self) -> float:
-        return self._settings.consumer.graceful_shutdown_timeout_ms / 1000
 
     def _begin_stop(self, signum: int) -> None:
         self._last_state = 0.0  # tell the API at once: readiness falls during the drain
@@ -387,13 +336,14 @@ class Supervisor:
             "stopping workers",
             extra={"fields": {"signal": signal.Signals(signum).name, "grace_s": self._grace_s()}},
         )
-        self._stopping_since = time.monotonic()
+        self._mode = Mode.STOPPING
+        self._stopping_since = self._now()
         self._draining = [s for s in self._slots if s.pid]
         self._publish_state()
         # Workers first; the API keeps answering (readiness 503, "stopping") until they are done.
         for worker in self._workers:
             if worker.pid:
-                _kill(worker.pid, signal.SIGTERM)
+                self._processes.kill(worker.pid, signal.SIGTERM)
 
     def _stopped(self) -> int:
         # Clean: every worker running when the stop began drained and exited 0 (a slot that
@@ -402,135 +352,18 @@ class Supervisor:
         log.info("stopped", extra={"fields": {"clean": clean}})
         return 0 if clean else 1
 
-    def _halt(self) -> int:
-        log.error("halting: %s", self._halt_error)
-        self._stopping_since = time.monotonic()
+    def _begin_halt(self, error: str) -> None:
+        self._halt_error = error
+        log.error("halting: %s", error)
+        self._mode = Mode.HALTING
+        self._stopping_since = self._now()
         self._kill_all(signal.SIGTERM)
-        deadline = time.monotonic() + self._grace_s()
-        while any(s.pid for s in self._slots) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            self._reap()
-        self._kill_all(signal.SIGKILL)
-        self._wait_all()
-        print(f"tm: {self._halt_error}", file=sys.stderr)
-        return 1
 
-    def _kill_all(self, signum: int) -> None:
-        for slot in self._slots:
-            if slot.pid:
-                _kill(slot.pid, signum)
+    def _grace_s(self) -> float:
+        return self._settings.consumer.graceful_shutdown_timeout_ms / 1000
 
-    def _wait_all(self) -> None:
-        for slot in self._slots:
-            if slot.pid:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(slot.pid, 0)
-                slot.pid = 0
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
-
-
-def _forget_metrics(pid: int) -> None:
-    """Drop the live gauges of a child that exited (its counters stay in the sums)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-
-
-def _stop_with_parent(parent_pid: int) -> None:
-    """In a child: ask Linux for a SIGTERM when the supervisor dies (even by SIGKILL), so that
-    no worker or API process outlives it holding partitions or APP_PORT."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the heartbeat pipe closing is the fallback
-        return
-    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)  # pending (blocked) until the child handles it
-
-
-def _drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 4096):
-            pass
-
-
-class PreflightInterruptedError(Exception):
-    """A stop signal arrived before the workers were started."""
-
-
-def preflight(settings: Settings, *, stop_requested: Callable[[], bool]) -> tuple[str | None, int]:
-    """Check PostgreSQL, the schema and Kafka in a child process (so that no client thread
-    lives in this one before it forks). Returns the problem in one line (None: none) and the
-    task-status topic's partition count; raises PreflightInterruptedError when
-    ``stop_requested()`` turns true meanwhile (the check is then killed)."""
-    read_fd, write_fd = os.pipe()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for signum in _FORK_BLOCKED:
-                signal.signal(signum, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(read_fd)
-            from tm.commands import preflight as check
-
-            os.write(write_fd, msgspec.json.encode(check(settings)))
-            code = 0
-        finally:
-            os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    os.close(write_fd)
-    deadline = time.monotonic() + PREFLIGHT_TIMEOUT_S
-    chunks: list[bytes] = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or stop_requested():
-            _kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_fd)
-            if remaining > 0:
-                raise PreflightInterruptedError
-            return f"pre-flight check did not finish in {PREFLIGHT_TIMEOUT_S:.0f} s", 0
-        try:  # a signal interrupts the wait (the handler's wakeup fd is not watched here)
-            readable, _, _ = select.select([read_fd], [], [], min(remaining, LOOP_TICK_S))
-        except InterruptedError:
-            continue
-        if readable:
-            chunk = os.read(read_fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        return "pre-flight check crashed", 0
-    found = json.loads(b"".join(chunks))  # tm.commands.Preflight (its module loads clients)
-    return found["problem"], found["partitions"]
-
-
-def _metrics_directory() -> str | None:
-    """Point prometheus-client's multiprocess mode at an empty directory; return it if we made
-    it (to remove it on exit). An operator's PROMETHEUS_MULTIPROC_DIR is emptied and used."""
-    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if configured:
-        os.makedirs(configured, exist_ok=True)
-        for name in os.listdir(configured):
-            if name.endswith(".db"):
-                os.remove(os.path.join(configured, name))
-        return None
-    made = tempfile.mkdtemp(prefix="tm-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
-    return made
+    def _now(self) -> float:
+        return self._processes.monotonic()
 
 
 def run(settings: Settings) -> int:
@@ -546,7 +379,6 @@ def run(settings: Settings) -> int:
         print(f"tm: cannot start: {problem}", file=sys.stderr)
         return 1
     settings = cap_workers(settings, partitions=partitions)  # a worker more would own nothing
-    supervisor.configure(settings)
     log.info(
         "starting",
         extra={
@@ -558,9 +390,8 @@ def run(settings: Settings) -> int:
             }
         },
     )
-    made = _metrics_directory()
-    try:
+    with metricfiles.directory(settings.metrics.directory) as directory:
+        # The children get the directory in their settings, made or not (tm.observability).
+        metrics = MetricsSettings(directory=directory)
+        supervisor.configure(msgspec.structs.replace(settings, metrics=metrics))
         return supervisor.run()
-    finally:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)

@@ -13,13 +13,14 @@ import uuid
 from datetime import UTC, datetime
 
 import orjson
-from confluent_kafka import Producer
 
-from tm.adapters import kafka, postgres
+from tm.adapters import postgres
+from tm.adapters.kafka.tools import Headers, Publisher
 from tm.config import Settings
 from tm.errors import KafkaUnavailableError
 
-Headers = list[tuple[str, str | bytes | None]]
+LINGER_MS = 5  # sample traffic is sent as fast as it goes: batch it a little
+FLUSH_TIMEOUT_S = 60.0
 
 QUERIES = (
     "Find product information",
@@ -71,44 +72,25 @@ def update_message(task_id: uuid.UUID, *, failed: bool) -> tuple[Headers, bytes]
     return headers, orjson.dumps(body)
 
 
-def _producer(settings: Settings) -> Producer:
-    config = kafka.client_config(settings.kafka)
-    config.update({"enable.idempotence": True, "acks": "all", "linger.ms": 5})
-    return Producer(config)
-
-
 def _send(
     settings: Settings,
     messages: list[tuple[bytes | None, Headers, bytes]],
     rate: float | None,
 ) -> int:
-    producer = _producer(settings)
+    publisher = Publisher(settings.kafka, linger_ms=LINGER_MS)
     topic = settings.kafka.task_status_topic
-    failures: list[str] = []
-
-    def on_delivery(error: object, _message: object) -> None:
-        if error is not None:
-            failures.append(str(error))
-
     started = time.monotonic()
     for i, (key, headers, value) in enumerate(messages):
         if rate:
             delay = started + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        while True:
-            try:
-                producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
-                )
-                break
-            except BufferError:
-                producer.poll(0.05)
-        producer.poll(0)
-    left = producer.flush(60)
-    if left or failures:
+        publisher.produce(topic, key=key, value=value, headers=headers)
+    delivery = publisher.flush(FLUSH_TIMEOUT_S)
+    if not delivery.is_complete:
+        failures = delivery.failures
         raise KafkaUnavailableError(
-            f"{left} message(s) unacknowledged, {len(failures)} failed"
+            f"{delivery.unacknowledged} message(s) unacknowledged, {len(failures)} failed"
             + (f": {failures[0]}" if failures else "")
         )
     return len(messages)

@@ -33,7 +33,7 @@ from tm.adapters import kafka, postgres
 from tm.config import Settings
 from tm.supervisor import PREFLIGHT_TIMEOUT_S
 from tm.traffic import new_task_message, update_message
-from tm.worker import REVOKE_BUDGET_S
+from tm.worker.threads import REVOKE_BUDGET_S
 
 pytestmark = pytest.mark.e2e
 
@@ -285,7 +285,9 @@ def test_database_cut_mid_stream_commits_nothing_unapplied(
     assert "worker died" not in output, output
 
 
-def test_database_backends_terminated_under_load(stack: Stack, tmp_path: Path) -> None:
+def test_database_backends_terminated_under_load_are_retried_and_every_task_applied(
+    stack: Stack, tmp_path: Path
+) -> None:
     tm = TmRun(stack, tmp_path, TM_WORKERS="2", **FAST)
     feeder: Feeder | None = None
     try:

@@ -36,9 +36,7 @@ SECRET_KEYS = {
     "REDIS_URL",  # redis://user:password@host...
 }
 # Set by the StatefulSet itself (downward API / its volumes), so in neither ConfigMap nor Secret.
-POD_KEYS = {"KAFKA_GROUP_INSTANCE_ID"}
-# Read outside tm/config.py: the supervisor's metrics directory (README "Configuration").
-OTHER_KNOWN = {"PROMETHEUS_MULTIPROC_DIR"}
+POD_KEYS = {"KAFKA_GROUP_INSTANCE_ID", "PROMETHEUS_MULTIPROC_DIR"}
 # Measured RSS (README "Deploy on Kubernetes": `tm run` with TM_WORKERS=1 and 2, 20,000 and
 # 100,000 tasks): supervisor + API process, and the high-water mark of one worker.
 FIXED_MIB, PER_WORKER_MIB = 39 + 55, 115
@@ -272,7 +270,7 @@ def test_configmap_secret_and_pod_env_do_not_overlap(
         assert set(secret_data(secret)) == SECRET_KEYS
     # A literal env entry would silently override the ConfigMap or Secret key of that name.
     literal = {v["name"] for v in tm_container(objects).get("env", [])}
-    assert literal == POD_KEYS | OTHER_KNOWN
+    assert literal == POD_KEYS
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -280,7 +278,7 @@ def test_every_variable_the_pods_get_is_known_and_parses(
     rendered: dict[str, list[Obj]], overlay: str
 ) -> None:
     objects = with_secret(rendered[overlay])
-    known = config_names() | OTHER_KNOWN
+    known = config_names()
     for where, spec, container in every_container(objects):
         env = container_env(objects, spec, container)
         assert not set(env) - known, f"{where}: variables tm does not know: {set(env) - known}"
@@ -306,7 +304,9 @@ def test_config_only_exits_2_naming_a_bad_setting(rendered: dict[str, list[Obj]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_statefulset_pod_spec(rendered: dict[str, list[Obj]], overlay: str) -> None:
+def test_statefulset_pods_have_static_ids_probes_drain_time_lockdown_and_node_spread(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
     objects = rendered[overlay]
     sts = statefulset(objects)
     spec = pod_spec(objects)

@@ -1,26 +1,23 @@
 """The pieces of tm.observability.logs in-process: masking, the two line formats, the shared
 file handler's rotation (tm.observability.logfiles), and the OTel handler's severities and ids.
-No test here calls ``setup()``, which would replace pytest's own handlers on the root logger;
-tests/e2e/test_logs.py runs it in real processes.
+No test here calls ``setup()`` in pytest's process, where it would replace pytest's own handlers
+on the root logger: one runs it in a child interpreter (what it builds, with and without the
+exporter), and tests/e2e/test_logs.py checks what real processes write with it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
-from opentelemetry.sdk._logs.export import (
-    InMemoryLogRecordExporter,
-    LogRecordExporter,
-    LogRecordExportResult,
-    SimpleLogRecordProcessor,
-)
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.trace import TracerProvider
 
 from tm.observability import logfiles, logs
@@ -265,26 +262,33 @@ def test_otel_skips_the_exporters_own_records_and_closed_handlers(
     assert exporter.get_finished_logs() == ()
 
 
-class _Counting(LogRecordExporter):
-    def __init__(self) -> None:
-        self.exports = self.shutdowns = 0
+# -- setup ---------------------------------------------------------------------------------------
 
-    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        self.exports += 1
-        return LogRecordExportResult.SUCCESS
+SETUP = """
+import sys, threading
+from tm import config
+from tm.observability import logs
 
-    def shutdown(self) -> None:
-        self.shutdowns += 1
+settings = config.load({"LOG_FORMAT": "otel", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
 
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return True
+def otlp():
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("OtelBatch")]
+    exporter = "opentelemetry.exporter.otlp.proto.http._log_exporter" in sys.modules
+    return logs._state.provider is not None, exporter, len(threads)
+
+logs.setup(settings.log, settings.otel, environment="test", export=False)
+print(otlp(), len(logs.logging.getLogger().handlers))
+logs.setup(settings.log, settings.otel, environment="test")
+logs.setup(settings.log, settings.otel, environment="test")
+print(otlp(), len(logs.logging.getLogger().handlers))
+"""
 
 
-def test_the_fork_guard_sends_nothing_from_another_process() -> None:
-    inner = _Counting()
-    guard = logs._ForkGuardExporter(inner)
-    assert guard.export([]) is LogRecordExportResult.SUCCESS
-    guard._pid = -1  # as seen from a forked child
-    assert guard.export([]) is LogRecordExportResult.FAILURE
-    guard.shutdown()
-    assert (inner.exports, inner.shutdowns) == (1, 0)
+def test_the_supervisors_setup_builds_no_exporter_and_a_second_call_replaces_the_first() -> None:
+    """export=False (before a fork): no provider, no exporter module, no thread; the children's
+    setup() builds one, and calling it again leaves one set of handlers and one thread."""
+    done = subprocess.run(
+        [sys.executable, "-c", SETUP], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["(False, False, 0) 2", "(True, True, 1) 3"]

@@ -66,8 +66,8 @@ class Parts:
         )
 
     async def run(self, messages: list[FakeMessage]) -> Any:
-        batch = self.pipeline.assemble(messages)  # type: ignore[arg-type]
-        return await self.pipeline.process(batch, messages)  # type: ignore[arg-type]
+        batch = self.pipeline.assemble(messages)
+        return await self.pipeline.process(batch, messages)
 
 
 @pytest.fixture
@@ -213,7 +213,8 @@ async def test_task_events_are_the_batch_transitions_in_applied_order() -> None:
     parts = Parts(events=events)
     task = uuid.uuid4()
     first = new(0)
-    first._headers = [*first._headers, ("task_id", str(task).encode())]  # type: ignore[list-item]
+    assert first._headers is not None
+    first._headers = [*first._headers, ("task_id", str(task).encode())]
     await parts.run([first, new(1)])
     created = events.batches[0]
     assert [(e[1], e[2], e[3]) for e in created] == [("new", TS.decode(), None)] * 2

@@ -22,8 +22,8 @@ from tests.fakes import FakeDatabase, FakeMessage, FakeSink
 from tm import config
 from tm.core.messages import NewTask, StatusUpdate
 from tm.errors import DatabaseUnavailableError, KafkaUnavailableError
-from tm.observability import tracing
-from tm.pipeline import Pipeline
+from tm.observability import trace_export, tracing
+from tm.pipeline import NO_TRACER, Pipeline
 
 TS = b"2025-08-10T10:18:59.023Z"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -78,12 +78,17 @@ class Traced:
     def __init__(self, *, enabled: bool = True, rate: float = 1.0) -> None:
         self.settings = config.load({"OTEL_ENABLED": "true", "TRACING_SAMPLING_RATE": str(rate)})
         self.exporter = InMemorySpanExporter()
-        self.provider = tracing.make_provider(self.settings)
+        self.provider = trace_export.make_provider(self.settings)
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.tracing = (
-            tracing.Tracing(self.provider, topic=self.settings.kafka.task_status_topic)
+            tracing.Tracing(
+                self.provider,
+                topic=self.settings.kafka.task_status_topic,
+                requests_topic=REQUESTS,
+                dlq_topic=DLQ,
+            )
             if enabled
-            else None
+            else NO_TRACER
         )
         self.database = FakeDatabase()
         self.sink = FakeSink()
@@ -96,8 +101,8 @@ class Traced:
         )
 
     async def run(self, messages: list[FakeMessage]) -> Any:
-        batch = self.pipeline.assemble(messages)  # type: ignore[arg-type]
-        return await self.pipeline.process(batch, messages)  # type: ignore[arg-type]
+        batch = self.pipeline.assemble(messages)
+        return await self.pipeline.process(batch, messages)
 
     def spans(self, name: str) -> list[ReadableSpan]:
         return [s for s in self.exporter.get_finished_spans() if s.name == name]
@@ -226,8 +231,8 @@ async def test_tracing_off_creates_no_span_and_sends_the_same_crawl_requests() -
     off = Traced(enabled=False)
     await off.run(messages)
     assert off.exporter.get_finished_spans() == ()
-    assert tracing.setup(config.load({})) is None  # OTEL_ENABLED defaults to false
-    assert tracing.setup(config.load({"OTEL_ENABLED": "false"})) is None
+    assert trace_export.setup(config.load({})) is None  # OTEL_ENABLED defaults to false
+    assert trace_export.setup(config.load({"OTEL_ENABLED": "false"})) is None
 
     # What tm sent before tracing existed: the upstream headers, unchanged.
     sent = {m["key"]: m for m in off.requests()}
@@ -347,7 +352,7 @@ def test_the_resource_names_the_service() -> None:
             "NODE_ENV": "production",
         }
     )
-    provider = tracing.make_provider(settings)
+    provider = trace_export.make_provider(settings)
     attributes = dict(provider.resource.attributes)
     assert attributes["service.name"] == "tm-test"
     assert attributes["service.version"] == "9.9.9"
@@ -379,7 +384,7 @@ def test_close_gives_up_on_a_stuck_exporter_at_its_deadline() -> None:
 
     settings = config.load({"OTEL_ENABLED": "true"})
     exporter = Stuck()
-    provider = tracing.make_provider(settings)
+    provider = trace_export.make_provider(settings)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1))
     traces = tracing.Tracing(provider, topic="t", exporter=exporter)
     provider.get_tracer("test").start_span("x").end()
@@ -392,7 +397,7 @@ def test_close_gives_up_on_a_stuck_exporter_at_its_deadline() -> None:
 
 
 def test_the_sdk_drop_warning_is_throttled() -> None:
-    throttle = tracing._Throttle(60.0)
+    throttle = trace_export._Throttle(60.0)
     record = logging.LogRecord("x", logging.WARNING, "", 0, "Queue full", None, None)
     assert throttle.filter(record)
     assert not throttle.filter(record)

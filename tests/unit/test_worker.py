@@ -1,86 +1,191 @@
-"""The worker's decisions that need no broker: ownership recorded inside the rebalance callbacks
-(whatever the event loop is doing), the pause flag an assignment gets, and heartbeats that stop
+"""The worker's decisions that need no broker, with fakes of our own Protocols: ownership
+recorded inside the rebalance callbacks (whatever the event loop is doing), the pause flag an
+assignment gets, the drain order at a stop, the rewind after a failure, and heartbeats that stop
 when a client call hangs in one of the worker's threads."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+import orjson
 import pytest
-from confluent_kafka import TopicPartition
 
+from tests.fakes import FakeDatabase, FakeMessage, FakeSink
 from tm.config import Settings
-from tm.worker import POLL_STUCK_AFTER_S, Worker, stuck_thread
+from tm.core.decode import RawMessage
+from tm.errors import DatabaseUnavailableError
+from tm.pipeline import Pipeline
+from tm.protocol import LineReader, Reporter
+from tm.worker import Worker
+from tm.worker.threads import POLL_STUCK_AFTER_S, stuck_thread
+
+TS = b"2025-08-10T10:18:59.023Z"
+
+
+class Pipe:
+    """The real Reporter on a real pipe, read back as the supervisor reads it."""
+
+    def __init__(self) -> None:
+        self._read, write = os.pipe()
+        os.set_blocking(self._read, False)
+        self.reporter = Reporter(write)
+        self._reader = LineReader()
+        self.lines: list[str] = []
+
+    def read(self) -> list[str]:
+        try:
+            chunk = os.read(self._read, 65536)
+        except BlockingIOError:
+            chunk = b""
+        for line in self._reader.feed(chunk):
+            assert line.code is not None
+            self.lines.append(f"{line.code.value} {line.text}".strip())
+        return self.lines
 
 
 @dataclass
-class LinesSent:
-    """Stands in for the pipe to the supervisor (tm.supervisor.Reporter)."""
+class FakeAssignment:
+    """What the assign callback gets (tm.adapters.kafka.Assignment), recording take()."""
 
-    lines: list[str] = field(default_factory=list)
+    partitions: list[int]
+    taken: list[bool] = field(default_factory=list)
 
-    def send(self, line: str) -> None:
-        self.lines.append(line)
+    def take(self, *, paused: bool) -> None:
+        self.taken.append(paused)
 
 
 @dataclass
-class CallbackSource:
-    """The part of KafkaSource the rebalance callbacks use, recording what they asked for."""
+class FakeSource:
+    """The consumer (tm.worker.consume.Source): hands out the polls given, then nothing;
+    records what the loop asked of it."""
 
-    assigned: list[tuple[list[int], bool]] = field(default_factory=list)
-    resumed: list[list[int]] = field(default_factory=list)
+    polls: list[list[FakeMessage]]
+    calls: list[tuple[str, object]] = field(default_factory=list)
+    after_first_poll: threading.Event = field(default_factory=threading.Event)
+    after_pause: threading.Event = field(default_factory=threading.Event)
 
-    def assign_in_callback(self, _consumer: Any, partitions: list[Any], *, paused: bool) -> None:
-        self.assigned.append(([tp.partition for tp in partitions], paused))
+    def poll(
+        self, max_messages: int, timeout_s: float, commit: dict[int, int] | None, linger_s: float
+    ) -> Sequence[RawMessage]:
+        if commit:
+            self.calls.append(("commit async", commit))
+        if not self.polls:
+            time.sleep(timeout_s)
+            return []
+        polled = self.polls.pop(0)
+        self.after_first_poll.set()
+        return polled
 
-    def resume_in_callback(self, _consumer: Any, partitions: list[Any]) -> None:
-        self.resumed.append([tp.partition for tp in partitions])
+    def commit(self, committable: dict[int, int]) -> None:
+        self.calls.append(("commit", committable))
+
+    def rewind(self, first_offsets: dict[int, int]) -> None:
+        self.calls.append(("rewind", first_offsets))
+
+    def pause(self, partitions: list[int]) -> None:
+        self.calls.append(("pause", partitions))
+        self.after_pause.set()
+
+    def resume(self, partitions: list[int]) -> None:
+        self.calls.append(("resume", partitions))
+
+
+def new(offset: int, partition: int = 0) -> FakeMessage:
+    headers = [("task_type", b"web-crawl"), ("status", b"new"), ("timestamp", TS)]
+    body = {"user_email": f"u{offset}@example.com", "user_query": "q", "base_url": "https://x.io"}
+    return FakeMessage(headers, orjson.dumps(body), partition, offset)
 
 
 @pytest.fixture
-def worker(settings: Settings) -> Iterator[Worker]:
-    w = Worker(settings, slot=0, reporter=LinesSent())  # type: ignore[arg-type]
-    w._source = CallbackSource()  # type: ignore[assignment]
-    # A loop that never runs: the callbacks must not need it to record ownership.
-    w._loop = asyncio.new_event_loop()
+def pipe() -> Pipe:
+    return Pipe()
+
+
+@pytest.fixture
+def worker(settings: Settings, pipe: Pipe) -> Iterator[Worker]:
+    w = Worker(settings, slot=0, reporter=pipe.reporter)
     yield w
-    w._loop.close()
+    w.threads.shutdown()
 
 
-def tps(*partitions: int) -> list[TopicPartition]:
-    return [TopicPartition("task-status", p) for p in partitions]
-
-
-def test_assignment_is_recorded_inside_the_callback_even_when_the_loop_is_busy(
-    worker: Worker,
+def test_an_assignment_is_recorded_inside_the_callback_while_no_event_loop_runs(
+    worker: Worker, pipe: Pipe
 ) -> None:
-    started = time.monotonic()
-    worker._on_assign(None, tps(3, 4))
-    assert time.monotonic() - started < 1.0  # it did not wait for the loop
-    assert worker._state.owned == {3, 4}
-    assert worker._reporter.lines == ["A 2"]  # type: ignore[attr-defined]
+    worker.consumption.on_assign(FakeAssignment([3, 4]))  # type: ignore[arg-type]
+    assert worker.consumption.state.owned == {3, 4}
+    assert pipe.read() == ["A 2"]
 
 
 def test_an_assignment_is_resumed_normally_and_paused_while_backing_off(worker: Worker) -> None:
-    source: CallbackSource = worker._source  # type: ignore[assignment]
-    worker._on_assign(None, tps(0, 1))
-    worker._state.paused = True
-    worker._on_assign(None, tps(2))
-    assert source.assigned == [([0, 1], False), ([2], True)]
+    first, second = FakeAssignment([0, 1]), FakeAssignment([2])
+    worker.consumption.on_assign(first)  # type: ignore[arg-type]
+    worker.consumption.state.paused = True
+    worker.consumption.on_assign(second)  # type: ignore[arg-type]
+    assert (first.taken, second.taken) == ([False], [True])
 
 
-def test_lost_partitions_are_forgotten_and_unpaused_inside_the_callback(worker: Worker) -> None:
-    source: CallbackSource = worker._source  # type: ignore[assignment]
-    worker._on_assign(None, tps(0, 1, 2))
-    worker._state.committable.update({0: 5, 1: 10, 2: 20})
-    worker._on_lost(None, tps(1, 2))
-    assert worker._state.owned == {0}
-    assert worker._state.take_commit() == {0: 5}  # 1 and 2 are another member's now
-    assert source.resumed == [[1, 2]]
+def test_lost_partitions_are_forgotten_inside_the_callback_and_never_committed(
+    worker: Worker, pipe: Pipe
+) -> None:
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0, 1, 2]))  # type: ignore[arg-type]
+    consumption.state.committable.update({0: 5, 1: 10, 2: 20})
+    consumption.on_lost([1, 2])
+    assert consumption.state.owned == {0}
+    assert consumption.state.take_commit() == {0: 5}  # 1 and 2 are another member's now
+    assert pipe.read() == ["A 3", "A 1"]
+
+
+async def test_at_a_stop_the_last_batch_is_applied_and_acknowledged_before_revoke_commits_it(
+    worker: Worker, settings: Settings
+) -> None:
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0]))  # type: ignore[arg-type]
+    source = FakeSource(polls=[[new(7), new(8)]])
+    database, sink = FakeDatabase(), FakeSink()
+    pipeline = Pipeline(
+        settings=settings, database=database, sink=sink, io_executor=worker.threads.io_executor
+    )
+    running = asyncio.create_task(consumption.run(source, pipeline))
+    await asyncio.to_thread(source.after_first_poll.wait, 10)
+    worker._stopping.set()  # the SIGTERM handler's doing
+    await running
+    # Drained: the batch is in the database and its crawl requests are acknowledged...
+    assert len(database.tasks) == 2
+    assert len(sink.acknowledged) == 2
+    assert source.calls == []  # ...and nothing was committed from the loop:
+    # the revoke callback (in the poll thread, inside close) commits it before the partition goes.
+    await asyncio.to_thread(consumption.on_revoke, [0])
+    assert source.calls == [("commit", {0: 9})]
+    assert consumption.state.owned == set()
+
+
+async def test_a_failed_batch_rewinds_its_partitions_pauses_and_commits_nothing(
+    worker: Worker, settings: Settings, pipe: Pipe
+) -> None:
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0, 1]))  # type: ignore[arg-type]
+    source = FakeSource(polls=[[new(3, 0), new(5, 1)], []])
+    database = FakeDatabase(fail_with=DatabaseUnavailableError("connection refused"))
+    pipeline = Pipeline(
+        settings=settings,
+        database=database,
+        sink=FakeSink(),
+        io_executor=worker.threads.io_executor,
+    )
+    running = asyncio.create_task(consumption.run(source, pipeline))
+    await asyncio.to_thread(source.after_pause.wait, 10)
+    worker._stopping.set()
+    await running
+    assert source.calls[:2] == [("rewind", {0: 3, 1: 5}), ("pause", [0, 1])]
+    assert not any(call == "commit" or call == "commit async" for call, _ in source.calls)
+    assert consumption.state.paused
+    assert "R 1" in pipe.read()  # readiness reports the retry
 
 
 def test_a_thread_is_stuck_only_past_its_bound() -> None:
@@ -94,20 +199,21 @@ def test_a_thread_is_stuck_only_past_its_bound() -> None:
     }
 
 
-async def test_heartbeats_stop_while_a_poll_hangs(worker: Worker) -> None:
-    reporter: LinesSent = worker._reporter  # type: ignore[assignment]
-    worker._busy_since["poll"] = time.monotonic() - POLL_STUCK_AFTER_S - 1
-    beating = asyncio.create_task(worker._heartbeat())
+async def test_heartbeats_stop_while_a_poll_hangs(worker: Worker, pipe: Pipe) -> None:
+    worker.threads.busy_since["poll"] = time.monotonic() - POLL_STUCK_AFTER_S - 1
+    beating = asyncio.create_task(worker.heartbeat())
     await asyncio.sleep(0)  # one turn: the heartbeat's first round
-    assert "H" not in reporter.lines
-    assert any(line.startswith("F poll thread hung") for line in reporter.lines)
     beating.cancel()
+    lines = pipe.read()
+    assert "H" not in lines
+    assert any(line.startswith("F poll thread hung") for line in lines)
 
 
-async def test_heartbeats_flow_while_calls_stay_within_their_bounds(worker: Worker) -> None:
-    reporter: LinesSent = worker._reporter  # type: ignore[assignment]
-    worker._busy_since["poll"] = time.monotonic()  # a poll just began
-    beating = asyncio.create_task(worker._heartbeat())
+async def test_heartbeats_flow_while_calls_stay_within_their_bounds(
+    worker: Worker, pipe: Pipe
+) -> None:
+    worker.threads.busy_since["poll"] = time.monotonic()  # a poll just began
+    beating = asyncio.create_task(worker.heartbeat())
     await asyncio.sleep(0)
     beating.cancel()
-    assert reporter.lines == ["H"]
+    assert pipe.read() == ["H"]

@@ -1,14 +1,10 @@
-"""PostgreSQL for the API process: a small pool of its own, checked in the background, and the
-read queries behind ``/api/metrics*`` and ``/api/tasks*``.
+"""PostgreSQL as the API process sees it: the background check of the health probes, and the
+queries of the handlers, run through the API's own pool (:mod:`tm.adapters.api_database`).
 
-The pool is opened without connecting (``min_size=0``), so the API answers liveness even when the
-database is down at start. A loop runs ``SELECT`` every :data:`PING_INTERVAL_S` and keeps the
-answer (:class:`~tm.api.check.Check`); health probes read it and never query. Every query has a
-deadline. Errors leave this module translated (:func:`tm.adapters.postgres.translate_error`).
-
-Each query is served by an index (``sql/0001_schema.sql``): the windowed counts and the listing by
-status by ``(status, created_at, id)``, the listing of all tasks by ``(created_at, id)``, a task
-by its primary key.
+A loop asks the server every :data:`PING_INTERVAL_S` whether it answers and the schema is
+migrated, and keeps the answer (:class:`~tm.api.check.Check`); health probes read it and never
+query. The queries raise tm's errors (DatabaseUnavailableError when the database is down or slow).
+The SQL and its constants are the adapter's, named here too for the benchmark and the tests.
 """
 
 from __future__ import annotations
@@ -20,78 +16,37 @@ import time
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
-from tm.adapters.postgres import connect_kwargs, translate_error
+from tm.adapters.api_database import (
+    LIST_RESULT_CHARS,
+    POOL_SIZE,
+    TASK_SQL,
+    ReadPool,
+    Row,
+    list_sql,
+)
 from tm.api.check import Check
 from tm.config import PostgresSettings
 from tm.errors import DatabaseUnavailableError
 
+__all__ = ["LIST_RESULT_CHARS", "TASK_SQL", "ApiDatabase", "Row", "list_sql"]
+
 log = logging.getLogger("tm.api")
 
-POOL_SIZE = 2  # the API's queries are short; two leave one free while the other is busy
 PING_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 2.0  # a check that takes longer is a failed check
-ACQUIRE_TIMEOUT_S = 2.0  # waiting for a pooled connection (or for a new one to connect)
-QUERY_TIMEOUT_S = 5.0  # every API query: 50 x the 100 ms target, well under a client's patience
-LIST_RESULT_CHARS = 1000  # a listing carries this much of each result; the task itself all
-
-_PING_SQL = "SELECT to_regclass('web_crawl_tasks') IS NOT NULL, current_setting('server_version')"
-METRICS_SQL = (
-    "SELECT new_tasks_count, completed_tasks_count, error_tasks_count, total_tasks_count"
-    " FROM get_web_crawl_metrics($1)"
-)
-TASK_SQL = (
-    "SELECT id, user_email, user_query, original_url, received_at, status, result, finished_at,"
-    " created_at, updated_at FROM find_web_crawl_task_by_id($1)"
-)
-# Newest first; the row comparison (created_at, id) < ($x, $y) is an index range condition: on
-# (created_at, id), and after the equality on status on (status, created_at, id). Not the
-# tempting (status, created_at, id) < ($s, $x, $y): btree then positions the scan on the status
-# equality and walks every newer task of that status up to the cursor (measured on 1,000,000
-# rows: 1,000-4,000 buffers a page deep in the table instead of 5).
-# left(result, 1001) reads only a prefix of a compressed value; 1001 characters means "cut"
-# (LIST_RESULT_CHARS + 1; the SQL is spelled out in full, never assembled).
-_LIST_SQL = {
-    (False, False): "SELECT id, user_email, user_query, original_url, received_at, status,"
-    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
-    " ORDER BY created_at DESC, id DESC LIMIT $1",
-    (False, True): "SELECT id, user_email, user_query, original_url, received_at, status,"
-    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
-    " WHERE (created_at, id) < ($2::timestamptz, $3::uuid)"
-    " ORDER BY created_at DESC, id DESC LIMIT $1",
-    (True, False): "SELECT id, user_email, user_query, original_url, received_at, status,"
-    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
-    " WHERE status = $2::task_status ORDER BY created_at DESC, id DESC LIMIT $1",
-    (True, True): "SELECT id, user_email, user_query, original_url, received_at, status,"
-    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
-    " WHERE status = $2::task_status AND (created_at, id) < ($3::timestamptz, $4::uuid)"
-    " ORDER BY created_at DESC, id DESC LIMIT $1",
-}
-
-
-def list_sql(*, status: bool, after: bool) -> str:
-    """The listing query (exposed for the benchmark's EXPLAIN)."""
-    return _LIST_SQL[(status, after)]
+_NO_TABLE = "table web_crawl_tasks is missing: run `tm db migrate`"
 
 
 class ApiDatabase:
     def __init__(self, settings: PostgresSettings) -> None:
         self._settings = settings
-        self._pool: asyncpg.Pool | None = None
+        self._pool = ReadPool(settings)
         self._pinger: asyncio.Task[None] | None = None
         self.check = Check.pending()
 
     async def start(self) -> None:
         """Create the pool (no connection yet) and start the background check."""
-        kwargs = connect_kwargs(self._settings)
-        kwargs["server_settings"] = {**kwargs["server_settings"], "application_name": "tm-api"}
-        self._pool = await asyncpg.create_pool(
-            **kwargs,
-            min_size=0,
-            max_size=POOL_SIZE,
-            max_inactive_connection_lifetime=self._settings.idle_timeout_ms / 1000 or 0,
-        )
+        await self._pool.start()
         self._pinger = asyncio.create_task(self._ping_loop(), name="tm-api-db-check")
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -99,11 +54,7 @@ class ApiDatabase:
             self._pinger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pinger
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout_s)
-            except TimeoutError:
-                self._pool.terminate()
+        await self._pool.close(timeout_s)
 
     # -- the background check ----------------------------------------------------------------
 
@@ -121,26 +72,23 @@ class ApiDatabase:
         started = time.monotonic()
         try:
             async with asyncio.timeout(PING_TIMEOUT_S):
-                row = await self._fetch(_PING_SQL, one=True, timeout_s=PING_TIMEOUT_S)
+                server = await self._pool.server(timeout_s=PING_TIMEOUT_S)
         except TimeoutError:
             return Check.now(is_up=False, started=started, error="timed out")
         except DatabaseUnavailableError as exc:
             return Check.now(is_up=False, started=started, error=str(exc))
         except Exception as exc:  # a check must not die: report what broke
             return Check.now(is_up=False, started=started, error=type(exc).__name__)
-        table_ok, version = (bool(row[0]), str(row[1])) if row is not None else (False, "")
         return Check.now(
-            is_up=table_ok,
+            is_up=server.has_table,
             started=started,
-            error=None if table_ok else "table web_crawl_tasks is missing: run `tm db migrate`",
-            details={"tableAccessible": table_ok, "serverVersion": version},
+            error=None if server.has_table else _NO_TABLE,
+            details={"tableAccessible": server.has_table, "serverVersion": server.version},
         )
 
     def pool_details(self) -> dict[str, Any]:
         """The pool as it is now (no query)."""
-        pool = self._pool
-        size = pool.get_size() if pool is not None else 0
-        idle = pool.get_idle_size() if pool is not None else 0
+        size, idle = self._pool.sizes()
         return {
             "connectionPoolSize": POOL_SIZE,
             "openConnections": size,
@@ -155,41 +103,13 @@ class ApiDatabase:
 
     async def web_crawl_metrics(self, hours: int) -> tuple[int, int, int, int]:
         """(new, completed, error, total) tasks created in the last ``hours``: one call."""
-        row = await self._fetch(METRICS_SQL, hours, one=True)
-        if row is None:
-            return 0, 0, 0, 0
-        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+        return await self._pool.web_crawl_metrics(hours)
 
-    async def task(self, task_id: str) -> asyncpg.Record | None:
-        return await self._fetch(TASK_SQL, task_id, one=True)
+    async def task(self, task_id: str) -> Row | None:
+        return await self._pool.task(task_id)
 
     async def tasks(
         self, *, status: str | None, after: tuple[datetime, str] | None, limit: int
-    ) -> list[asyncpg.Record]:
+    ) -> list[Row]:
         """Up to ``limit`` tasks, newest first, strictly after the ``after`` position."""
-        args: list[Any] = [limit]
-        if status is not None:
-            args.append(status)
-        if after is not None:
-            args.extend(after)
-        sql = list_sql(status=status is not None, after=after is not None)
-        rows = await self._fetch(sql, *args)
-        return list(rows)
-
-    async def _fetch(
-        self, sql: str, *args: Any, one: bool = False, timeout_s: float = QUERY_TIMEOUT_S
-    ) -> Any:
-        pool = self._pool
-        if pool is None:
-            raise DatabaseUnavailableError("the API's pool is not open")
-        try:
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                if one:
-                    return await conn.fetchrow(sql, *args, timeout=timeout_s)
-                return await conn.fetch(sql, *args, timeout=timeout_s)
-        except Exception as exc:
-            translated = translate_error(exc)
-            if isinstance(translated, DatabaseUnavailableError):
-                # The other pooled connection likely died with this one: start afresh.
-                await pool.expire_connections()
-            raise translated from exc
+        return await self._pool.tasks(status=status, after=after, limit=limit)

@@ -1,6 +1,7 @@
-"""Kafka for the API process: one long-lived consumer, read from one thread, every few seconds.
+"""Kafka for the API process: one long-lived :class:`~tm.adapters.kafka.tools.GroupReader`,
+driven from one thread, every few seconds.
 
-The consumer carries tm's group id but never subscribes, so it never joins the group; it only
+Its consumer carries tm's group id but never subscribes, so it never joins the group; it only
 asks the cluster for its metadata (the Kafka check of the health probes) and for the group's
 committed offsets and the partitions' high watermarks (the lag gauge of ``/metrics``). Probes and
 scrapes read the last answers and never wait for the broker; no connection is opened per call.
@@ -13,18 +14,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import (
-    Consumer,
-    ConsumerGroupState,
-    KafkaError,
-    KafkaException,
-    TopicPartition,
-)
-from confluent_kafka.admin import AdminClient
-
-from tm.adapters.kafka import client_config
+from tm.adapters.kafka.tools import GroupReader, PartitionOffsets
 from tm.api.check import STALE_AFTER_S, Check
 from tm.config import KafkaSettings
+from tm.errors import TmError
 
 log = logging.getLogger("tm.api")
 
@@ -66,119 +59,86 @@ class KafkaWatch:
         self._stop.set()
         self._thread.join(JOIN_TIMEOUT_S)
 
-    def _on_error(self, error: KafkaError) -> None:
-        self._last_error = f"{error.name()}: {error.str()}"
+    def _on_error(self, error: str) -> None:
+        self._last_error = error
 
     def _run(self) -> None:
-        config = client_config(self._settings)
-        config.update(
-            {
-                "group.id": self._settings.group_id,
-                "client.id": f"{self._settings.client_id}-api",
-                "enable.auto.commit": False,
-                "log_level": 0,  # broker errors reach us through error_cb, not stderr
-                "error_cb": self._on_error,
-            }
-        )
         try:
-            consumer = Consumer(config)
-            admin = AdminClient({k: v for k, v in config.items() if k != "group.id"})
-        except KafkaException as exc:
+            reader = GroupReader(self._settings, on_error=self._on_error)
+        except TmError as exc:
             self.check = Check.now(is_up=False, started=time.monotonic(), error=str(exc))
             log.error("cannot create the API's Kafka client", extra={"fields": {"error": exc}})
             return
         try:
             while not self._stop.is_set():
-                self._refresh(consumer, admin)
+                self._refresh(reader)
                 self._stop.wait(REFRESH_INTERVAL_S)
         finally:
-            consumer.close()
+            reader.close()
 
-    def _refresh(self, consumer: Consumer, admin: AdminClient) -> None:
+    def _refresh(self, reader: GroupReader) -> None:
         started = time.monotonic()
         previous = self.check
+        topic = self._settings.task_status_topic
         try:
-            metadata = consumer.list_topics(timeout=REQUEST_TIMEOUT_S)
-        except KafkaException as exc:
-            error = _describe(exc)
+            cluster = reader.cluster(topic, timeout_s=REQUEST_TIMEOUT_S)
+        except TmError as exc:
+            error = str(exc)
             if self._last_error:
                 error += f" (last broker error: {self._last_error})"
             self.check = Check.now(is_up=False, started=started, error=error)
             if previous.is_up:
                 log.warning("kafka check failed", extra={"fields": {"error": error}})
             return
-        topic = metadata.topics.get(self._settings.task_status_topic)
-        partitions = sorted(topic.partitions) if topic is not None and not topic.error else []
         self.check = Check.now(
-            is_up=bool(metadata.brokers),
+            is_up=bool(cluster.brokers),
             started=started,
-            error=None if metadata.brokers else "no broker in the metadata",
+            error=None if cluster.brokers else "no broker in the metadata",
             details={
-                "topicsCount": len(metadata.topics),
-                "clusterId": metadata.cluster_id or "unknown",
-                "controllerId": metadata.controller_id
-                if metadata.controller_id is not None and metadata.controller_id >= 0
-                else "unknown",
-                "brokers": len(metadata.brokers),
+                "topicsCount": cluster.topics,
+                "clusterId": _or_unknown(cluster.cluster_id),
+                "controllerId": _or_unknown(cluster.controller_id),
+                "brokers": cluster.brokers,
                 "isConnected": True,
                 "groupId": self._settings.group_id,
-                "taskStatusTopic": self._settings.task_status_topic,
-                "taskStatusPartitions": len(partitions),
+                "taskStatusTopic": topic,
+                "taskStatusPartitions": len(cluster.partitions),
                 # Readiness needs every partition owned by some member of the group (this
                 # pod's workers may own only their share of it); None: not known.
-                "groupAssignedPartitions": self._group_assigned(admin),
+                "groupAssignedPartitions": self._group_assigned(reader),
             },
         )
         if not previous.is_up and self.check.is_up and previous.error != "not checked yet":
             log.info("kafka check passes again")
         self._last_error = None
-        if partitions:
-            self._refresh_lag(consumer, partitions)
+        if cluster.partitions:
+            self._refresh_lag(reader, cluster.partitions)
 
-    def _group_assigned(self, admin: AdminClient) -> int | None:
+    def _group_assigned(self, reader: GroupReader) -> int | None:
         """Partitions of the task-status topic assigned to members of the stable group (0
         while it rebalances), or None when the group cannot be described."""
-        group = self._settings.group_id
         try:
-            description = admin.describe_consumer_groups([group])[group].result(REQUEST_TIMEOUT_S)
-        except (KafkaException, TimeoutError):
+            return reader.assigned(self._settings.task_status_topic, timeout_s=REQUEST_TIMEOUT_S)
+        except TmError:
             return None
-        if description.state != ConsumerGroupState.STABLE:
-            return 0
-        topic = self._settings.task_status_topic
-        return sum(
-            1
-            for member in description.members
-            if member.assignment is not None
-            for tp in member.assignment.topic_partitions
-            if tp.topic == topic
-        )
 
-    def _refresh_lag(self, consumer: Consumer, partitions: list[int]) -> None:
+    def _refresh_lag(self, reader: GroupReader, partitions: list[int]) -> None:
         topic = self._settings.task_status_topic
         try:
-            committed = consumer.committed(
-                [TopicPartition(topic, p) for p in partitions], timeout=REQUEST_TIMEOUT_S
-            )
-            lags: dict[int, int] = {}
-            positions: dict[int, int] = {}
-            for tp in committed:
-                watermarks = consumer.get_watermark_offsets(
-                    TopicPartition(topic, tp.partition), timeout=REQUEST_TIMEOUT_S
-                )
-                if watermarks is None:
-                    return  # timed out: keep the last answer, which will age
-                low, high = watermarks
-                start = tp.offset if tp.offset >= 0 else low
-                lags[tp.partition] = max(0, high - max(start, low))
-                positions[tp.partition] = max(start, low)
-        except KafkaException:
+            offsets = reader.offsets(topic, partitions, timeout_s=REQUEST_TIMEOUT_S)
+        except TmError:
             return  # the next round tries again; a stale answer is not served
+        positions = {p: _position(o) for p, o in offsets.items()}
+        lags = {p: max(0, offsets[p].high - position) for p, position in positions.items()}
         self.lag = Lag(by_partition=lags, committed=positions, checked_at=time.monotonic())
 
 
-def _describe(exc: KafkaException) -> str:
-    error = exc.args[0] if exc.args else None
-    if isinstance(error, KafkaError):
-        return f"{error.name()}: {error.str()}"
-    return str(exc)
+def _or_unknown(value: str | int | None) -> str | int:
+    return "unknown" if value is None else value
+
+
+def _position(offsets: PartitionOffsets) -> int:
+    """Where the group stands: its committed offset, or where a new group starts (the low
+    watermark, also when retention has deleted past the committed offset)."""
+    committed = offsets.low if offsets.committed is None else offsets.committed
+    return max(committed, offsets.low)

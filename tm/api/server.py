@@ -32,7 +32,7 @@ from tm.api.responses import errors_as_json
 from tm.api.state import StateReader
 from tm.config import Settings
 from tm.observability import metrics
-from tm.supervisor import Reporter
+from tm.protocol import Reporter
 
 if TYPE_CHECKING:
     from tm.api.redis_watch import RedisWatch
@@ -95,15 +95,15 @@ async def serve(settings: Settings, *, state_fd: int | None, report_fd: int | No
     try:
         await site.start()
     except OSError as exc:
-        reporter.send(f"F cannot listen on APP_PORT {settings.http.port}: {exc.strerror}")
+        reporter.failed(f"cannot listen on APP_PORT {settings.http.port}: {exc.strerror}")
         await runner.cleanup()
         await _close(database, kafka, redis)
         return 1
-    reporter.send("B")
+    reporter.booted()
     log.info("api listening", extra={"fields": {"port": settings.http.port}})
     try:
         while not stop.is_set():
-            reporter.send("H")
+            reporter.heartbeat()
             metrics.record_memory("api")
             metrics.record_memory("supervisor", os.getppid())
             with contextlib.suppress(TimeoutError):

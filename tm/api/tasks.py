@@ -19,11 +19,10 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
+from tm.adapters.api_database import LIST_RESULT_CHARS, Row
 from tm.api.context import api_of
-from tm.api.database import LIST_RESULT_CHARS
 from tm.api.responses import iso, json_error, json_response
 from tm.core.messages import TaskStatus
 from tm.errors import DatabaseUnavailableError
@@ -114,7 +113,7 @@ def is_authorized(header: str | None, token: str | None) -> bool:
     return hmac.compare_digest(presented.strip().encode(), token.encode())
 
 
-def task_json(row: asyncpg.Record | dict[str, Any], *, cut: bool = False) -> dict[str, Any]:
+def task_json(row: Row, *, cut: bool = False) -> dict[str, Any]:
     """A task as the API shows it (``original_url`` is the message's ``base_url``)."""
     result = row["result"]
     body: dict[str, Any] = {

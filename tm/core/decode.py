@@ -67,8 +67,10 @@ Headers = Sequence[tuple[str, bytes | None]] | None
 
 
 class RawMessage(Protocol):
-    """What decode_poll reads of a consumed message (a confluent_kafka.Message)."""
+    """What tm reads of a consumed message (tm.adapters.kafka returns confluent_kafka's): the
+    decoder, the dead letters (key, value, headers, where it came from) and the traces."""
 
+    def topic(self) -> str | None: ...
     def partition(self) -> int | None: ...
     def offset(self) -> int | None: ...
     def timestamp(self) -> tuple[int, int]: ...  # (timestamp type, milliseconds)
@@ -76,6 +78,7 @@ class RawMessage(Protocol):
     # cast() per message would be a function call.
     def headers(self) -> Any: ...
     def value(self) -> bytes | None: ...
+    def key(self) -> bytes | None: ...
 
 
 class DecodeStats:
@@ -176,8 +179,17 @@ def _valid_url_split(url: str) -> bool:
         return False
 
 
-def _nul_in(field: str) -> Rejected:
-    return Rejected(
+def _rejected(found: dict[str, str], reason: Reason, error: str) -> Rejected:
+    """A rejection, with the message's trace context when it had a valid one (for its span)."""
+    traceparent = found.get("traceparent")
+    if traceparent is not None and not valid_traceparent(traceparent):
+        traceparent = None
+    return Rejected(reason, error, traceparent)
+
+
+def _nul_in(found: dict[str, str], field: str) -> Rejected:
+    return _rejected(
+        found,
         Reason.INVALID_BODY,
         f"Contains a NUL character (\\u0000), which PostgreSQL text cannot hold - at `$.{field}`",
     )
@@ -209,16 +221,18 @@ def decode(
     task_type = found.get("task_type")
     if task_type != TASK_TYPE:
         got = "missing" if task_type is None else f"got {task_type!r}"
-        return Rejected(Reason.INVALID_HEADERS, f"header task_type: expected 'web-crawl', {got}")
+        return _rejected(
+            found, Reason.INVALID_HEADERS, f"header task_type: expected 'web-crawl', {got}"
+        )
     status = _STATUSES.get(found.get("status", ""))
     if status is None:
         got = "missing" if "status" not in found else f"got {found['status']!r}"
-        return Rejected(
-            Reason.INVALID_HEADERS, f"header status: expected new, completed or error, {got}"
+        return _rejected(
+            found, Reason.INVALID_HEADERS, f"header status: expected new, completed or error, {got}"
         )
     raw_ts = found.get("timestamp")
     if raw_ts is None:
-        return Rejected(Reason.INVALID_HEADERS, "header timestamp: missing")
+        return _rejected(found, Reason.INVALID_HEADERS, "header timestamp: missing")
     if status is _NEW and _ISO_UTC_MS_RE.fullmatch(raw_ts):
         # The gateway's form: fromisoformat alone reads it, and the crawl request keeps it.
         timestamp_text: str | None = raw_ts
@@ -227,7 +241,8 @@ def decode(
         timestamp_text = None
         timestamp = parse_timestamp(raw_ts)
     if timestamp is None:
-        return Rejected(
+        return _rejected(
+            found,
             Reason.INVALID_HEADERS,
             f"header timestamp: expected ISO-8601 or epoch milliseconds, got {raw_ts!r}",
         )
@@ -235,10 +250,14 @@ def decode(
     task_id: str | None = None
     if raw_id is not None:
         if not _UUID_RE.fullmatch(raw_id):
-            return Rejected(Reason.INVALID_HEADERS, f"header task_id: not a UUID: {raw_id!r}")
+            return _rejected(
+                found, Reason.INVALID_HEADERS, f"header task_id: not a UUID: {raw_id!r}"
+            )
         task_id = raw_id.lower()
     elif status is not _NEW:
-        return Rejected(Reason.INVALID_HEADERS, f"header task_id: required for status {status}")
+        return _rejected(
+            found, Reason.INVALID_HEADERS, f"header task_id: required for status {status}"
+        )
 
     traceparent = found.get("traceparent")
     tracestate = found.get("tracestate")
@@ -255,18 +274,20 @@ def decode(
         if status is _NEW:
             new = NEW_TASK_DECODER.decode(body)
             if _NUL in new.user_email:
-                return _nul_in("user_email")
+                return _nul_in(found, "user_email")
             if _NUL in new.user_query:
-                return _nul_in("user_query")
+                return _nul_in(found, "user_query")
             if _NUL in new.base_url:
-                return _nul_in("base_url")
+                return _nul_in(found, "base_url")
             if not _EMAIL_RE.fullmatch(new.user_email):
-                return Rejected(
-                    Reason.INVALID_BODY, "Expected an e-mail address - at `$.user_email`"
+                return _rejected(
+                    found, Reason.INVALID_BODY, "Expected an e-mail address - at `$.user_email`"
                 )
             if not _valid_url(new.base_url):
-                return Rejected(
-                    Reason.INVALID_BODY, "Expected an http(s) URL with a host - at `$.base_url`"
+                return _rejected(
+                    found,
+                    Reason.INVALID_BODY,
+                    "Expected an http(s) URL with a host - at `$.base_url`",
                 )
             return NewTask(
                 task_id or new_task_id(topic, partition, offset, timestamp_ms),
@@ -281,26 +302,27 @@ def decode(
         if status is _COMPLETED:
             result = COMPLETED_DECODER.decode(body).crawl_result
             if len(result) > max_result_chars:
-                return Rejected(
+                return _rejected(
+                    found,
                     Reason.RESULT_TOO_LARGE,
                     f"crawl_result has {len(result)} chars; the limit is {max_result_chars}"
                     " - at `$.crawl_result`",
                 )
             if _NUL in result:
-                return _nul_in("crawl_result")
+                return _nul_in(found, "crawl_result")
         else:
             text = ERROR_DECODER.decode(body).error
             if _NUL in text:
-                return _nul_in("error")
+                return _nul_in(found, "error")
             result = truncate_error(text)
     except msgspec.ValidationError as exc:
-        return Rejected(Reason.INVALID_BODY, str(exc))
+        return _rejected(found, Reason.INVALID_BODY, str(exc))
     except msgspec.DecodeError as exc:
-        return Rejected(Reason.INVALID_JSON, str(exc))
+        return _rejected(found, Reason.INVALID_JSON, str(exc))
     except UnicodeDecodeError as exc:  # msgspec's, for a string field that is not UTF-8
-        return Rejected(Reason.INVALID_JSON, f"JSON text is not valid UTF-8: {exc}")
+        return _rejected(found, Reason.INVALID_JSON, f"JSON text is not valid UTF-8: {exc}")
     except RecursionError:  # msgspec's, skipping an unknown field nested thousands deep
-        return Rejected(Reason.INVALID_JSON, "JSON nested too deeply")
+        return _rejected(found, Reason.INVALID_JSON, "JSON nested too deeply")
     assert task_id is not None  # checked above for completed/error  # noqa: S101
     return StatusUpdate(task_id, status, result, timestamp, traceparent, tracestate)
 

@@ -121,10 +121,12 @@ class StatusUpdate(msgspec.Struct, gc=False):
 
 
 class Rejected(msgspec.Struct, gc=False):
-    """A message that can never succeed, with its dead-letter reason and a readable error."""
+    """A message that can never succeed, with its dead-letter reason and a readable error, and
+    its trace context when it had a valid one (for its span)."""
 
     reason: Reason
     error: str
+    traceparent: str | None = None
 
 
 Decoded = NewTask | StatusUpdate | Rejected

@@ -5,7 +5,8 @@
 ``structured``: one JSON object a line: ``timestamp``, ``level``, ``service``, ``message``,
                 ``trace_id``, ``span_id``, ``logger`` and the fields (an error's traceback as the
                 ``exception`` field);
-``otel``:       the structured lines on the console, and every record exported over OTLP/HTTP to
+``otel``:       the structured lines on the console, and every record of a worker or of the API
+                process (not the supervisor's, see below) exported over OTLP/HTTP to
                 ``<OTEL_EXPORTER_OTLP_ENDPOINT>/v1/logs`` by a batching processor whose thread does
                 the I/O: the caller only appends to a bounded queue, so a dead collector loses
                 records, never time.
@@ -16,11 +17,10 @@ the current span) that every handler reuses. With ``LOG_DIR`` two more handlers 
 lines to ``task-manager-error.log`` and ``task-manager-combined.log``; many processes share them
 (see :mod:`tm.observability.logfiles`).
 
-:func:`setup` runs in the supervisor and again in every forked child. A child drops what it
-inherited without writing through it: the file descriptors are closed (the flock must be this
-process's own), and the parent's OTLP pipeline is stopped without exporting (the SDK's at-fork hook
-empties the inherited queue and starts a new thread in the child; our exporter refuses to send from
-any process but the one that built it, because its HTTP connections belong to the parent).
+:func:`setup` runs in the supervisor with ``export=False``: its console and files, but no OTLP
+exporter, thread or connection, since nothing with a socket or thread may cross a fork. Each
+forked child runs it again and builds its own exporter; the handlers it inherited are closed
+(their file descriptors too: each process takes the files' ``flock`` through its own).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -40,13 +39,8 @@ import orjson
 from opentelemetry import trace
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY, get_value
-from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
-from opentelemetry.sdk._logs.export import (
-    BatchLogRecordProcessor,
-    LogRecordExporter,
-    LogRecordExportResult,
-)
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 
 from tm.config import LogSettings, OtelSettings
@@ -106,8 +100,6 @@ class _View(NamedTuple):
 
 class _State:
     pii = False
-    pid = -1
-    key: tuple[Any, ...] | None = None
     handlers: tuple[logging.Handler, ...] = ()
     provider: LoggerProvider | None = None
 
@@ -200,33 +192,12 @@ class StructuredFormatter(logging.Formatter):
         return f"{_CIRCLES[view.level]} {line}" if self._colors else line
 
 
-class _ForkGuardExporter(LogRecordExporter):
-    """Sends only from the process that built it: the HTTP connections are the parent's."""
-
-    def __init__(self, exporter: LogRecordExporter) -> None:
-        self._exporter = exporter
-        self._pid = os.getpid()
-
-    def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
-        if os.getpid() != self._pid:
-            return LogRecordExportResult.FAILURE
-        return self._exporter.export(batch)
-
-    def shutdown(self) -> None:
-        if os.getpid() == self._pid:
-            self._exporter.shutdown()  # type: ignore[no-untyped-call]  # untyped in the SDK
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return True
-
-
 class OtelHandler(logging.Handler):
     """Turns records into OTel log records; the processor batches and exports them."""
 
     def __init__(self, provider: LoggerProvider) -> None:
         super().__init__()
         self._logger = provider.get_logger("tm")
-        self._pid = os.getpid()
         self._closed = False
 
     def close(self) -> None:
@@ -234,8 +205,8 @@ class OtelHandler(logging.Handler):
         super().close()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if os.getpid() != self._pid or record.name.startswith(("opentelemetry", "urllib3")):
-            return  # a child before setup(), or the exporter talking about itself
+        if record.name.startswith(("opentelemetry", "urllib3")):
+            return  # the exporter talking about itself
         if self._closed or get_value(_SUPPRESS_INSTRUMENTATION_KEY):
             return  # logged from inside an export, or after shutdown()
         try:
@@ -267,6 +238,10 @@ class _BelowError(logging.Filter):
 
 
 def _provider(otel: OtelSettings, environment: str) -> LoggerProvider:
+    # Imported here: a process that never exports (the supervisor) does not load the exporter
+    # and its HTTP client.
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+
     resource = Resource.create(
         {
             "service.name": otel.service_name,
@@ -282,7 +257,7 @@ def _provider(otel: OtelSettings, environment: str) -> LoggerProvider:
     provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
     provider.add_log_record_processor(
         BatchLogRecordProcessor(
-            _ForkGuardExporter(exporter),
+            exporter,
             schedule_delay_millis=otel.delay_ms,
             max_export_batch_size=min(otel.max_batch_size, otel.max_queue_size),
             max_queue_size=otel.max_queue_size,
@@ -292,18 +267,20 @@ def _provider(otel: OtelSettings, environment: str) -> LoggerProvider:
 
 
 def setup(
-    settings: LogSettings, otel: OtelSettings | None = None, *, environment: str = "development"
+    settings: LogSettings,
+    otel: OtelSettings | None = None,
+    *,
+    environment: str = "development",
+    export: bool = True,
 ) -> None:
-    """Install the handlers of the configured format on the root logger.
+    """Install the handlers of the configured format on the root logger, in place of those an
+    earlier call installed (in this process or in the parent it was forked from).
 
-    Idempotent: the same settings in the same process change nothing. In a forked child the
-    inherited handlers are dropped unused and new ones built. ``otel`` is needed for
-    ``LOG_FORMAT=otel`` (its endpoint, service name and version)."""
+    ``otel`` is needed for ``LOG_FORMAT=otel`` (its endpoint, service name and version). With
+    ``export=False`` that format writes its console lines but builds no OTLP exporter: call it so
+    in a process that will fork (the supervisor), and let each child build its own."""
     if settings.format == "otel" and otel is None:
         raise ValueError("LOG_FORMAT=otel needs the OtelSettings")
-    key = (settings, otel if settings.format == "otel" else None, environment)
-    if _state.pid == os.getpid() and _state.key == key:
-        return
     _release()
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -328,7 +305,7 @@ def setup(
             shared = SharedFileHandler(os.path.join(settings.directory, name), level=level)
             shared.setFormatter(plain)
             handlers.append(shared)
-    if otel is not None and settings.format == "otel":
+    if export and otel is not None and settings.format == "otel":
         _state.provider = _provider(otel, environment)
         handlers.append(OtelHandler(_state.provider))
     for handler in handlers:
@@ -338,29 +315,24 @@ def setup(
     logging.getLogger("urllib3").setLevel(max(_LEVELS[settings.level], logging.INFO))
     _state.pii = settings.pii
     _state.handlers = tuple(handlers)
-    _state.pid = os.getpid()
-    _state.key = key
 
 
 def _release() -> None:
-    """Take down what the last setup() built: closed here, abandoned in a forked child."""
+    """Take down what the last setup() built, here or in the parent this process was forked from
+    (the supervisor never builds an exporter, so a child inherits no OTLP pipeline)."""
     provider, _state.provider = _state.provider, None
-    inherited = _state.pid != os.getpid()
     for handler in _state.handlers:
         logging.getLogger().removeHandler(handler)
-        if not inherited:
-            handler.close()
-        elif isinstance(handler, SharedFileHandler):
-            handler.abandon()
+        if isinstance(handler, SharedFileHandler):
+            # Close its descriptors even if the parent opened them (close() keeps those).
+            handler.acquire()
+            try:
+                handler.abandon()
+            finally:
+                handler.release()
+        handler.close()
     _state.handlers = ()
-    _state.key = None
-    if provider is None:
-        return
-    if inherited:
-        # Stops the thread the SDK's at-fork hook started here; the queue it emptied stays empty
-        # (OtelHandler drops records in a foreign process) and _ForkGuardExporter sends nothing.
-        provider.shutdown()
-    else:
+    if provider is not None:
         _shutdown_provider(provider, SHUTDOWN_TIMEOUT_S)
 
 
@@ -378,8 +350,6 @@ def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
     """Flush and close this process's handlers (OTLP export bounded by ``timeout_s``).
 
     Call it before ``os._exit``, which skips atexit; a normal exit calls it itself."""
-    if _state.pid != os.getpid():
-        return
     provider, _state.provider = _state.provider, None
     for handler in _state.handlers:
         if isinstance(handler, OtelHandler):

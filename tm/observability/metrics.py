@@ -32,6 +32,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     multiprocess,
+    values,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -208,10 +209,15 @@ def observe_latencies(latencies_s: Iterable[float]) -> None:
     observe_many(end_to_end_latency, latencies_s)
 
 
-def aggregated_registry() -> CollectorRegistry:
-    """A registry reading the files of every live tm process (under ``tm run``, where
-    PROMETHEUS_MULTIPROC_DIR is set); ``GET /metrics`` adds the consumer lag to it."""
+def aggregated_registry(directory: str | None = None) -> CollectorRegistry:
+    """A registry reading the files of every live tm process in ``directory`` (under ``tm run``:
+    ``settings.metrics.directory``, which the supervisor fills in for its children); ``GET
+    /metrics`` adds the consumer lag to it. By default, the directory prometheus-client writes
+    this process's own files to, when it runs in multiprocess mode (it chose so at import, from
+    PROMETHEUS_MULTIPROC_DIR); else this process's metrics only."""
     registry = CollectorRegistry()
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    # prometheus-client has no public "multiprocess mode?": its value class is what tells
+    # (MutexValue unless PROMETHEUS_MULTIPROC_DIR was set at import; stable since 0.4).
+    if directory is not None or values.ValueClass is not values.MutexValue:
+        multiprocess.MultiProcessCollector(registry, directory)  # type: ignore[no-untyped-call]
     return registry

@@ -1,11 +1,13 @@
 """OpenTelemetry traces of a worker's batches (DESIGN §6).
 
-:func:`setup` runs in each worker after the fork. With ``OTEL_ENABLED=false`` it builds nothing
-and returns None, and the pipeline's only cost is an ``if`` per batch and per published message.
-Otherwise it installs a TracerProvider whose spans leave through a BatchSpanProcessor to the
-OTLP/HTTP exporter at ``<OTEL_EXPORTER_OTLP_ENDPOINT>/v1/traces``. Ending a span only appends it
-to a bounded in-memory queue; a thread exports it. A slow or absent collector therefore costs
-spans (the oldest are dropped when the queue is full), never messages or pipeline time.
+:func:`tm.observability.trace_export.setup` runs in each worker after the fork. With
+``OTEL_ENABLED=false`` it builds nothing and returns None: the pipeline then uses its no-op trace
+(tm.pipeline.NO_TRACER), whose cost is a few calls per batch and a dict lookup per message that
+has a ``traceparent``. Otherwise it installs a TracerProvider whose spans leave through a
+BatchSpanProcessor to the OTLP/HTTP exporter at ``<OTEL_EXPORTER_OTLP_ENDPOINT>/v1/traces``.
+Ending a span only appends it to a bounded in-memory queue; a thread exports it. A slow or
+absent collector therefore costs spans (the oldest are dropped when the queue is full), never
+messages or pipeline time.
 
 The spans of one batch (:class:`BatchTrace`):
 
@@ -36,22 +38,21 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple
 
-from confluent_kafka import Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
-from tm.core.decode import valid_traceparent
+from tm.core.messages import Outcome
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from tm.config import Settings
     from tm.core.batch import Batch
+    from tm.core.decode import RawMessage
+    from tm.pipeline import Summary
 
 log = logging.getLogger("tm.tracing")
 
@@ -63,11 +64,9 @@ MAX_LINKS = 256
 # Time given to the exporter to send the spans still queued when a worker stops; it comes out
 # of GRACEFUL_SHUTDOWN_TIMEOUT, so it stays short: a missing collector must not hold the exit.
 SHUTDOWN_BUDGET_S = 3.0
-# The SDK logs a warning for every span it drops from a full queue; one line per interval says
-# enough and keeps a collector outage from flooding the logs.
-DROP_WARNING_INTERVAL_S = 60.0
 
 _SAMPLED = 0x01
+_PUBLISHED = frozenset({Outcome.CREATED.value, Outcome.DUPLICATE.value})  # a crawl request
 _DB_ATTRIBUTES = {
     "db.system.name": "postgresql",
     "db.operation.name": "tm_create_tasks+tm_apply_status_updates",
@@ -88,44 +87,39 @@ def traceparent_of(span: trace.Span) -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
-def _header(message: Message, name: str) -> str | None:
-    headers = cast(list[tuple[str, bytes | None]] | None, message.headers())
-    for key, raw in headers or ():
-        if key == name and raw is not None:
-            try:
-                return raw.decode()
-            except UnicodeDecodeError:
-                return None
-    return None
-
-
 class Tracing:
-    """The spans of one worker's batches. Build it with :func:`setup`, or, in tests, around
-    any TracerProvider (an InMemorySpanExporter behind a SimpleSpanProcessor)."""
+    """The spans of one worker's batches (tm.pipeline.Tracer). Build it with :func:`setup`,
+    or, in tests, around any TracerProvider (an InMemorySpanExporter behind a
+    SimpleSpanProcessor)."""
 
     def __init__(
         self,
         provider: trace.TracerProvider,
         *,
         topic: str,
+        requests_topic: str = "requests-web-crawl",
+        dlq_topic: str = "task-status.dlq",
         exporter: SpanExporter | None = None,
     ) -> None:
         self._provider = provider
         self._exporter = exporter
-        self._tracer = provider.get_tracer(TRACER_NAME)
-        self._topic = topic
+        self.tracer = provider.get_tracer(TRACER_NAME)
+        self.topic = topic
+        self.requests_topic = requests_topic
+        self.dlq_topic = dlq_topic
 
-    def start_batch(self, batch: Batch, messages: Sequence[Message]) -> BatchTrace:
+    def start_batch(self, batch: Batch, messages: Sequence[RawMessage]) -> BatchTrace:
         """Start the batch span and a consumer span per sampled message; nothing is exported
         before :meth:`BatchTrace.end` or :meth:`BatchTrace.fail`."""
         now_ns = time.time_ns()
-        tracer = self._tracer
-        topic = self._topic
+        now = time.perf_counter()
+        tracer = self.tracer
+        topic = self.topic
         links: list[Link] = []
         n_contexts = 0
-        sampled: list[tuple[int, str, SpanContext]] = []  # (message ref, status, upstream)
+        sampled: list[tuple[int, _Row, SpanContext]] = []  # (message ref, its row, upstream)
 
-        def consider(ref: int, status: str, traceparent: str) -> None:
+        def consider(ref: int, row: _Row, traceparent: str) -> None:
             nonlocal n_contexts
             n_contexts += 1
             # Parse only what is used: past the link cap, an unsampled context costs a count.
@@ -136,18 +130,18 @@ class Tracing:
             if len(links) < MAX_LINKS:
                 links.append(Link(upstream))
             if is_sampled:
-                sampled.append((ref, status, upstream))
+                sampled.append((ref, row, upstream))
 
-        for task, ref in zip(batch.creates, batch.create_refs, strict=True):
+        for index, (task, ref) in enumerate(zip(batch.creates, batch.create_refs, strict=True)):
             if task.traceparent is not None:
-                consider(ref, "new", task.traceparent)
-        for update, ref in zip(batch.updates, batch.update_refs, strict=True):
+                consider(ref, _Row("new", task.id, index, True), task.traceparent)
+        for index, (update, ref) in enumerate(zip(batch.updates, batch.update_refs, strict=True)):
             if update.traceparent is not None:
-                consider(ref, update.status.value, update.traceparent)
-        for ref, _ in batch.rejected:  # rare: read their headers again, decode dropped them
-            raw = _header(messages[ref], "traceparent")
-            if raw is not None and valid_traceparent(raw):
-                consider(ref, "rejected", raw)
+                row = _Row(update.status.value, update.id, index, False)
+                consider(ref, row, update.traceparent)
+        for ref, rejected in batch.rejected:
+            if rejected.traceparent is not None:
+                consider(ref, _Row("rejected", "", -1, False), rejected.traceparent)
 
         batch_span = tracer.start_span(
             "tm.batch",
@@ -164,11 +158,11 @@ class Tracing:
             },
         )
         to_batch = [Link(batch_span.get_span_context())]
-        consumers: dict[int, trace.Span] = {}
-        for ref, status, upstream in sampled:
+        consumers: dict[int, tuple[trace.Span, _Row]] = {}
+        for ref, row, upstream in sampled:
             message = messages[ref]
-            consumers[ref] = tracer.start_span(
-                f"tm.process {status}",
+            span = tracer.start_span(
+                f"tm.process {row.status}",
                 context=trace.set_span_in_context(NonRecordingSpan(upstream)),
                 kind=SpanKind.CONSUMER,
                 links=to_batch,
@@ -179,10 +173,11 @@ class Tracing:
                     "messaging.destination.name": topic,
                     "messaging.destination.partition.id": str(message.partition()),
                     "messaging.kafka.offset": message.offset() or 0,
-                    "tm.task.status": status,
+                    "tm.task.status": row.status,
                 },
             )
-        return BatchTrace(tracer, batch_span, consumers)
+            consumers[ref] = (span, row)
+        return BatchTrace(self, batch_span, consumers, (now_ns, now))
 
     def close(self, timeout_s: float = SHUTDOWN_BUDGET_S) -> None:
         """Export what is queued, waiting at most ``timeout_s``; then give up on the rest."""
@@ -203,31 +198,39 @@ class Tracing:
                 self._exporter.shutdown()  # interrupts its retries, so the thread ends soon
 
 
-class BatchTrace:
-    """The spans of one batch while the pipeline works on it. Times are taken here with
-    ``time.time_ns()``; the methods do nothing for a message that has no span."""
+class _Row(NamedTuple):
+    """What a traced message is in its batch: its status, task id, and position among the
+    batch's creates (``create``) or updates (-1: rejected at decode)."""
 
-    __slots__ = (
-        "_consumers",
-        "_db_end_ns",
-        "_db_rows",
-        "_db_start_ns",
-        "_publishing",
-        "_tracer",
-        "context",
-        "span",
-    )
+    status: str
+    task_id: str
+    position: int
+    create: bool
+
+
+class BatchTrace:
+    """The spans of one batch (tm.pipeline.Trace). They are all ended, and exported, by
+    :meth:`end` or :meth:`fail`, which read what the pipeline did from its Summary; their
+    times are the Summary's, moved onto the wall clock of the batch's start."""
+
+    __slots__ = ("_anchor", "_consumers", "_tracing", "context", "span", "traceparents")
 
     def __init__(
-        self, tracer: trace.Tracer, span: trace.Span, consumers: dict[int, trace.Span]
+        self,
+        tracing: Tracing,
+        span: trace.Span,
+        consumers: dict[int, tuple[trace.Span, _Row]],
+        anchor: tuple[int, float],
     ) -> None:
-        self._tracer = tracer
+        self._tracing = tracing
         self.span = span
         self.context = trace.set_span_in_context(span)
         self._consumers = consumers
-        self._db_start_ns = self._db_end_ns = 0
-        self._db_rows = 0
-        self._publishing: list[tuple[int, str, str, int]] = []  # ref, topic, key, start_ns
+        self._anchor = anchor  # (time.time_ns(), time.perf_counter()) at the start
+        # The crawl request of a traced `new` names its consumer span as the parent.
+        self.traceparents = {
+            ref: traceparent_of(span) for ref, (span, row) in consumers.items() if row.create
+        }
 
     @property
     def traced_messages(self) -> int:
@@ -235,91 +238,81 @@ class BatchTrace:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """Make the batch span current (for log lines); on an exception, :meth:`fail`."""
+        """Make the batch span current (for log lines)."""
         token = otel_context.attach(self.context)
         try:
             yield
-        except BaseException as exc:
-            self.fail(exc)
-            raise
         finally:
             otel_context.detach(token)
 
-    def db_started(self, rows: int) -> None:
-        self._db_start_ns = time.time_ns()
-        self._db_rows = rows
-
-    def db_ended(self) -> None:
-        self._db_end_ns = time.time_ns()
-
-    def outcome(self, ref: int, task_id: str, outcome: str) -> None:
-        span = self._consumers.get(ref)
-        if span is not None:
-            span.set_attributes({"tm.task.id": task_id, "tm.outcome": outcome})
-
-    def dead_lettered(self, ref: int, reason: str, topic: str) -> None:
-        span = self._consumers.get(ref)
-        if span is None:
-            return
-        span.set_attributes({"tm.outcome": "dead_letter", "tm.dlq_reason": reason})
-        span.set_status(Status(StatusCode.ERROR, reason))
-        self._publishing.append((ref, topic, "", time.time_ns()))
-
-    def crawl_request(self, ref: int, topic: str, task_id: str, upstream: str) -> str:
-        """The ``traceparent`` of the crawl request of message ``ref``: its consumer span when
-        it has one, else ``upstream`` unchanged."""
-        span = self._consumers.get(ref)
-        if span is None:
-            return upstream
-        self._publishing.append((ref, topic, task_id, time.time_ns()))
-        return traceparent_of(span)
-
-    def end(self, outcomes: dict[str, int], dead_letters: dict[str, int]) -> None:
+    def end(self, summary: Summary) -> None:
         """Everything produced is acknowledged: end the batch's spans, now."""
         now_ns = time.time_ns()
-        self._children(now_ns, None, db_failed=False)
-        for span in self._consumers.values():
+        self._children(summary, now_ns, None)
+        for span, _ in self._consumers.values():
             span.end(now_ns)
-        attributes: dict[str, int] = {f"tm.outcome.{k}": v for k, v in outcomes.items()}
-        attributes.update({f"tm.dlq_reason.{k}": v for k, v in dead_letters.items()})
+        attributes: dict[str, int] = {f"tm.outcome.{k}": v for k, v in summary.outcomes.items()}
+        attributes.update({f"tm.dlq_reason.{k}": v for k, v in summary.dead_letters.items()})
         self.span.set_attributes(attributes)
         self.span.end(now_ns)
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, summary: Summary) -> None:
         """The batch stopped with ``error`` (it will be retried, or the worker stops)."""
         now_ns = time.time_ns()
-        db_failed = bool(self._db_start_ns and not self._db_end_ns)
-        if db_failed:
-            self._db_end_ns = now_ns
-        self._children(now_ns, error, db_failed=db_failed)
+        self._children(summary, now_ns, error)
         status = Status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
-        for span in (*self._consumers.values(), self.span):
+        for span in (*(span for span, _ in self._consumers.values()), self.span):
             span.record_exception(error)
             span.set_status(status)
             span.end(now_ns)
 
-    def _children(self, now_ns: int, error: BaseException | None, *, db_failed: bool) -> None:
-        """The database and publish spans, with the times recorded while they ran."""
-        tracer = self._tracer
+    def _ns(self, perf: float) -> int:
+        start_ns, start = self._anchor
+        return start_ns + round((perf - start) * 1e9)
+
+    def _children(self, summary: Summary, now_ns: int, error: BaseException | None) -> None:
+        """The consumer spans' outcomes, and their database and publish spans."""
+        tracing = self._tracing
         failed = Status(StatusCode.ERROR, type(error).__name__) if error is not None else None
-        if self._db_start_ns:
-            for span in self._consumers.values():
-                db = tracer.start_span(
+        publishing: list[tuple[trace.Span, str, str]] = []  # consumer span, topic, key
+        for span, row in self._consumers.values():
+            outcomes = summary.created if row.create else summary.updated
+            outcome = outcomes[row.position] if 0 <= row.position < len(outcomes) else None
+            if outcome is not None:
+                span.set_attributes({"tm.task.id": row.task_id, "tm.outcome": outcome})
+                if row.create and outcome in _PUBLISHED:
+                    publishing.append((span, tracing.requests_topic, row.task_id))
+        for ref, reason in summary.dead_lettered:
+            found = self._consumers.get(ref)
+            if found is not None:
+                span = found[0]
+                span.set_attributes({"tm.outcome": "dead_letter", "tm.dlq_reason": reason})
+                span.set_status(Status(StatusCode.ERROR, reason))
+                publishing.append((span, tracing.dlq_topic, ""))
+        if summary.db_started:
+            db_failed = not summary.staged_at
+            db_end_ns = now_ns if db_failed else self._ns(summary.staged_at)
+            rows = len(summary.created) + len(summary.updated)
+            for span, _ in self._consumers.values():
+                db = tracing.tracer.start_span(
                     "tm.db apply",
                     context=trace.set_span_in_context(span),
                     kind=SpanKind.CLIENT,
-                    start_time=self._db_start_ns,
-                    attributes={**_DB_ATTRIBUTES, "db.operation.batch.size": self._db_rows},
+                    start_time=self._ns(summary.db_started),
+                    attributes={**_DB_ATTRIBUTES, "db.operation.batch.size": rows},
                 )
                 if db_failed and failed is not None:
                     db.set_status(failed)
-                db.end(self._db_end_ns)
-        for ref, topic, key, start_ns in self._publishing:
-            publish = tracer.start_span(
+                db.end(db_end_ns)
+        if not summary.publishing_at:
+            return
+        publish_ns = self._ns(summary.publishing_at)
+        for span, topic, key in publishing:
+            publish = tracing.tracer.start_span(
                 f"publish {topic}",
-                context=trace.set_span_in_context(self._consumers[ref]),
+                context=trace.set_span_in_context(span),
                 kind=SpanKind.PRODUCER,
-                start_time=start_ns,
+                start_time=publish_ns,
                 attributes={
                     "messaging.system": "kafka",
                     "messaging.operation.type": "send",
@@ -330,88 +323,3 @@ class BatchTrace:
             if failed is not None:
                 publish.set_status(failed)
             publish.end(now_ns)
-
-
-class _Throttle(logging.Filter):
-    """Lets one record per interval through (for the SDK's per-span 'Queue full' warning)."""
-
-    def __init__(self, interval_s: float) -> None:
-        super().__init__()
-        self._interval_s = interval_s
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next:
-                return False
-            self._next = now + self._interval_s
-        return True
-
-
-def make_provider(settings: Settings) -> TracerProvider:
-    """A TracerProvider with tm's resource, sampler and limits, and no processor yet."""
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-    otel = settings.otel
-    resource = Resource.create(
-        {
-            "service.name": otel.service_name,
-            "service.version": otel.service_version,
-            # Both spellings: older backends read the first, current semantic conventions
-            # the second.
-            "deployment.environment": settings.environment,
-            "deployment.environment.name": settings.environment,
-        }
-    )
-    return TracerProvider(
-        # A root (the batch span) is sampled at the configured rate; a message's span follows
-        # its upstream sampled flag.
-        sampler=ParentBased(root=TraceIdRatioBased(otel.sampling_rate)),
-        resource=resource,
-        span_limits=SpanLimits(max_links=MAX_LINKS),
-        shutdown_on_exit=False,  # workers leave through os._exit; Tracing.close flushes
-    )
-
-
-def setup(settings: Settings) -> Tracing | None:
-    """Start tracing in this process (a worker, after the fork) when OTEL_ENABLED is true."""
-    otel = settings.otel
-    if not otel.enabled:
-        return None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    provider = make_provider(settings)
-    exporter = OTLPSpanExporter(
-        endpoint=f"{otel.exporter_endpoint.rstrip('/')}/v1/traces",
-        timeout=otel.timeout_ms / 1000,
-    )
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            exporter,
-            max_queue_size=otel.max_queue_size,
-            max_export_batch_size=min(otel.max_batch_size, otel.max_queue_size),
-            schedule_delay_millis=otel.delay_ms,
-            export_timeout_millis=otel.timeout_ms,
-        )
-    )
-    trace.set_tracer_provider(provider)
-    logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(
-        _Throttle(DROP_WARNING_INTERVAL_S)
-    )
-    log.info(
-        "tracing on",
-        extra={
-            "fields": {
-                "endpoint": otel.exporter_endpoint,
-                "sampling_rate": otel.sampling_rate,
-            }
-        },
-    )
-    return Tracing(provider, topic=settings.kafka.task_status_topic, exporter=exporter)

@@ -1,0 +1,163 @@
+"""PostgreSQL for the API process: a small asyncpg pool of its own (:class:`ReadPool`) and the read
+queries behind ``/api/metrics*``, ``/api/tasks*`` and the database check of the health probes.
+
+The pool is opened without connecting (``min_size=0``), so the API answers liveness even when the
+database is down at start. Every query has a deadline, and its errors leave this module translated
+(:func:`tm.adapters.postgres.translate_error`). Rows are returned as asyncpg gives them, typed as
+:class:`Row`: read them by column name.
+
+Each query is served by an index (``sql/0001_schema.sql``): the windowed counts and the listing by
+status by ``(status, created_at, id)``, the listing of all tasks by ``(created_at, id)``, a task
+by its primary key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import asyncpg
+
+from tm.adapters.postgres import connect_kwargs, translate_error
+from tm.config import PostgresSettings
+from tm.errors import DatabaseUnavailableError
+
+POOL_SIZE = 2  # the API's queries are short; two leave one free while the other is busy
+ACQUIRE_TIMEOUT_S = 2.0  # waiting for a pooled connection (or for a new one to connect)
+QUERY_TIMEOUT_S = 5.0  # every API query: 50 x the 100 ms target, well under a client's patience
+LIST_RESULT_CHARS = 1000  # a listing carries this much of each result; the task itself all
+
+SERVER_SQL = "SELECT to_regclass('web_crawl_tasks') IS NOT NULL, current_setting('server_version')"
+METRICS_SQL = (
+    "SELECT new_tasks_count, completed_tasks_count, error_tasks_count, total_tasks_count"
+    " FROM get_web_crawl_metrics($1)"
+)
+TASK_SQL = (
+    "SELECT id, user_email, user_query, original_url, received_at, status, result, finished_at,"
+    " created_at, updated_at FROM find_web_crawl_task_by_id($1)"
+)
+# Newest first; the row comparison (created_at, id) < ($x, $y) is an index range condition: on
+# (created_at, id), and after the equality on status on (status, created_at, id). Not the
+# tempting (status, created_at, id) < ($s, $x, $y): btree then positions the scan on the status
+# equality and walks every newer task of that status up to the cursor (measured on 1,000,000
+# rows: 1,000-4,000 buffers a page deep in the table instead of 5).
+# left(result, 1001) reads only a prefix of a compressed value; 1001 characters means "cut"
+# (LIST_RESULT_CHARS + 1; the SQL is spelled out in full, never assembled).
+_LIST_SQL = {
+    (False, False): "SELECT id, user_email, user_query, original_url, received_at, status,"
+    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
+    " ORDER BY created_at DESC, id DESC LIMIT $1",
+    (False, True): "SELECT id, user_email, user_query, original_url, received_at, status,"
+    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
+    " WHERE (created_at, id) < ($2::timestamptz, $3::uuid)"
+    " ORDER BY created_at DESC, id DESC LIMIT $1",
+    (True, False): "SELECT id, user_email, user_query, original_url, received_at, status,"
+    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
+    " WHERE status = $2::task_status ORDER BY created_at DESC, id DESC LIMIT $1",
+    (True, True): "SELECT id, user_email, user_query, original_url, received_at, status,"
+    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
+    " WHERE status = $2::task_status AND (created_at, id) < ($3::timestamptz, $4::uuid)"
+    " ORDER BY created_at DESC, id DESC LIMIT $1",
+}
+
+
+def list_sql(*, status: bool, after: bool) -> str:
+    """The listing query (exposed for the benchmark's EXPLAIN)."""
+    return _LIST_SQL[(status, after)]
+
+
+class Row(Protocol):
+    """A row of a query: its columns by name (an asyncpg Record; a dict will do in tests)."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """What :meth:`ReadPool.server` found."""
+
+    has_table: bool  # web_crawl_tasks exists (the schema is migrated)
+    version: str  # the server's ``server_version``
+
+
+class ReadPool:
+    def __init__(self, settings: PostgresSettings) -> None:
+        self._settings = settings
+        self._pool: asyncpg.Pool | None = None
+
+    async def start(self) -> None:
+        """Create the pool; it connects on the first query."""
+        kwargs = connect_kwargs(self._settings)
+        kwargs["server_settings"] = {**kwargs["server_settings"], "application_name": "tm-api"}
+        self._pool = await asyncpg.create_pool(
+            **kwargs,
+            min_size=0,
+            max_size=POOL_SIZE,
+            max_inactive_connection_lifetime=self._settings.idle_timeout_ms / 1000 or 0,
+        )
+
+    async def close(self, timeout_s: float) -> None:
+        """Close the connections gracefully, or terminate them after ``timeout_s``."""
+        if self._pool is None:
+            return
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout_s)
+        except TimeoutError:
+            self._pool.terminate()
+
+    def sizes(self) -> tuple[int, int]:
+        """(open, idle) connections now; no query."""
+        pool = self._pool
+        if pool is None:
+            return 0, 0
+        return pool.get_size(), pool.get_idle_size()
+
+    async def server(self, *, timeout_s: float) -> Server:
+        row = await self._fetch(SERVER_SQL, one=True, timeout_s=timeout_s)
+        if row is None:
+            return Server(has_table=False, version="")
+        return Server(has_table=bool(row[0]), version=str(row[1]))
+
+    async def web_crawl_metrics(self, hours: int) -> tuple[int, int, int, int]:
+        """(new, completed, error, total) tasks created in the last ``hours``: one call."""
+        row = await self._fetch(METRICS_SQL, hours, one=True)
+        if row is None:
+            return 0, 0, 0, 0
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+    async def task(self, task_id: str) -> Row | None:
+        row: Row | None = await self._fetch(TASK_SQL, task_id, one=True)
+        return row
+
+    async def tasks(
+        self, *, status: str | None, after: tuple[datetime, str] | None, limit: int
+    ) -> list[Row]:
+        """Up to ``limit`` tasks, newest first, strictly after the ``after`` position."""
+        args: list[Any] = [limit]
+        if status is not None:
+            args.append(status)
+        if after is not None:
+            args.extend(after)
+        sql = list_sql(status=status is not None, after=after is not None)
+        rows = await self._fetch(sql, *args)
+        return list(rows)
+
+    async def _fetch(
+        self, sql: str, *args: Any, one: bool = False, timeout_s: float = QUERY_TIMEOUT_S
+    ) -> Any:
+        pool = self._pool
+        if pool is None:
+            raise DatabaseUnavailableError("the API's pool is not open")
+        try:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                if one:
+                    return await conn.fetchrow(sql, *args, timeout=timeout_s)
+                return await conn.fetch(sql, *args, timeout=timeout_s)
+        except Exception as exc:
+            translated = translate_error(exc)
+            if isinstance(translated, DatabaseUnavailableError):
+                # The other pooled connection likely died with this one: start afresh.
+                await pool.expire_connections()
+            raise translated from exc

@@ -1,0 +1,79 @@
+"""The configuration of tm's Kafka clients: what every client shares, then the worker's consumer
+and producer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tm.config import KafkaSettings
+
+# librdkafka's default message.max.bytes: tm's producer never goes above it.
+PRODUCER_MAX_MESSAGE_BYTES = 1_000_000
+
+
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
+    """Properties every client shares: brokers, client id, security, timeouts, retries."""
+    protocol = ("SASL_" if settings.sasl_enabled else "") + (
+        "SSL" if settings.ssl_enabled else "PLAINTEXT"
+    )
+    config: dict[str, Any] = {
+        "bootstrap.servers": ",".join(settings.brokers),
+        "client.id": settings.client_id,
+        "security.protocol": protocol,
+        "socket.connection.setup.timeout.ms": settings.connection_timeout_ms,
+        "retry.backoff.ms": settings.retry_backoff_ms,
+    }
+    if settings.sasl_enabled:
+        config["sasl.mechanism"] = settings.sasl_mechanism.upper()
+        config["sasl.username"] = settings.sasl_username
+        config["sasl.password"] = settings.sasl_password
+    return config
+
+
+# Per-partition fetch queue of the consumer; librdkafka's default (64 MiB) times partitions
+# times workers would blow the 512 MiB memory budget on its own.
+QUEUED_MAX_KBYTES = 8192
+# How long the producer batches before sending: a batch's publishes go out together anyway,
+# and waiting for the acknowledgements dominates.
+PRODUCER_LINGER_MS = 2
+
+
+def consumer_config(settings: KafkaSettings, *, slot: int) -> dict[str, Any]:
+    config = client_config(settings)
+    config.update(
+        {
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": settings.session_timeout_ms,
+            "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+            "queued.max.messages.kbytes": QUEUED_MAX_KBYTES,
+            "client.id": f"{settings.client_id}-{slot}",
+        }
+    )
+    if settings.group_instance_id:
+        config["group.instance.id"] = f"{settings.group_instance_id}-{slot}"
+    return config
+
+
+def producer_config(
+    settings: KafkaSettings, *, max_message_bytes: int = PRODUCER_MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
+    config = client_config(settings)
+    config.update(
+        {
+            # Also bounds a batch's records: a batch must fit the topic as a single record must.
+            "message.max.bytes": max_message_bytes,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": PRODUCER_LINGER_MS,
+            # A Python call per acknowledged message costs more than the rest of publishing.
+            "delivery.report.only.error": True,
+            "compression.type": "lz4",
+            "message.timeout.ms": settings.request_timeout_ms,
+            "request.timeout.ms": settings.request_timeout_ms,
+        }
+    )
+    return config

@@ -1,0 +1,397 @@
+"""The consume loop of one worker, in three overlapping stages:
+
+1. poll and decode (batch N+1 is polled while batch N is in the database);
+2. stage: one database call, then its crawl requests and dead letters are enqueued; one batch
+   at a time, in poll order, so an update never overtakes the `new` of its task;
+3. acknowledgement: one flush covers every batch staged so far; then the batches are done, in
+   poll order, and their offsets are committed asynchronously by the next poll (the result
+   comes back in :meth:`Consumption.on_commit`; a commit a rebalance refused is sent again with
+   the next). The revoke callback, and so shutdown, commits synchronously.
+
+The state of all this (owned partitions, batches in flight, committable offsets, backoff) is one
+pure object, tm.core.offsets.Offsets. A transient failure commits nothing of what is in flight:
+the loop seeks the owned partitions of every batch in flight (and of the batch polled meanwhile,
+which is dropped) back to their first offsets, pauses everything it owns, backs off, resumes,
+and the messages come again. It keeps polling so it stays in the group.
+
+librdkafka keeps a partition's pause flag across a revoke and a later assignment, so the assign
+callback sets it: an assigned partition is paused while the loop backs off and resumed
+otherwise (the source resumes a partition that goes). Ownership is recorded inside the
+callbacks, in the poll thread, before the poll returns: a busy event loop cannot leave a revoked
+partition marked owned or an assigned one unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from tm.adapters.kafka import Assignment
+from tm.config import ConsumerSettings
+from tm.core.batch import Batch
+from tm.core.decode import DecodeStats, RawMessage
+from tm.core.offsets import Offsets
+from tm.core.policy import backoff_s
+from tm.errors import TmError, TransientError
+from tm.observability import metrics
+from tm.pipeline import Summary
+from tm.protocol import Reporter
+from tm.worker import report
+from tm.worker.threads import REVOKE_BUDGET_S, ClientThreads
+
+log = logging.getLogger("tm.worker")
+
+PAUSED_POLL_S = 0.2  # poll timeout while backing off: keeps the group alive, wakes up soon
+# Poll timeouts otherwise; a poll returns as soon as a message is there. Busy (batches in
+# flight, or a commit just sent): short, as the next commit waits for the poll to return.
+BUSY_POLL_S = 0.005
+IDLE_POLL_S = 0.05  # nothing in flight: what a stop or a backoff's end may wait for
+COMMITS_TIMED = 64  # commits awaiting their answer, kept for the commit-stage metric
+
+
+class Source(Protocol):
+    """The consumer (tm.adapters.kafka.KafkaSource); every call blocks (the poll thread)."""
+
+    def poll(
+        self, max_messages: int, timeout_s: float, commit: dict[int, int] | None, linger_s: float
+    ) -> Sequence[RawMessage]: ...
+    def commit(self, committable: dict[int, int]) -> None: ...
+    def rewind(self, first_offsets: dict[int, int]) -> None: ...
+    def pause(self, partitions: list[int]) -> None: ...
+    def resume(self, partitions: list[int]) -> None: ...
+
+
+class Stages(Protocol):
+    """The pipeline (tm.pipeline.Pipeline)."""
+
+    decode_stats: DecodeStats
+
+    def assemble(self, messages: Sequence[RawMessage]) -> Batch: ...
+    async def stage(
+        self,
+        batch: Batch,
+        messages: Sequence[RawMessage],
+        before_publishing: Callable[[], Awaitable[None]] | None = None,
+    ) -> Summary: ...
+    async def acknowledge(self, summaries: Sequence[Summary]) -> None: ...
+
+
+class Consumption:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        *,
+        reporter: Reporter,
+        threads: ClientThreads,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._settings = settings
+        self._reporter = reporter
+        self._threads = threads
+        self._stopping = stopping
+        # The rebalance and commit callbacks change the state from the poll thread, inside the
+        # poll and before it returns: every access holds the lock (a few per batch).
+        self.state = Offsets()
+        self._lock = threading.Lock()
+        self._source: Source | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._staging: asyncio.Task[Summary] | None = None  # the batch in the database stage
+        self._unacked: list[Summary] = []  # staged, waiting for their acknowledgements
+        self._to_ack = asyncio.Event()
+        self._flushing = asyncio.Lock()  # held while a flush waits for acknowledgements
+        self._acked = asyncio.Event()  # set when a flush ends
+        self._ack_failure: TransientError | None = None  # for the loop to back off
+        self._commits_sent: dict[tuple[tuple[int, int], ...], float] = {}  # for the metric
+        self.applied_messages = 0
+
+    async def run(self, source: Source, pipeline: Stages) -> None:
+        """Poll, decode, stage (database + produce) one batch at a time, in order, until the
+        stop; the acknowledgements and commits follow in :meth:`_acknowledge`, off this path.
+        The last batches reach their end before it returns; their offsets are committed by the
+        revoke callback when the source leaves the group (a commit from here could wait on a
+        rebalance that needs us to poll)."""
+        self._source = source
+        self._loop = loop = asyncio.get_running_loop()
+        consumer = self._settings
+        max_messages = consumer.batch_max_messages
+        linger_s = consumer.batch_linger_ms / 1000
+        state = self.state
+        acker = asyncio.create_task(self._acknowledge(pipeline))
+        try:
+            while not self._stopping.is_set():
+                if state.resume_due(loop.time()):
+                    source.resume(sorted(state.owned))
+                    log.info(
+                        "resuming after backoff",
+                        extra={"fields": {"partitions": sorted(state.owned)}},
+                    )
+                # The commit goes with the poll, from the poll thread: the client's calls wait
+                # for each other (a commit from another thread would wait for the poll). So
+                # while batches are in flight a poll is short, and their commits soon follow
+                # their acknowledgements; idle, it waits longer for the next message.
+                commit = self._due_commit()
+                if state.paused:
+                    timeout_s = PAUSED_POLL_S
+                elif state.in_flight or commit:
+                    timeout_s = BUSY_POLL_S
+                else:
+                    timeout_s = IDLE_POLL_S
+                polled = await self._threads.run(
+                    "poll", source.poll, max_messages, timeout_s, commit, linger_s
+                )
+                messages = self._owned(polled)
+                decode_started = time.perf_counter()
+                batch = pipeline.assemble(messages) if messages else None
+                decode_s = time.perf_counter() - decode_started
+
+                # One batch in the database at a time, in poll order.
+                failure = await self._staged()
+                if failure is None and acker.done():
+                    acker.result()  # a fatal error in the acknowledgements: raise it
+                failure = failure or self._ack_failure
+                if failure is not None:
+                    await self._back_off(source, failure, batch)
+                    continue
+                if batch is not None:
+                    with self._lock:
+                        seq = state.admit(batch.first_offsets, batch.committable)
+                    self._staging = asyncio.create_task(
+                        self._stage(pipeline, batch, messages, seq, decode_s)
+                    )
+
+            failure = await self._staged() or await self._drained()
+            if failure is not None:
+                log.warning(
+                    "last batches not applied; they will be consumed again after restart",
+                    extra={"fields": {"error": str(failure)}},
+                )
+        finally:
+            acker.cancel()
+
+    def _owned(self, polled: Sequence[RawMessage]) -> Sequence[RawMessage]:
+        """The polled messages of partitions still owned (a revoke can land between the fetch
+        and the return of a poll)."""
+        owned = self.state.owned
+        if all(m.partition() in owned for m in polled):
+            return polled
+        return [m for m in polled if m.partition() in owned]
+
+    async def _stage(
+        self,
+        pipeline: Stages,
+        batch: Batch,
+        messages: Sequence[RawMessage],
+        seq: int,
+        decode_s: float,
+    ) -> Summary:
+        summary = await pipeline.stage(batch, messages, self._previous_acknowledged)
+        summary.seq = seq
+        summary.decode_s = decode_s
+        self._unacked.append(summary)
+        self._to_ack.set()
+        return summary
+
+    async def _previous_acknowledged(self) -> None:
+        """Before a batch produces: every batch before it is acknowledged. librdkafka's flush
+        waits for an empty queue, so a flush under way while the next batch produces would
+        wait for that batch too, and under steady load for ever more; this way a flush waits
+        for one batch's messages, while the next batch's database call runs. Raises the
+        failure of an earlier batch (this one is then retried with it)."""
+        failure = await self._drained()
+        if failure is not None:
+            raise failure
+
+    async def _staged(self) -> TransientError | None:
+        """Wait for the batch in the database stage; its transient failure, or None. A fatal
+        failure raises."""
+        staging, self._staging = self._staging, None
+        if staging is None:
+            return None
+        try:
+            await staging
+        except TransientError as exc:
+            return exc
+        return None
+
+    async def _acknowledge(self, pipeline: Stages) -> None:
+        """Forever: wait for staged batches, wait for the acknowledgement of what they
+        produced (one flush), mark them done in poll order (their offsets go with the next
+        poll's commit). A transient failure is left in ``_ack_failure`` for the loop to back
+        off."""
+        state = self.state
+        busy_since = self._threads.busy_since
+        while True:
+            await self._to_ack.wait()
+            self._to_ack.clear()
+            if not self._unacked or self._ack_failure is not None:
+                continue
+            recovered = False
+            async with self._flushing:
+                summaries, self._unacked = self._unacked, []
+                busy_since["io"] = time.monotonic()  # the flush runs in the io thread
+                try:
+                    await pipeline.acknowledge(summaries)
+                except TransientError as exc:
+                    self._ack_failure = exc
+                    summaries = []
+                else:
+                    with self._lock:
+                        for summary in summaries:
+                            state.acked(summary.seq)
+                        recovered = state.went_through()
+                finally:
+                    busy_since["io"] = None
+            self._acked.set()  # after the lock: a batch waiting to publish may go now
+            if recovered:
+                self._reporter.retrying(False)  # a batch went through again
+            for summary in summaries:
+                self.applied_messages += summary.size
+                report.record(summary, pipeline.decode_stats)
+
+    async def _drained(self) -> TransientError | None:
+        """Wait until every staged batch is acknowledged (or failed); the failure, or None."""
+        while (self._unacked or self._flushing.locked()) and self._ack_failure is None:
+            self._acked.clear()
+            await self._acked.wait()
+        return self._ack_failure
+
+    def _due_commit(self) -> dict[int, int] | None:
+        """The offsets that became committable since the last commit (sent with the next
+        poll; the result comes to :meth:`on_commit`), or None."""
+        with self._lock:
+            due = self.state.take_commit()
+        if not due:
+            return None
+        sent = self._commits_sent
+        if len(sent) >= COMMITS_TIMED:  # answers that never came (a rebalance): drop the oldest
+            del sent[next(iter(sent))]
+        sent[_commit_key(due)] = time.perf_counter()
+        return due
+
+    async def _back_off(self, source: Source, failure: TmError, polled: Batch | None) -> None:
+        """Abandon every batch in flight: rewind the owned partitions to their first offsets
+        (and those of the batch just polled), pause everything, and set the time to resume."""
+        consumer = self._settings
+        async with self._flushing:  # a flush under way ends first (its batches may commit)
+            for summary in self._unacked:
+                summary.trace.fail(failure, summary)
+            self._unacked = []
+            self._ack_failure = None
+            delay = backoff_s(
+                self.state.attempt,
+                initial_s=consumer.retry_backoff_initial_ms / 1000,
+                cap_s=consumer.retry_backoff_max_ms / 1000,
+                jitter=random.random(),  # noqa: S311 (spreading retries, not security)
+            )
+            with self._lock:
+                attempt = self.state.attempt
+                rewind = self.state.failed(
+                    asyncio.get_running_loop().time(),
+                    delay,
+                    polled.first_offsets if polled is not None else None,
+                )
+                source.rewind(rewind)
+                # Paused from now on: an assignment during the backoff is paused too.
+                source.pause(sorted(self.state.owned))
+        self._reporter.retrying(True)  # readiness reports the degraded state
+        metrics.batch_retries.inc()
+        log.warning(
+            "batch failed; nothing committed, retrying",
+            extra={
+                "fields": {
+                    "error": str(failure),
+                    "attempt": attempt + 1,
+                    "retry_in_s": round(delay, 3),
+                    "rewound": rewind,
+                }
+            },
+        )
+
+    # -- callbacks: they run in the poll thread, inside poll()/close() -----------------------
+
+    def on_assign(self, assignment: Assignment) -> None:
+        with self._lock:
+            # Take them here, so the pause flag is set at once: paused while backing off (the
+            # loop resumes every owned partition after).
+            assignment.take(paused=self.state.paused)
+            self.state.assigned(set(assignment.partitions))
+            owned = len(self.state.owned)
+        metrics.rebalances.labels("assign").inc()
+        self._reporter.owned(owned)
+        log.info(
+            "partitions assigned", extra={"fields": {"partitions": sorted(assignment.partitions)}}
+        )
+
+    def on_revoke(self, partitions: list[int]) -> None:
+        metrics.rebalances.labels("revoke").inc()
+        assert self._loop is not None and self._source is not None  # noqa: S101
+        future = asyncio.run_coroutine_threadsafe(self._ready_to_commit(), self._loop)
+        try:
+            committable = future.result(REVOKE_BUDGET_S + 5)
+        except TimeoutError:
+            future.cancel()
+            committable = {}
+            log.warning(
+                "revoke: the batches in flight did not finish in time; their partitions go"
+                " uncommitted and their messages will be consumed again",
+                extra={"fields": {"budget_s": REVOKE_BUDGET_S}},
+            )
+        if committable:
+            try:
+                self._source.commit(committable)  # inside the callback: still our partitions
+            except TmError as exc:
+                log.warning("commit on revoke failed", extra={"fields": {"error": str(exc)}})
+        self._forget(partitions, "revoked")
+
+    def on_lost(self, partitions: list[int]) -> None:
+        # Lost, not revoked: another member may own them already; never commit them again.
+        metrics.rebalances.labels("lost").inc()
+        self._forget(partitions, "lost")
+
+    def _forget(self, partitions: list[int], how: str) -> None:
+        with self._lock:
+            self.state.forget(set(partitions))
+            owned = len(self.state.owned)
+        self._reporter.owned(owned)
+        log.info(f"partitions {how}", extra={"fields": {"partitions": sorted(partitions)}})
+
+    def on_commit(self, offsets: dict[int, int], error: str | None, rebalancing: bool) -> None:
+        sent_at = self._commits_sent.pop(_commit_key(offsets), None)
+        if error is None:
+            if sent_at is not None:
+                metrics.stage_duration.labels("commit").observe(time.perf_counter() - sent_at)
+            return
+        with self._lock:
+            self.state.commit_refused(offsets)  # sent again with the next commit
+        if rebalancing:
+            log.info("commit deferred by a rebalance", extra={"fields": {"error": error}})
+        else:
+            log.warning("commit failed; retried with the next", extra={"fields": {"error": error}})
+
+    async def _ready_to_commit(self) -> dict[int, int]:
+        """On revoke: wait (up to the budget) for the batches in flight to reach their end;
+        return every owned committable offset, for a synchronous commit before they go."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled(), REVOKE_BUDGET_S)
+        with self._lock:
+            return self.state.take_all()
+
+    async def _settled(self) -> None:
+        """The batch in the database stage and every staged batch have reached their end, or
+        one failed (the loop then rewinds what is still ours)."""
+        staging = self._staging
+        if staging is not None:
+            await asyncio.wait({staging})
+            if staging.cancelled() or staging.exception() is not None:
+                return
+        await self._drained()
+
+
+def _commit_key(offsets: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted(offsets.items()))
