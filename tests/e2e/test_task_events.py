@@ -6,6 +6,7 @@ consumption; ``tm watch`` prints what happens; a bad REDIS_URL stops startup wit
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -264,6 +265,38 @@ def test_redis_down_costs_events_never_consumption(
     assert code == 0, output
     assert "worker died" not in output, output
     assert "task events: redis unavailable" in output
+
+
+def test_batches_queued_during_a_call_go_together_in_the_next(
+    redis_server: RedisServer,
+) -> None:
+    # A slow Redis must cost fewer round trips, not one per batch: three batches waiting when
+    # the feed's task runs go in one script call, in their order.
+    from tm.adapters.redis import _SEND_SCRIPT, TaskEvents  # redis-py: only where it is used
+    from tm.config import RedisSettings
+    from tm.core.messages import TaskEvent
+
+    name = unique("tm:events")
+    client = redis_server.client()
+    client.script_load(_SEND_SCRIPT)
+    client.config_resetstat()
+    batches: list[list[TaskEvent]] = [
+        [(f"task-{b}-{i}", "new", "2026-01-02T03:04:05.678Z", None) for i in range(3)]
+        for b in range(3)
+    ]
+
+    async def feed() -> None:
+        events = TaskEvents(RedisSettings(url=redis_server.url, stream=name, stream_maxlen=1000))
+        for batch in batches:
+            events.publish(batch)
+        events.start()
+        await events.close(timeout_s=10)
+
+    asyncio.run(feed())
+    assert [e["task_id"] for e in stream(redis_server, name)] == [
+        task for batch in batches for task, *_ in batch
+    ]
+    assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 1
 
 
 def test_a_bad_redis_url_stops_startup_with_one_line(stack: Stack, tmp_path: Path) -> None:

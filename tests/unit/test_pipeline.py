@@ -29,13 +29,13 @@ def new(n: int, *, partition: int = 0, email: str | None = None) -> FakeMessage:
 
 
 def update(
-    n: int, task_id: uuid.UUID, status: str, text: str, *, partition: int = 0
+    n: int, task_id: uuid.UUID, status: str, text: str, *, partition: int = 0, ts: bytes = TS
 ) -> FakeMessage:
     headers = [
         ("task_type", b"web-crawl"),
         ("status", status.encode()),
         ("task_id", str(task_id).encode()),
-        ("timestamp", TS),
+        ("timestamp", ts),
     ]
     field = "crawl_result" if status == "completed" else "error"
     return FakeMessage(headers, orjson.dumps({field: text}), partition, n)
@@ -234,4 +234,27 @@ async def test_task_events_are_the_batch_transitions_in_applied_order() -> None:
     assert [(e[0], e[1]) for e in events.batches[1]] == [
         (str(task), "error"),
         (str(task), "completed"),
+    ]
+
+
+async def test_task_event_times_are_iso_utc_milliseconds_whatever_form_the_header_had() -> None:
+    events = Events()
+    parts = Parts(events=events)
+    tasks = [uuid.uuid4() for _ in range(3)]
+    for n, task in enumerate(tasks):
+        first = new(n)
+        assert first._headers is not None
+        first._headers = [*first._headers, ("task_id", str(task).encode())]
+        await parts.run([first])
+    await parts.run(
+        [
+            update(10, tasks[0], "completed", "page"),  # the crawlers' form: kept as it came
+            update(11, tasks[1], "completed", "page", ts=b"1754821139023"),  # epoch ms
+            update(12, tasks[2], "error", "oops", ts=b"2025-08-10T12:18:59.023+02:00"),
+        ]
+    )
+    assert [(e[0], e[2]) for e in events.batches[-1]] == [
+        (str(tasks[0]), TS.decode()),
+        (str(tasks[1]), TS.decode()),
+        (str(tasks[2]), TS.decode()),
     ]

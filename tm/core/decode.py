@@ -233,8 +233,9 @@ def decode(
     raw_ts = found.get("timestamp")
     if raw_ts is None:
         return _rejected(found, Reason.INVALID_HEADERS, "header timestamp: missing")
-    if status is _NEW and _ISO_UTC_MS_RE.fullmatch(raw_ts):
-        # The gateway's form: fromisoformat alone reads it, and the crawl request keeps it.
+    if _ISO_UTC_MS_RE.fullmatch(raw_ts):
+        # The gateway's (and crawlers') form: fromisoformat alone reads it, and the crawl
+        # request and the task event keep it as it came.
         timestamp_text: str | None = raw_ts
         timestamp = _parse_iso_utc_ms(raw_ts)
     else:
@@ -324,7 +325,7 @@ def decode(
     except RecursionError:  # msgspec's, skipping an unknown field nested thousands deep
         return _rejected(found, Reason.INVALID_JSON, "JSON nested too deeply")
     assert task_id is not None  # checked above for completed/error  # noqa: S101
-    return StatusUpdate(task_id, status, result, timestamp, traceparent, tracestate)
+    return StatusUpdate(task_id, status, result, timestamp, traceparent, tracestate, timestamp_text)
 
 
 def decode_poll(

@@ -13,8 +13,10 @@ def transitions(
     batch: Batch, created: list[str | None], updated: list[str | None]
 ) -> list[TaskEvent]:
     """Tasks created and updates applied (not duplicates, not unchanged), in the order the
-    database applied them: new tasks first, then updates in input order. About a microsecond
-    per event: plain tuples, the trace id sliced out of the traceparent."""
+    database applied them: new tasks first, then updates in input order. A quarter of a
+    microsecond per event: plain tuples, the times as the messages gave them (formatted only
+    when not in the canonical form: iso_utc costs 2.5 us), the trace id sliced out of the
+    traceparent."""
     events: list[TaskEvent] = [
         (task.id, "new", task.timestamp, task.traceparent[3:35] if task.traceparent else None)
         for task, outcome in zip(batch.creates, created, strict=True)
@@ -25,7 +27,7 @@ def transitions(
             (
                 update.id,
                 update.status.value,
-                iso_utc(update.finished_at),
+                update.finished_text or iso_utc(update.finished_at),
                 update.traceparent[3:35] if update.traceparent else None,
             )
             for update, outcome in zip(batch.updates, updated, strict=True)

@@ -110,7 +110,9 @@ class NewTask(msgspec.Struct, gc=False):
 
 
 class StatusUpdate(msgspec.Struct, gc=False):
-    """A valid ``completed`` or ``error`` event (``id`` as in NewTask)."""
+    """A valid ``completed`` or ``error`` event (``id`` as in NewTask). ``finished_text`` is
+    the timestamp header as it came when it is already ISO-8601 in UTC with milliseconds (the
+    crawlers' form), for the task event; None otherwise."""
 
     id: str
     status: TaskStatus
@@ -118,6 +120,7 @@ class StatusUpdate(msgspec.Struct, gc=False):
     finished_at: datetime
     traceparent: str | None
     tracestate: str | None
+    finished_text: str | None = None
 
 
 class Rejected(msgspec.Struct, gc=False):
