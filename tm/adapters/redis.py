@@ -117,9 +117,9 @@ class TaskEvents:
                 await asyncio.sleep(RETRY_AFTER_S)
 
     def _take(self) -> list[TaskEvent]:
-        """The queued batches, oldest first, as one call's events (at least one batch, and no
-        more than SEND_MAX_EVENTS beyond it): batches committed while a call was under way go
-        together in the next, so a slow Redis costs fewer round trips, not more."""
+        """The oldest queued batch, joined by the next ones while the total stays within
+        SEND_MAX_EVENTS: batches committed while a call was under way go together in the
+        next, so a slow Redis costs fewer round trips, not more."""
         events = self._queue.popleft()
         while self._queue and len(events) + len(self._queue[0]) <= SEND_MAX_EVENTS:
             events = events + self._queue.popleft()
@@ -127,9 +127,9 @@ class TaskEvents:
         return events
 
     async def _send(self, events: list[TaskEvent]) -> bool:
-        # One script call per batch: its events go as one JSON argument, and Redis does the
-        # XADD and PUBLISH of each. A command per event would cost tm tens of microseconds of
-        # redis-py per message; this costs one orjson.dumps.
+        # One script call for one or more batches: the events go as one JSON argument, and
+        # Redis does the XADD and PUBLISH of each. A command per event would cost tm tens of
+        # microseconds of redis-py per message; this costs one orjson.dumps.
         payload = orjson.dumps(events)
         try:
             async with asyncio.timeout(SEND_TIMEOUT_S * 2):  # no task per call, as wait_for's
