@@ -309,3 +309,50 @@ def test_a_bad_redis_url_stops_startup_with_one_line(stack: Stack, tmp_path: Pat
         "tm: REDIS_URL='http://127.0.0.1:6379' is invalid: expected"
         " redis://[user:password@]host[:port][/db]"
     ]
+
+
+def test_a_channel_message_is_its_stream_entry_as_json_and_the_stream_is_trimmed(
+    redis_server: RedisServer,
+) -> None:
+    # The script joins each channel message from its parts and trims the stream once per call:
+    # every message must parse to exactly its entry's fields (with and without a trace id),
+    # and the stream must keep the newest events, about MAXLEN of them.
+    from tm.adapters.redis import TaskEvents  # redis-py: only where it is used
+    from tm.config import RedisSettings
+    from tm.core.messages import TaskEvent
+
+    name, maxlen = unique("tm:events"), 100
+    listener = redis_server.client().pubsub()
+    listener.psubscribe("tm:task:*")
+    assert listener.get_message(timeout=5)["type"] == "psubscribe"
+    batches: list[list[TaskEvent]] = [
+        [
+            (str(uuid.uuid4()), "new", "2026-01-02T03:04:05.678Z", TRACE_ID if i % 2 else None)
+            for i in range(150)
+        ]
+        for _ in range(4)
+    ]
+
+    async def feed() -> None:
+        events = TaskEvents(RedisSettings(url=redis_server.url, stream=name, stream_maxlen=maxlen))
+        events.start()
+        for batch in batches:
+            events.publish(batch)
+            await asyncio.sleep(0.05)  # one call per batch: each call trims
+        await events.close(timeout_s=10)
+
+    asyncio.run(feed())
+    sent = [event for batch in batches for event in batch]
+    messages = []
+    while len(messages) < len(sent):
+        message = listener.get_message(timeout=5)
+        assert message is not None, f"{len(messages)} of {len(sent)} channel messages"
+        messages.append((message["channel"], orjson.loads(message["data"])))
+    expected = [
+        {"task_id": task, "status": status, "at": at} | ({"trace_id": trace} if trace else {})
+        for task, status, at, trace in sent
+    ]
+    assert messages == [(f"tm:task:{e['task_id']}", e) for e in expected]
+    kept = stream(redis_server, name)
+    assert maxlen <= len(kept) < 2 * maxlen  # `~`: whole nodes of 100 entries go
+    assert kept == expected[-len(kept) :]
