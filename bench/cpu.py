@@ -1,7 +1,7 @@
 """CPU per message of tm's processes, per process kind, and the end-to-end rate (issue 10):
 
     python -m bench.cpu [--messages 200000] [--workers 2] [--instances 1] [--partitions 6]
-                        [--rounds 1] [--json FILE] [--redis-url URL]
+                        [--rounds 1] [--json FILE] [--redis-url URL | --feed-cost URL]
 
 On a fresh database and fresh topics: N gateway ``new`` events are produced before tm starts;
 tm runs (``--instances`` copies of ``python -m tm run`` in one consumer group, ``--workers``
@@ -10,11 +10,18 @@ those tasks are produced, and a fresh tm applies them. In each phase the CPU tim
 system, ``/proc/<pid>/stat``, every thread) of each tm process is read when every partition is
 owned and again when every message is committed: start-up is left out. The messages committed
 before the first reading are left out of the count too. The same readings are taken of
-PostgreSQL's processes and of the broker (the JVM), for scale.
+PostgreSQL's processes, of the broker (the JVM) and of redis-server, for scale.
 
 The rate is the messages committed between the two readings over the time between them
-(committed offsets read every 50 ms). Markdown on stdout; ``--json`` writes the figures for
-``bench.compare``.
+(committed offsets read every 50 ms). Markdown on stdout; ``--json`` writes the figures.
+
+``--feed-cost URL`` measures what the Redis task-event feed costs (issue 12): each round is a
+pair, a run with REDIS_URL unset and one with it set to URL, both at once (each on its own
+database and topics), and the figure is the median over the rounds of each pair's difference.
+A run's tm CPU per message varies by a few microseconds from one run to the next on two shared
+cores, more than the feed's cost; runs side by side share whatever else loads the machine, so
+their difference is steadier than that of runs one after the other. (The PostgreSQL, broker
+and redis-server figures are then those of both runs together.)
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ def reading(instances: list[Instance]) -> dict[str, float]:
             totals[kind] += sum(cpu_s(pid) for pid in pids)
     totals["postgres"] = sum(cpu_s(pid) for pid in pids_named(r"^(\S*/)?postgres\b"))
     totals["broker"] = sum(cpu_s(pid) for pid in pids_named(r"kafka\.Kafka"))
+    totals["redis"] = sum(cpu_s(pid) for pid in pids_named(r"^(\S*/)?redis-server\b"))
     return totals
 
 
@@ -153,7 +161,8 @@ class Bench:
         self.kconfig = kafka_config(self.settings)
         self.log_dir = Path(tempfile.mkdtemp(prefix="tm-bench-cpu-"))
 
-    def round(self) -> list[Phase]:
+    def round(self, redis_url: str | None) -> list[Phase]:
+        """Both phases on a fresh database and topics; REDIS_URL set to ``redis_url``."""
         a = self.args
         db = self.stack.database("bench_cpu")
         base = unique("bench-cpu").replace("_", "-")
@@ -174,9 +183,47 @@ class Bench:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("REDIS_URL", None)
-        if a.redis_url:  # the task-event feed on (issue 12: its cost is set minus unset)
-            env["REDIS_URL"] = a.redis_url
+        if redis_url:  # the task-event feed on (issue 12)
+            env["REDIS_URL"] = redis_url
             env["TM_REDIS_STREAM"] = unique("bench:events")
+        try:
+            return self.phases(env, db, topic, group, requests, dlq)
+        finally:
+            if redis_url:  # the stream holds 2N events: gone with the round's topics
+                _drop_stream(redis_url, env["TM_REDIS_STREAM"])
+
+    def pair(self, redis_url: str) -> tuple[list[Phase], list[Phase]]:
+        """Two rounds at once, REDIS_URL unset and set, on their own databases and topics:
+        whatever else loads the machine then weighs on both alike."""
+        done: dict[str | None, list[Phase]] = {}
+        failed: list[BaseException] = []
+
+        def one(url: str | None) -> None:
+            try:
+                done[url] = self.round(url)
+            except BaseException as exc:  # raised again below, in the bench's thread
+                failed.append(exc)
+
+        threads = [threading.Thread(target=one, args=(url,)) for url in (None, redis_url)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failed:
+            raise failed[0]
+        return done[None], done[redis_url]
+
+    def phases(
+        self,
+        env: dict[str, str],
+        db: config.Settings,
+        topic: str,
+        group: str,
+        requests: str,
+        dlq: str,
+    ) -> list[Phase]:
+        """Both phases: N `new` events pre-produced, then N updates of those tasks."""
+        a = self.args
         note(f"producing {a.messages} `new` events")
         produce_bulk(self.kconfig, topic, [(None, *new_task_message(n)) for n in range(a.messages)])
         news = self.phase("new", env, topic, group, a.messages)
@@ -241,6 +288,16 @@ class Bench:
             watcher.stop()
 
 
+def _drop_stream(url: str, name: str) -> None:
+    import redis  # only where the feed is measured, as in tm
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.delete(name)
+    finally:
+        client.close()
+
+
 def _owned(instances: list[Instance], partitions: int) -> list[bool]:
     """Whether every partition is owned by some worker of some instance (net of revokes)."""
     owners: dict[int, int] = {}
@@ -251,36 +308,88 @@ def _owned(instances: list[Instance], partitions: int) -> list[bool]:
     return [owners.get(p, 0) > 0 for p in range(partitions)]
 
 
-def render(args: argparse.Namespace, phases: list[list[Phase]]) -> tuple[str, dict[str, Any]]:
-    by_kind: dict[str, list[Phase]] = {}
-    for round_ in phases:
+def by_kind(rounds: list[list[Phase]]) -> dict[str, list[Phase]]:
+    """The phases of every round, by kind ("new", "update"), in round order."""
+    kinds: dict[str, list[Phase]] = {}
+    for round_ in rounds:
         for phase in round_:
-            by_kind.setdefault(phase.kind, []).append(phase)
+            kinds.setdefault(phase.kind, []).append(phase)
+    return kinds
+
+
+def table(rounds: list[list[Phase]], redis: bool) -> tuple[list[str], dict[str, Any]]:
+    """The medians over the rounds, as a Markdown table and as figures."""
+    med = statistics.median
     lines = [
-        f"`python -m bench.cpu --messages {args.messages} --workers {args.workers}"
-        f" --instances {args.instances} --partitions {args.partitions} --rounds {args.rounds}"
-        + (f" --redis-url {args.redis_url}" if args.redis_url else "")
-        + "`"
-        f" (median of {args.rounds}; load average {os.getloadavg()[0]:.2f} at the end)",
-        "",
-        "| messages | rate | tm µs/msg | workers | supervisor | API | PostgreSQL | broker |",
-        "|---|---|---|---|---|---|---|---|",
+        "| messages | rate | tm µs/msg | workers | supervisor | API | PostgreSQL | broker |"
+        + (" redis-server |" if redis else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if redis else ""),
     ]
-    summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "phases": {}}
-    for kind, runs in by_kind.items():
-        med = statistics.median
+    figures: dict[str, Any] = {}
+    for kind, runs in by_kind(rounds).items():
         row = {
             "rate": med(p.rate for p in runs),
             "tm_us": med(p.tm_us for p in runs),
             **{k: med(p.us_per_message(k) for p in runs) for k in runs[0].cpu_s},
             "runs": [asdict(p) for p in runs],
         }
-        summary["phases"][kind] = row
+        figures[kind] = row
         lines.append(
             f"| {kind} | {row['rate']:,.0f}/s | **{row['tm_us']:.1f}** | {row['worker']:.1f} |"
             f" {row['supervisor']:.1f} | {row['api']:.1f} | {row['postgres']:.1f} |"
-            f" {row['broker']:.1f} |"
+            f" {row['broker']:.1f} |" + (f" {row['redis']:.1f} |" if redis else "")
         )
+    return lines, figures
+
+
+def feed_cost(
+    unset: list[list[Phase]], with_feed: list[list[Phase]]
+) -> tuple[list[str], dict[str, Any]]:
+    """The pairs' differences in tm CPU per message (set minus unset), per kind."""
+    lines = [
+        "| messages | tm µs/msg, set - unset (median) | each pair's difference"
+        " | redis-server µs/msg |",
+        "|---|---|---|---|",
+    ]
+    figures: dict[str, Any] = {}
+    plain, fed = by_kind(unset), by_kind(with_feed)
+    for kind, runs in fed.items():
+        diffs = [b.tm_us - a.tm_us for a, b in zip(plain[kind], runs, strict=True)]
+        redis = statistics.median(p.us_per_message("redis") for p in runs)
+        figures[kind] = {"difference_us": statistics.median(diffs), "pairs": diffs, "redis": redis}
+        lines.append(
+            f"| {kind} | **{statistics.median(diffs):+.1f}** |"
+            f" {', '.join(f'{d:+.1f}' for d in diffs)} | {redis:.1f} |"
+        )
+    return lines, figures
+
+
+def render(
+    args: argparse.Namespace, unset: list[list[Phase]], with_feed: list[list[Phase]]
+) -> tuple[str, dict[str, Any]]:
+    flags = (
+        f"--messages {args.messages} --workers {args.workers} --instances {args.instances}"
+        f" --partitions {args.partitions} --rounds {args.rounds}"
+    )
+    if args.redis_url:
+        flags += f" --redis-url {args.redis_url}"
+    if args.feed_cost:
+        flags += f" --feed-cost {args.feed_cost}"
+    lines = [
+        f"`python -m bench.cpu {flags}` (median of {args.rounds}"
+        + (" pairs" if args.feed_cost else "")
+        + f"; load average {os.getloadavg()[0]:.2f} at the end)",
+        "",
+    ]
+    summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if not args.feed_cost:
+        rows, summary["phases"] = table(with_feed or unset, redis=bool(args.redis_url))
+        return "\n".join(lines + rows), summary
+    for title, rounds, key in (("unset", unset, "unset"), ("set", with_feed, "set")):
+        rows, summary[key] = table(rounds, redis=True)
+        lines += [f"REDIS_URL {title}:", "", *rows, ""]
+    rows, summary["feed_cost"] = feed_cost(unset, with_feed)
+    lines += ["The feed's cost (a pair: the two runs of one round):", "", *rows]
     return "\n".join(lines), summary
 
 
@@ -292,20 +401,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--redis-url", default=None, help="set REDIS_URL (the task-event feed)")
+    feed = parser.add_mutually_exclusive_group()
+    feed.add_argument("--redis-url", default=None, help="set REDIS_URL (the task-event feed)")
+    feed.add_argument(
+        "--feed-cost",
+        metavar="REDIS_URL",
+        default=None,
+        help="each round a pair, REDIS_URL unset and set (order alternating): the feed's cost",
+    )
     args = parser.parse_args(argv)
     bench = Bench(args)
-    phases: list[list[Phase]] = []
+    unset: list[list[Phase]] = []
+    with_feed: list[list[Phase]] = []
     try:
         for _ in range(args.rounds):
-            phases.append(bench.round())
+            if args.feed_cost:
+                plain, fed = bench.pair(args.feed_cost)
+                unset.append(plain)
+                with_feed.append(fed)
+            else:
+                (with_feed if args.redis_url else unset).append(bench.round(args.redis_url))
             bench.stack.cleanup()
     except BenchError as exc:
         print(f"bench.cpu: {exc}", file=sys.stderr)
         return 1
     finally:
         bench.stack.cleanup()
-    text, summary = render(args, phases)
+    text, summary = render(args, unset, with_feed)
     print(text)
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=1))
