@@ -336,10 +336,12 @@ def inflict(world: World, fault: Fault, rng: random.Random, log: list[str]) -> N
             os.kill(victim, signal.SIGKILL)
             log.append(f"kill -9 worker {victim}")
     elif kind == "kill_tm":
+        processes = _descendants(tm.process.pid)
         os.killpg(tm.process.pid, signal.SIGKILL)
         tm.process.wait(10)
         log.append(f"kill -9 of tm's process group {tm.process.pid}")
-        time.sleep(1.0)  # its children notice their parent's death (PDEATHSIG)
+        # Its children end too (the group's kill, or PDEATHSIG): a new tm starts after them.
+        wait_for(lambda: not any(_alive(p) for p in processes), what="tm's processes gone")
         world.start_tm()
     elif kind == "terminate_backends":
         rows = world.stack.query(
@@ -369,6 +371,18 @@ def inflict(world: World, fault: Fault, rng: random.Random, log: list[str]) -> N
         time.sleep(hold)
         proxy.restore()
         log.append(f"{target} proxy {mode} for {hold:.1f} s")
+
+
+def _descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop()
+        with contextlib.suppress(FileNotFoundError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    pending += [int(child) for child in f.read().split()]
+        found.append(parent)
+    return found[1:]
 
 
 def _alive(pid: int) -> bool:

@@ -56,17 +56,23 @@ def namespace_pid(pid: int) -> int:
     return int(line.split()[-1])
 
 
-def zombie_children(pid: int) -> list[int]:
-    zombies = []
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/children") as f:
-            for child in f.read().split():
-                try:
-                    with open(f"/proc/{child}/stat") as stat:
-                        if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                            zombies.append(int(child))
-                except FileNotFoundError:
-                    continue
+            found.update(int(child) for child in f.read().split())
+    return found
+
+
+def zombie_children(pid: int) -> list[int]:
+    zombies = []
+    for child in children(pid):
+        try:
+            with open(f"/proc/{child}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    zombies.append(child)
+        except FileNotFoundError:
+            continue
     return zombies
 
 
@@ -87,6 +93,7 @@ def test_as_pid_1_tm_consumes_reaps_orphans_and_drains_on_sigterm(
 
         # An orphan in the namespace (a process whose parent exited) becomes PID 1's child; the
         # supervisor must reap it, or zombies pile up in the container.
+        own = children(supervisor)  # its workers and API process
         subprocess.run(
             [
                 "nsenter",
@@ -100,7 +107,9 @@ def test_as_pid_1_tm_consumes_reaps_orphans_and_drains_on_sigterm(
             ],
             check=True,
         )
-        time.sleep(1.5)  # the orphan's life, then one supervisor tick to reap it
+        # The orphan is the supervisor's child once `sh` has exited (before nsenter returns):
+        # it must end and then be gone, reaped, not left a zombie.
+        wait_for(lambda: children(supervisor) <= own, timeout_s=10, what="the orphan reaped")
         assert zombie_children(supervisor) == []
 
         os.kill(supervisor, signal.SIGTERM)  # what the kubelet sends to PID 1

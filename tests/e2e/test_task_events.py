@@ -335,10 +335,9 @@ def test_a_channel_message_is_its_stream_entry_as_json_and_the_stream_is_trimmed
 
     async def feed() -> None:
         events = TaskEvents(RedisSettings(url=redis_server.url, stream=name, stream_maxlen=maxlen))
-        events.start()
         for batch in batches:
             events.publish(batch)
-            await asyncio.sleep(0.05)  # one call per batch: each call trims
+        events.start()  # the batches go in one call, trimmed at its end
         await events.close(timeout_s=10)
 
     asyncio.run(feed())
