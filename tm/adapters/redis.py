@@ -6,7 +6,8 @@ each batch in one round trip: a Lua script that does, per event, an ``XADD`` to 
 a ``PUBLISH`` on ``tm:task:<task_id>``, then trims the stream (``XTRIM MAXLEN ~``). Redis slow
 or down costs events, never time: the round trip has a short timeout, a failure drops the
 batch (counted) and the next attempt waits a little, and the client reconnects by itself when
-Redis is back."""
+Redis is back.
+"""
 
 from __future__ import annotations
 
