@@ -6,18 +6,33 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: venv lint unit test run
 .DEFAULT_GOAL := test
 
-# The virtual environment, rebuilt when pyproject.toml changes.
-venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
-	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+# The virtual environment, exactly as uv.lock pins it (runtime and dev), with tm itself installed
+# editable. uv comes from stack/uv.sh (its version and wheel hashes in stack/uv.txt); it never
+# downloads a Python: the venv is made from the machine's python3. `lock-check` runs first,
+# every time: a lock that no longer matches pyproject.toml stops here with one line.
+UV = .stack/uv/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+.PHONY: lock lock-check
+venv: lock-check $(VENV)/.installed
+$(UV): stack/uv.txt stack/uv.sh
+	bash stack/uv.sh >/dev/null
+lock-check: $(UV)
+	@$(UV) lock --check --python python3 --quiet 2>/dev/null \
+	    || { echo "uv.lock does not match pyproject.toml: run 'make lock' (and commit uv.lock)" >&2; exit 1; }
+$(VENV)/.installed: pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --extra dev --python python3 --quiet
 	touch $@
+
+# The one way versions change: re-resolve every dependency to the newest that pyproject.toml's
+# ranges allow and write uv.lock. Then `make test`, and commit the lock on its own.
+lock: $(UV)
+	$(UV) lock --upgrade --python python3
 
 lint: venv
 	$(VENV)/bin/ruff check tm tests bench loadtests
 	$(VENV)/bin/ruff format --check tm tests bench loadtests
-	$(VENV)/bin/mypy --strict tm
+	$(VENV)/bin/mypy
 
 # Quick inner loop: no network, no services.
 unit: venv
@@ -102,13 +117,12 @@ otelcol:
 test: otelcol
 
 # The container image localhost/tm:latest (Containerfile; README "Container image"): podman,
-# runc and debootstrap installed when missing, a Debian base debootstrapped once, the wheels
-# built on the host, then an offline `podman build` (first time on a machine: 4-5 minutes;
-# with the base made: about 80 s; nothing changed: 1 s). tests/container/ runs it the way the
-# StatefulSet does; `test` builds it first so that its output shows here. `venv`: the wheels
-# follow the venv's versions.
+# runc and debootstrap installed when missing, a Debian base debootstrapped once, uv.lock's
+# wheels fetched on the host, then an offline `podman build` (first time on a machine: 4-5
+# minutes; with the base made: about 80 s; nothing changed: 1 s). tests/container/ runs it the
+# way the StatefulSet does; `test` builds it first so that its output shows here.
 .PHONY: image
-image: venv
+image: lock-check
 	bash stack/image.sh
 test: image
 

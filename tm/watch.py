@@ -39,7 +39,7 @@ def watch(
     printed = 0
     try:
         if task_id is not None:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(CHANNEL_PREFIX + task_id.lower())
             while limit is None or printed < limit:
                 message = pubsub.get_message(timeout=BLOCK_MS / 1000)
