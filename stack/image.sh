@@ -9,11 +9,12 @@
 #    the Debian release this machine runs, from the mirror its apt sources name, with python3,
 #    python3-venv and ca-certificates, then `podman import`. Skipped when the image exists
 #    (podman's storage is the machine's, so another clone reuses it).
-# 3. The wheels of tm and of its dependencies at the versions the venv runs (`pip freeze` as
-#    constraints), built on the host into .stack/wheels by Debian's python3 (the image's own
-#    interpreter). The dependencies are rebuilt only when pyproject.toml or the venv's versions
-#    change, tm's own wheel when its sources change.
-# 4. `podman build` of the Containerfile from those wheels, offline (`pip install --no-index`);
+# 3. The wheels of tm's dependencies at the versions and hashes of uv.lock, fetched on the host
+#    into .stack/wheels by Debian's python3 (the image's own interpreter), and tm's own wheel
+#    (`uv build`). The dependencies are fetched again only when the lock changes, tm's wheel
+#    when its sources change.
+# 4. `podman build` of the Containerfile from those wheels, offline (`pip install --no-index
+#    --require-hashes`);
 #    skipped when the image was built from the same inputs (label tm.image.inputs).
 #
 # podman runs with `--runtime runc` (crun refuses this machine's hybrid cgroup layout). The
@@ -23,8 +24,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.stack/image"
 WHEELS="$ROOT/.stack/wheels"       # in the build context (.containerignore lets it through)
-BUILD_WHEELS="$STATE/build-wheels"  # setuptools + wheel, so tm's wheel builds offline
-VENV="${VENV:-$ROOT/.venv}"
 IMAGE="${TM_IMAGE:-localhost/tm:latest}"
 BASE_IMAGE="${TM_BASE_IMAGE:-localhost/tm-base:bookworm}"
 # What the base holds besides minbase: the interpreter, venv (ensurepip, for the builder stage)
@@ -124,29 +123,25 @@ else
 fi
 
 # ---- 3. the wheels -----------------------------------------------------------------------
-# They are resolved by the image's own Python, not the venv's: environment markers compare the
-# full version (redis needs async-timeout on Python < 3.11.3 only: the venv's 3.11.7 would leave
-# it out, the image's 3.11.2 needs it). The base is this machine's Debian release, so its
-# python3 is the host's /usr/bin/python3; a venv of it (.stack/image/pip) runs pip.
-[[ -x $VENV/bin/pip ]] || die "no venv at $VENV: run 'make venv' first"
+# The runtime dependencies at exactly the versions and hashes of uv.lock (`uv export`), fetched
+# by the image's own Python, not the venv's: environment markers compare the full version (redis
+# needs async-timeout on Python < 3.11.3 only: the venv's 3.11.7 would leave it out, the image's
+# 3.11.2 needs it). The base is this machine's Debian release, so its python3 is the host's
+# /usr/bin/python3; a venv of it (.stack/image/pip) runs pip, with --require-hashes.
+UV="$(bash "$ROOT/stack/uv.sh")"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 PIP="$STATE/pip/bin/pip"
 if [[ ! -x $PIP ]]; then
     /usr/bin/python3 -m venv "$STATE/pip" \
         || die "/usr/bin/python3 -m venv failed: install Debian's python3-venv"
 fi
-mkdir -p "$WHEELS" "$BUILD_WHEELS"
-# The venv's versions pin the image's: it runs what the tests ran.
-"$VENV/bin/pip" freeze --exclude-editable >"$STATE/constraints.txt"
-deps_key="$(cat "$ROOT/pyproject.toml" "$STATE/constraints.txt" | sha256sum | cut -d' ' -f1)"
+mkdir -p "$WHEELS"
+"$UV" export --project "$ROOT" --frozen --no-emit-project --format requirements-txt --quiet \
+    -o "$STATE/requirements.txt"
+deps_key="$(sha256sum "$STATE/requirements.txt" | cut -d' ' -f1)"
 tm_key="$(cd "$ROOT" && find pyproject.toml README.md tm -type f ! -path '*/__pycache__/*' \
     ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)"
-if [[ ! -f $BUILD_WHEELS/.done ]]; then
-    say "fetching setuptools and wheel (the build backend of tm's wheel)"
-    "$PIP" download -q -d "$BUILD_WHEELS" 'setuptools>=69' wheel
-    touch "$BUILD_WHEELS/.done"
-fi
-# tm's own wheel, offline (the build backend comes from $BUILD_WHEELS), from a copy of the
+# tm's own wheel (`uv build`: the build backend pinned in pyproject.toml), from a copy of the
 # sources: setuptools would leave build/ and tm.egg-info/ in the work tree.
 build_tm_wheel() {
     local src="$STATE/src"
@@ -154,25 +149,23 @@ build_tm_wheel() {
     mkdir -p "$src"
     (cd "$ROOT" && tar -c --exclude=__pycache__ --exclude='*.pyc' pyproject.toml README.md tm) \
         | tar -C "$src" -x
-    PIP_NO_INDEX=1 PIP_FIND_LINKS="$BUILD_WHEELS" \
-        "$PIP" wheel -q --no-deps --wheel-dir "$WHEELS" "$src" >&2
+    "$UV" build --quiet --wheel --python /usr/bin/python3 --out-dir "$WHEELS" "$src" >&2
     rm -rf "$src"
     echo "$tm_key" >"$WHEELS/.tm.sha256"
 }
 if [[ "$(cat "$WHEELS/.deps.sha256" 2>/dev/null)" != "$deps_key" ]]; then
-    say "building the wheels of tm's dependencies (pip wheel; $(/usr/bin/python3 -V), versions of $VENV)"
+    say "fetching the wheels of tm's dependencies (uv.lock's versions and hashes; $(/usr/bin/python3 -V))"
     t0=$(date +%s)
     find "$WHEELS" -mindepth 1 -delete
-    build_tm_wheel
-    "$PIP" wheel -q --wheel-dir "$WHEELS" --constraint "$STATE/constraints.txt" \
-        --find-links "$WHEELS" "$WHEELS"/tm-*.whl >&2
+    "$PIP" wheel -q --require-hashes --wheel-dir "$WHEELS" -r "$STATE/requirements.txt" >&2
+    cp "$STATE/requirements.txt" "$WHEELS/requirements.txt"  # the image installs these
     echo "$deps_key" >"$WHEELS/.deps.sha256"
-    say "wheels built in $(elapsed "$t0"): $(find "$WHEELS" -name '*.whl' | wc -l) wheels"
-elif [[ "$(cat "$WHEELS/.tm.sha256" 2>/dev/null)" != "$tm_key" ]]; then
-    say "building tm's wheel (its sources changed)"
+    say "wheels fetched in $(elapsed "$t0"): $(find "$WHEELS" -name '*.whl' | wc -l) wheels"
+fi
+if [[ "$(cat "$WHEELS/.tm.sha256" 2>/dev/null)" != "$tm_key" ]]; then
+    say "building tm's wheel"
     build_tm_wheel
 fi
-cp "$STATE/constraints.txt" "$WHEELS/constraints.txt"  # the image installs these versions
 
 # ---- 4. the image ------------------------------------------------------------------------
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/pyproject.toml" | head -n 1)"
@@ -190,7 +183,7 @@ build_args=(
 inputs="$( {
     "${PODMAN[@]}" image inspect --format '{{.Id}}' "$BASE_IMAGE"
     printf '%s\n' "${build_args[@]}"
-    cd "$ROOT" && sha256sum Containerfile .containerignore sql/*.sql .stack/wheels/*
+    cd "$ROOT" && sha256sum Containerfile .containerignore .stack/wheels/*
 } | sha256sum | cut -d' ' -f1)"
 old_id="$("${PODMAN[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
 if [[ -n $old_id && "$("${PODMAN[@]}" image inspect --format '{{index .Labels "tm.image.inputs"}}' \

@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", required=True, metavar="db-command"
     )
-    db.add_parser("migrate", help="apply pending migrations from sql/ (a second run does nothing)")
+    db.add_parser("migrate", help="apply pending migrations (a second run does nothing)")
 
     sub.add_parser("run", help="consume task events: the supervisor and its workers")
     send = sub.add_parser("send", help="sample traffic in the producers' wire format")

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import asyncpg
 import pytest
 
-from tests.conftest import unique
-from tm.adapters import migrations, postgres
-from tm.config import Settings
+from tm.adapters import migrations
 
 pytestmark = pytest.mark.e2e
 
@@ -26,25 +21,6 @@ def tm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
-
-
-async def _admin(settings: Settings, sql: str) -> None:
-    conn = await asyncpg.connect(**postgres.connect_kwargs(settings.postgres))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def database(settings: Settings, pg_up: None) -> Iterator[str]:
-    """A fresh, empty database, dropped afterwards."""
-    name = unique("tm_cli")
-    asyncio.run(_admin(settings, f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        asyncio.run(_admin(settings, f'DROP DATABASE "{name}" WITH (FORCE)'))
 
 
 def test_db_migrate_applies_every_migration_then_reports_nothing_to_apply(database: str) -> None:

@@ -6,9 +6,9 @@ database is down at start. Every query has a deadline, and its errors leave this
 (:func:`tm.adapters.postgres.translate_error`). Rows are returned as asyncpg gives them, typed as
 :class:`Row`: read them by column name.
 
-Each query is served by an index (``sql/0001_schema.sql``): the windowed counts and the listing by
-status by ``(status, created_at, id)``, the listing of all tasks by ``(created_at, id)``, a task
-by its primary key.
+Each query is served by an index (``tm/sql/0001_schema.sql``): the windowed counts and the
+listing by status by ``(status, created_at, id)``, the listing of all tasks by
+``(created_at, id)``, a task by its primary key.
 """
 
 from __future__ import annotations

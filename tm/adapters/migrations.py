@@ -1,4 +1,7 @@
-"""Schema migrations: the ordered ``sql/NNNN_name.sql`` files, applied once each, with a ledger.
+"""Schema migrations: the ordered ``tm/sql/NNNN_name.sql`` files, applied once each, with a ledger.
+
+The files are package data: they are found through the installed package, so a wheel, an
+editable install and the image all migrate from the same files.
 
 Each migration runs in its own transaction together with its ledger row, so a failure leaves
 the database at the previous migration. A session-level advisory lock makes a second migrator
@@ -11,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import asyncpg
 
 from tm.errors import MigrationError
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SQL_DIR = Path(str(resources.files("tm") / "sql"))
 LEDGER_TABLE = "tm_schema_migrations"
 # Key of the advisory lock held while migrating; an arbitrary constant that is tm's alone.
 MIGRATION_LOCK_KEY = 0x746D_6D69_6772  # "tmmigr"
