@@ -12,7 +12,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SRC="$ROOT/stack/otelcol"
 STATE="$ROOT/.stack/otelcol"
-BUILDER_VERSION="v0.165.0"  # the release of every component in manifest.yaml
+# The Collector release is fixed in one place, manifest.yaml (dist.version and every component);
+# the Builder is the same release.
+BUILDER_VERSION="v$(sed -n 's/^  version: *//p' "$SRC/manifest.yaml")"
 BIN="$STATE/dist/otelcol-tm"
 STAMP="$STATE/dist/.manifest.sha256"  # the manifest the binary was built from
 
@@ -35,6 +37,7 @@ fi
 export GOBIN="$STATE/bin"
 export GOFLAGS="-modcacherw -buildvcs=false"  # rm -rf works; no git stamping inside the tree
 export CGO_ENABLED=0
+export GOTOOLCHAIN=local  # the machine's Go; never fetch another toolchain
 
 started=$(date +%s)
 if [[ ! -x "$GOBIN/builder" ]]; then
