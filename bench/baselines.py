@@ -14,9 +14,10 @@ import multiprocessing
 import time
 import traceback
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -198,8 +199,13 @@ def original_design(
                 continue
             if started is None:
                 started = time.monotonic()
-            headers = {k: v.decode() for k, v in message.headers() or () if v is not None}
-            body = orjson.loads(message.value())
+            # A consumed message's headers are a list of (name, bytes | None); the stubs type
+            # headers() as produce() takes them (a dict or list, values str | bytes | None).
+            raw = cast("Sequence[tuple[str, bytes | None]]", message.headers() or ())
+            headers = {k: v.decode() for k, v in raw if v is not None}
+            value = message.value()
+            assert value is not None  # every message of the run has a body
+            body = orjson.loads(value)
             now = datetime.now(UTC)
             run(
                 conn.fetchval(

@@ -118,7 +118,7 @@ class RequestReader(threading.Thread):
                     continue
                 if message.error() is not None:
                     raise BenchError(f"reading crawl requests: {message.error()}")
-                key = message.key()
+                key: str | bytes | None = message.key()
                 if key is None:  # not tm's shape: fall back on the header
                     key = dict(message.headers() or []).get("task_id")
                 task_id = key.decode() if isinstance(key, bytes) else str(key)

@@ -141,6 +141,12 @@ def _messages(kind: str) -> list[Message]:
     ]
 
 
+def _offset(message: Message) -> int:
+    offset = message.offset()
+    assert offset is not None  # _messages() gives each one
+    return offset
+
+
 def _pipeline() -> Pipeline:
     """A Pipeline for assemble() only: it touches no adapter."""
     settings = config.load({"TASK_STATUS_TOPIC": TOPIC})
@@ -159,5 +165,5 @@ def test_pipeline_assemble_2000(benchmark: Any, kind: str) -> None:
     batch = benchmark(pipeline.assemble, messages)
     assert batch.size == POLL_SIZE
     assert batch.committable == {
-        p: max(m.offset() for m in messages if m.partition() == p) + 1 for p in range(PARTITIONS)
+        p: max(_offset(m) for m in messages if m.partition() == p) + 1 for p in range(PARTITIONS)
     }

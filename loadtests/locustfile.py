@@ -26,7 +26,8 @@ from tm import config
 __all__ = ["ApiUser", "GatewayUser"]
 
 
-@events.test_start.add_listener
+# locust's EventHook (locust/event.py) is not annotated: add_listener() returns the listener as is.
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
 def _start_traffic(environment: Environment, **_: Any) -> None:
     settings = config.load()
     problem = refuse_non_local(host=environment.host or "", brokers=settings.kafka.brokers)
@@ -35,7 +36,7 @@ def _start_traffic(environment: Environment, **_: Any) -> None:
     kafka_user.TRAFFIC = Traffic(environment, settings, os.environ.get("API_TOKEN") or None)
 
 
-@events.test_stop.add_listener
+@events.test_stop.add_listener  # type: ignore[untyped-decorator]  # as above
 def _stop_traffic(environment: Environment, **_: Any) -> None:
     traffic, kafka_user.TRAFFIC = kafka_user.TRAFFIC, None
     if traffic is not None:

@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, Producer
 
 from tests.chaos.cluster import Kafka, Postgres, remove, scratch_dir
 from tests.conftest import unique
-from tests.e2e.harness import Stack, TmRun, free_port, make_stack, wait_for
+from tests.e2e.harness import KafkaHeaders, Stack, TmRun, free_port, make_stack, wait_for
 from tests.e2e.proxy import TcpProxy
 from tm import config
 from tm.config import Settings
@@ -278,16 +278,20 @@ class Crawlers:
                 for message in consumer.consume(500, 0.2):
                     if message.error() is not None:
                         continue
-                    task_id = message.key().decode()
+                    key = message.key()
+                    assert key is not None  # tm keys its crawl requests by task id
+                    task_id = key.decode()
                     with self._lock:
                         if task_id in self.answers:
                             self.duplicates += 1
                             continue
                         status, result = crawler_choice(self._seed, task_id)
                         self.answers[task_id] = (status, result)
-                        self.emails[task_id] = orjson.loads(message.value())["user_email"]
+                        value = message.value()
+                        assert value is not None  # a crawl request has a body
+                        self.emails[task_id] = orjson.loads(value)["user_email"]
                     body = {"crawl_result": result} if status == "completed" else {"error": result}
-                    headers = [
+                    headers: KafkaHeaders = [
                         ("task_type", b"web-crawl"),
                         ("status", status.encode()),
                         ("task_id", task_id.encode()),

@@ -139,7 +139,7 @@ _TRACEPARENTS = st.builds(
     st.integers(1, 2**64 - 1),
     st.integers(0, 255),
 )
-_EXTRA_HEADERS = st.lists(
+_EXTRA_HEADERS: st.SearchStrategy[Headers] = st.lists(
     st.tuples(
         st.sampled_from(["x-request-id", "content-type", "tracestate", "x-case"]),
         st.binary(max_size=20),
@@ -312,7 +312,7 @@ def bad_json(draw: st.DrawFn) -> Item:
     return Item("bad:invalid_json", [(None, headers, value)])
 
 
-_NOT_STRINGS = st.one_of(
+_NOT_STRINGS: st.SearchStrategy[int | list[int] | dict[str, Any] | None] = st.one_of(
     st.none(),
     st.integers(-(2**63), 2**63 - 1),
     st.booleans(),
@@ -417,7 +417,7 @@ def oversized(draw: st.DrawFn) -> Item:
             name: "x" * draw(st.integers(100_000, KAFKA_MAX_VALUE - 1000)),
         }
         return Item("fuzz", [(None, headers, orjson.dumps(body))])
-    extra = [(f"x-extra-{i}", chunk * 200) for i in range(draw(st.integers(50, 400)))]
+    extra: Headers = [(f"x-extra-{i}", chunk * 200) for i in range(draw(st.integers(50, 400)))]
     return Item("fuzz", [(None, headers + extra, orjson.dumps(_good_body(draw, status)))])
 
 

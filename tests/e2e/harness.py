@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import pytest
@@ -30,7 +30,9 @@ from tm.config import Settings
 T = TypeVar("T")
 # A worker's "partitions assigned partitions=[0, 1]" and "partitions revoked ..." log lines.
 PARTITIONS = re.compile(r"partitions (assigned|revoked) partitions=\[([\d, ]*)\]")
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, bytes]]  # as the tests write them
+# Headers as confluent-kafka's produce() takes them (its stubs' list), and as tm.traffic makes them.
+KafkaHeaders = list[tuple[str, str | bytes | None]]
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Stack:
 
     def produce(
         self,
-        messages: list[tuple[bytes | None, Headers, bytes | None]],
+        messages: Sequence[tuple[bytes | None, Headers | KafkaHeaders, bytes | None]],
         *,
         topic: str | None = None,
         partition: int | None = None,
@@ -90,7 +92,9 @@ class Stack:
                 for message in consumer.consume(500, 0.2):
                     if message.error() is None:
                         out.append(message)
-                        seen[message.partition()] = message.offset()
+                        partition, offset = message.partition(), message.offset()
+                        assert partition is not None and offset is not None  # not an error
+                        seen[partition] = offset
             return out
         finally:
             consumer.close()
@@ -153,7 +157,11 @@ class Stack:
 
 
 def wait_for(
-    condition: Callable[[], T], *, timeout_s: float = 30.0, interval_s: float = 0.2, what: str = ""
+    condition: Callable[[], T | Literal[False] | None],
+    *,
+    timeout_s: float = 30.0,
+    interval_s: float = 0.2,
+    what: str = "",
 ) -> T:
     """Poll ``condition`` until it returns a truthy value; fail the test at the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -166,7 +174,7 @@ def wait_for(
         time.sleep(interval_s)
 
 
-def _admin_sql(settings: Settings, sql: str) -> None:
+def admin_sql(settings: Settings, sql: str) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(**postgres.connect_kwargs(settings.postgres))
         try:
@@ -211,7 +219,7 @@ def make_stack(settings: Settings, *, partitions: int = 6) -> Iterator[Stack]:
         "KAFKA_GROUP_ID": stack.group,
         "TM_TOPIC_PARTITIONS": str(partitions),
     }
-    _admin_sql(settings, f'CREATE DATABASE "{name}"')
+    admin_sql(settings, f'CREATE DATABASE "{name}"')
     try:
         _migrate(settings, name)
         kafka.create_topics(
@@ -221,7 +229,7 @@ def make_stack(settings: Settings, *, partitions: int = 6) -> Iterator[Stack]:
         )
         yield stack
     finally:
-        _admin_sql(settings, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin_sql(settings, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin = AdminClient(kafka.client_config(settings.kafka))
         for future in admin.delete_topics(
             [stack.topic, stack.requests_topic, stack.dlq_topic], operation_timeout=30

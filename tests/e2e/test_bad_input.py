@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from tests.e2e import bad_input
 from tests.e2e.bad_input import RESULT_LIMIT, Item, Sent, expect, lay_out
-from tests.e2e.harness import Stack, TmRun
+from tests.e2e.harness import KafkaHeaders, Stack, TmRun
 from tm.adapters import kafka
 
 pytestmark = pytest.mark.e2e
@@ -77,13 +77,15 @@ def produce(stack: Stack, messages: list[Sent]) -> None:
                 sent.offset = message.offset()
                 sent.timestamp_ms = message.timestamp()[1]
 
+        # A copy typed as produce()'s stubs want it (str | bytes | None values; list is invariant).
+        headers: KafkaHeaders = list(sent.headers)
         while True:
             try:
                 producer.produce(
                     stack.topic,
                     key=sent.key,
                     value=sent.value,
-                    headers=sent.headers,
+                    headers=headers,
                     partition=sent.partition,
                     on_delivery=delivered,
                 )

@@ -148,7 +148,7 @@ def produce_new(stack: Stack, numbers: range, *, partition: int | None = None) -
     for n in numbers:
         headers, value = new_task_message(n)
         messages.append((None, headers, value))
-    stack.produce(messages, partition=partition)  # type: ignore[arg-type]
+    stack.produce(messages, partition=partition)
     return {f"user{n}@example.com" for n in numbers}
 
 
@@ -297,7 +297,11 @@ def test_database_backends_terminated_under_load_are_retried_and_every_task_appl
         terminated = 0
         for round_ in range(4):
             floor = 1000 * (round_ + 1)
-            wait_for(lambda floor=floor: stack.count() > floor, what=f"{floor} tasks")
+
+            def counted(floor: int = floor) -> bool:
+                return stack.count() > floor
+
+            wait_for(counted, what=f"{floor} tasks")
             snapshots.append(snapshot(stack))
             terminated += terminate_backends(stack)
             snapshots.append(snapshot(stack))
@@ -631,12 +635,17 @@ def test_worker_crashing_after_boot_is_restarted_with_backoff(stack: Stack, tmp_
         for crash in range(4):
             pids = [pid for s, pid in spawned(tm) if s == slot]
             assert len(pids) == crash + 1
-            wait_for(lambda pid=pids[-1]: pid in started_pids(tm), what="the worker booted")
+
+            def booted(pid: int = pids[-1]) -> bool:
+                return pid in started_pids(tm)
+
+            wait_for(booted, what="the worker booted")
             os.kill(pids[-1], signal.SIGKILL)
-            wait_for(
-                lambda n=crash + 2: [s for s, _ in spawned(tm)].count(slot) == n,
-                what=f"slot {slot} respawned",
-            )
+
+            def respawned(n: int = crash + 2) -> bool:
+                return [s for s, _ in spawned(tm)].count(slot) == n
+
+            wait_for(respawned, what=f"slot {slot} respawned")
         assert tm.process.poll() is None, tm.output()
         expected = produce_new(stack, range(2000))
         wait_all_applied(stack, expected)

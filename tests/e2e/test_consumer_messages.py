@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from tests.e2e.harness import Headers, Stack, TmRun, wait_for
+from tests.e2e.harness import Headers, KafkaHeaders, Stack, TmRun, wait_for
 from tm.adapters import kafka
 
 pytestmark = pytest.mark.e2e
@@ -169,7 +169,8 @@ def read_exactly(stack: Stack, topic: str, n: int) -> list[Any]:
 
 
 def case_of(message: Any) -> str:
-    return dict(message.headers() or [])["x-case"].decode()
+    case: bytes = dict(message.headers() or [])["x-case"]
+    return case.decode()
 
 
 def assert_new_row(
@@ -539,7 +540,9 @@ def test_result_over_the_default_limit_is_dead_lettered(stack: Stack, tmp_path: 
             "message.max.bytes": 4_000_000,
         }
     )
-    producer.produce(stack.topic, key=key, value=value, headers=hdrs, partition=0)
+    # A copy typed as produce()'s stubs want it (str | bytes | None values; list is invariant).
+    wire: KafkaHeaders = list(hdrs)
+    producer.produce(stack.topic, key=key, value=value, headers=wire, partition=0)
     assert producer.flush(30) == 0
 
     with tm_running(stack, tmp_path) as tm:

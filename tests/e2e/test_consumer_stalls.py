@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Stack, TmRun, _admin_sql, free_port, wait_for
+from tests.e2e.harness import Stack, TmRun, admin_sql, free_port, wait_for
 from tests.e2e.proxy import TcpProxy
 from tests.e2e.test_consumer_faults import (
     FAST,
@@ -241,7 +241,7 @@ def test_read_only_database_is_waited_out(stack: Stack, tmp_path: Path) -> None:
         expected |= produce_new(stack, range(500, 1000))
         wait_for(lambda: "read-only" in tm.output(), what="writes refused as read-only")
         # From another database: this one refuses ALTER DATABASE now, being read-only.
-        _admin_sql(
+        admin_sql(
             stack.settings, f'ALTER DATABASE "{stack.database}" RESET default_transaction_read_only'
         )
         wait_all_applied(stack, expected, timeout_s=60)

@@ -16,6 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -123,8 +124,14 @@ def update_message(
     return None, headers, orjson.dumps(body)
 
 
+def entries(server: RedisServer, name: str) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE of the whole stream: (entry id, fields), all str, as the client decodes responses
+    (redis-py's types cannot follow decode_responses=True and say bytes | str, or None)."""
+    return cast("list[tuple[str, dict[str, str]]]", server.client().xrange(name))
+
+
 def stream(server: RedisServer, name: str) -> list[dict[str, str]]:
-    return [fields for _id, fields in server.client().xrange(name)]
+    return [fields for _id, fields in entries(server, name)]
 
 
 def by_task(events: list[dict[str, str]]) -> dict[str, list[str]]:
@@ -137,7 +144,8 @@ def by_task(events: list[dict[str, str]]) -> dict[str, list[str]]:
 def scrape(port: int) -> str:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            return reply.read().decode()
+            body: bytes = reply.read()  # urlopen()'s reply is Any in typeshed
+            return body.decode()
     except OSError:
         return ""
 
@@ -210,7 +218,7 @@ def test_every_transition_arrives_once_in_order_per_task(
     # no timed assertions; the README quotes it). updated_at is the transaction's start.
     entry_ms = {
         fields["task_id"]: int(entry_id.split("-")[0])
-        for entry_id, fields in redis_server.client().xrange(name)
+        for entry_id, fields in entries(redis_server, name)
         if fields["status"] == "completed"
     }
     rows = stack.query(
@@ -342,7 +350,7 @@ def test_a_channel_message_is_its_stream_entry_as_json_and_the_stream_is_trimmed
 
     asyncio.run(feed())
     sent = [event for batch in batches for event in batch]
-    messages = []
+    messages: list[tuple[str, Any]] = []
     while len(messages) < len(sent):
         message = listener.get_message(timeout=5)
         assert message is not None, f"{len(messages)} of {len(sent)} channel messages"

@@ -28,7 +28,7 @@ def test_a_message_round_trips_with_its_headers_and_its_commit_is_the_next_offse
     settings: Settings, topic: str
 ) -> None:
     kafka.create_topics(settings.kafka, [topic], partitions=1)
-    headers = [
+    headers: list[tuple[str, str | bytes | None]] = [  # as produce()'s stubs type them
         ("task_type", b"web-crawl"),
         ("status", b"new"),
         ("timestamp", b"2025-08-10T10:18:59.023Z"),
@@ -61,7 +61,9 @@ def test_a_message_round_trips_with_its_headers_and_its_commit_is_the_next_offse
         assert message.headers() == headers
         consumer.commit(message=message, asynchronous=False)
         committed = consumer.committed([TopicPartition(topic, 0)], timeout=10)
-        assert committed[0].offset == message.offset() + 1
+        offset = message.offset()
+        assert offset is not None  # a message without error has its offset
+        assert committed[0].offset == offset + 1
     finally:
         consumer.close()
 

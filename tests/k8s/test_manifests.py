@@ -94,7 +94,8 @@ def statefulset(objects: list[Obj]) -> Obj:
 
 
 def pod_spec(objects: list[Obj]) -> Obj:
-    return statefulset(objects)["spec"]["template"]["spec"]
+    spec: Obj = statefulset(objects)["spec"]["template"]["spec"]
+    return spec
 
 
 def tm_container(objects: list[Obj]) -> Obj:
