@@ -25,7 +25,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.stack/image"
 WHEELS="$ROOT/.stack/wheels"       # in the build context (.containerignore lets it through)
 IMAGE="${TM_IMAGE:-localhost/tm:latest}"
-BASE_IMAGE="${TM_BASE_IMAGE:-localhost/tm-base:bookworm}"
+# The base is the machine's own Debian release (its codename in the tag), so that the image's
+# packages are the versions this machine's apt gets: the release fixes them.
+# shellcheck disable=SC1091
+suite="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+[[ -n $suite ]] || { echo "image: no VERSION_CODENAME in /etc/os-release: cannot tell the Debian release" >&2; exit 1; }
+BASE_IMAGE="${TM_BASE_IMAGE:-localhost/tm-base:$suite}"
 # What the base holds besides minbase: the interpreter, venv (ensurepip, for the builder stage)
 # and the CA bundle (TLS to Kafka, PostgreSQL, the OTLP endpoint). The wheels are manylinux and
 # bring their own libraries (librdkafka, libuv, OpenSSL); minbase has libc, libgcc and libstdc++.
@@ -95,9 +100,6 @@ apt_mirror() {
 if "${PODMAN[@]}" image exists "$BASE_IMAGE"; then
     say "base $BASE_IMAGE exists (podman rmi it to make it again)"
 else
-    # shellcheck disable=SC1091
-    suite="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
-    [[ -n $suite ]] || die "no VERSION_CODENAME in /etc/os-release: cannot tell the Debian release"
     mirror="$(apt_mirror "$suite")" || die "no 'deb' source for $suite in /etc/apt/sources.list(.d)"
     rootfs="$STATE/rootfs"
     rm -rf "$rootfs"
