@@ -14,27 +14,22 @@ true). Durations keep the unit of the original variable (milliseconds) in their 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
 
 from tm import cpus
+from tm.environ import Environ
 from tm.errors import ConfigError
-
-T = TypeVar("T")
-
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_HOST_PORT_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 LOG_FORMATS = ("simple", "structured", "otel")
 LOG_LEVELS = ("debug", "info", "warn", "error")
-SASL_MECHANISMS = ("plain", "scram-sha-256", "scram-sha-512")
+SECURITY_PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
+SASL_MECHANISMS = ("plain", "scram-sha-256", "scram-sha-512", "oauthbearer")
+# libpq's sslmode values, weakest first (asyncpg takes the same).
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 ENVIRONMENTS = ("development", "production", "test")
 
 
@@ -48,14 +43,32 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
     dlq_topic: str
     topic_partitions: int
     topic_replication_factor: int
-    ssl_enabled: bool
-    sasl_enabled: bool
+    security_protocol: str  # one of SECURITY_PROTOCOLS
+    ssl_ca_location: str | None  # None: the system's CA certificates
+    ssl_certificate_location: str | None  # mutual TLS: the client's certificate ...
+    ssl_key_location: str | None  # ... and its private key
+    ssl_key_password: str | None
+    ssl_verify_hostname: bool
     sasl_mechanism: str
     sasl_username: str | None
     sasl_password: str | None
+    oauthbearer_token_endpoint_url: str | None  # OIDC client credentials
+    oauthbearer_client_id: str | None
+    oauthbearer_client_secret: str | None
+    oauthbearer_scope: str | None
+    oauthbearer_ca_location: str | None  # CA of an https token endpoint; None: the system's
     connection_timeout_ms: int
     request_timeout_ms: int
     session_timeout_ms: int
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol in ("ssl", "sasl_ssl")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("sasl_")
+
     heartbeat_interval_ms: int
     retry_backoff_ms: int
     max_retry_attempts: int
@@ -67,7 +80,10 @@ class PostgresSettings(msgspec.Struct, frozen=True, kw_only=True):
     user: str
     password: str
     database: str
-    ssl: bool
+    sslmode: str  # one of SSL_MODES
+    ssl_root_cert: str | None  # None: the system's CA certificates (verify-ca, verify-full)
+    ssl_cert: str | None  # a client certificate ...
+    ssl_key: str | None  # ... and its private key
     max_connections: int
     idle_timeout_ms: int
     connection_timeout_ms: int
@@ -119,6 +135,7 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True):
     url: str | None  # None: no task-event feed, and no Redis client is imported
     stream: str
     stream_maxlen: int
+    ssl_ca_file: str | None = None  # rediss://: the CA that signed the server; None: system's
 
 
 class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -139,120 +156,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics: MetricsSettings
 
 
-class _Env:
-    """Reads one variable at a time and raises ConfigError on the first bad one."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def _raw(self, name: str) -> str | None:
-        value = self._environ.get(name)
-        if value is None:
-            return None
-        value = value.strip()
-        return value or None
-
-    def _parse(self, name: str, default: T, parse: Callable[[str], T | None], expected: str) -> T:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        value = parse(raw)
-        if value is None:
-            raise ConfigError(name, raw, expected)
-        return value
-
-    def text(self, name: str, default: str) -> str:
-        return self._raw(name) or default
-
-    def optional(self, name: str) -> str | None:
-        return self._raw(name)
-
-    def integer(self, name: str, default: int, *, lo: int, hi: int) -> int:
-        def parse(raw: str) -> int | None:
-            try:
-                value = int(raw)
-            except ValueError:
-                return None
-            return value if lo <= value <= hi else None
-
-        return self._parse(name, default, parse, f"an integer in {lo}..{hi}")
-
-    def number(self, name: str, default: float, *, lo: float, hi: float) -> float:
-        def parse(raw: str) -> float | None:
-            try:
-                value = float(raw)
-            except ValueError:
-                return None
-            return value if lo <= value <= hi else None
-
-        return self._parse(name, default, parse, f"a number in {lo}..{hi}")
-
-    def flag(self, name: str, default: bool) -> bool:
-        def parse(raw: str) -> bool | None:
-            low = raw.lower()
-            return True if low in _TRUE else False if low in _FALSE else None
-
-        return self._parse(name, default, parse, "one of true/false/1/0/yes/no/on/off")
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        def parse(raw: str) -> str | None:
-            low = raw.lower()
-            return low if low in choices else None
-
-        return self._parse(name, default, parse, "one of " + ", ".join(choices))
-
-    def topic(self, name: str, default: str) -> str:
-        def parse(raw: str) -> str | None:
-            return raw if _TOPIC_RE.match(raw) and raw not in (".", "..") else None
-
-        return self._parse(name, default, parse, "a Kafka topic name ([A-Za-z0-9._-], 1..249)")
-
-    def brokers(self, name: str, default: str) -> tuple[str, ...]:
-        def parse(raw: str) -> tuple[str, ...] | None:
-            items = tuple(part.strip() for part in raw.split(",") if part.strip())
-            ok = items and all(_HOST_PORT_RE.match(item) for item in items)
-            return items if ok else None
-
-        return self._parse(name, tuple(default.split(",")), parse, "a list of host:port")
-
-    def int_list(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
-        def parse(raw: str) -> tuple[int, ...] | None:
-            try:
-                items = tuple(int(part) for part in raw.split(","))
-            except ValueError:
-                return None
-            return items if all(item > 0 for item in items) else None
-
-        return self._parse(name, default, parse, "a comma-separated list of positive integers")
-
-    def url(self, name: str, default: str) -> str:
-        def parse(raw: str) -> str | None:
-            parts = urlsplit(raw)
-            ok = parts.scheme in ("http", "https") and bool(parts.netloc)
-            return raw.rstrip("/") if ok else None
-
-        return self._parse(name, default, parse, "an http(s) base URL")
-
-    def redis_url(self, name: str) -> str | None:
-        raw = self._raw(name)
-        if raw is None:
-            return None
-        try:
-            parts = urlsplit(raw)
-            port_ok = parts.port is None or 0 < parts.port < 65536
-            db = parts.path.strip("/")
-        except ValueError:
-            parts, port_ok, db = urlsplit(""), False, ""
-        ok = parts.scheme in ("redis", "rediss") and bool(parts.hostname) and port_ok
-        if ok and (not db or db.isdigit()):
-            return raw
-        shown = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", raw)  # never print a password
-        raise ConfigError(name, shown, "redis://[user:password@]host[:port][/db]")
-
-
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Parse the environment (``os.environ`` by default) into Settings, or raise ConfigError."""
-    env = _Env(os.environ if environ is None else environ)
+    env = Environ(os.environ if environ is None else environ)
     kafka = _kafka(env)
     consumer = _consumer(env)
     return Settings(
@@ -281,7 +187,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         http=_http(env),
         redis=RedisSettings(
-            url=env.redis_url("REDIS_URL"),
+            url=(redis_url := env.redis_url("REDIS_URL")),
+            ssl_ca_file=_redis_ca(env, redis_url),
             stream=env.text("TM_REDIS_STREAM", "tm:task-events"),
             stream_maxlen=env.integer(
                 "TM_REDIS_STREAM_MAXLEN", 1_000_000, lo=1_000, hi=1_000_000_000
@@ -291,13 +198,59 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     )
 
 
-def _kafka(env: _Env) -> KafkaSettings:
-    sasl_enabled = env.flag("KAFKA_SASL_ENABLED", False)
+def _security_protocol(env: Environ) -> str:
+    """KAFKA_SECURITY_PROTOCOL, or what the original service's two switches say when it is
+    unset (KAFKA_SSL_ENABLED, KAFKA_SASL_ENABLED). A switch that is on must agree with it; off,
+    a switch says nothing (a ConfigMap lists every setting with its default)."""
+    ssl_on = env.flag("KAFKA_SSL_ENABLED", False)
+    sasl_on = env.flag("KAFKA_SASL_ENABLED", False)
+    implied = ("sasl_" if sasl_on else "") + ("ssl" if ssl_on else "plaintext")
+    protocol = env.choice("KAFKA_SECURITY_PROTOCOL", implied, SECURITY_PROTOCOLS)
+    for switch, on, given in (
+        ("KAFKA_SSL_ENABLED", ssl_on, protocol.endswith("ssl")),
+        ("KAFKA_SASL_ENABLED", sasl_on, protocol.startswith("sasl_")),
+    ):
+        if on and not given:
+            raise ConfigError(
+                switch, env.optional(switch) or "", f"false with KAFKA_SECURITY_PROTOCOL={protocol}"
+            )
+    return protocol
+
+
+def _kafka(env: Environ) -> KafkaSettings:
+    protocol = _security_protocol(env)
+    mechanism = env.choice("KAFKA_SASL_MECHANISM", "plain", SASL_MECHANISMS)
     username = env.optional("KAFKA_SASL_USERNAME")
-    password = env.optional("KAFKA_SASL_PASSWORD")
-    if sasl_enabled and not (username and password):
-        missing = "KAFKA_SASL_USERNAME" if not username else "KAFKA_SASL_PASSWORD"
-        raise ConfigError(missing, "", "a value when KAFKA_SASL_ENABLED is true")
+    password = env.secret("KAFKA_SASL_PASSWORD")
+    token_url = env.optional("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
+    client_id = env.optional("KAFKA_SASL_OAUTHBEARER_CLIENT_ID")
+    client_secret = env.secret("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET")
+    if protocol.startswith("sasl_"):
+        if mechanism == "oauthbearer":
+            needed = {
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": token_url,
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": client_id,
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": client_secret,
+            }
+        else:
+            needed = {"KAFKA_SASL_USERNAME": username, "KAFKA_SASL_PASSWORD": password}
+        for name, value in needed.items():
+            if not value:
+                raise ConfigError(name, "", f"a value with SASL mechanism {mechanism}")
+        if token_url is not None and urlsplit(token_url).scheme not in ("http", "https"):
+            raise ConfigError(
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", token_url, "an http(s) URL"
+            )
+    ca = env.file("KAFKA_SSL_CA_LOCATION")
+    certificate = env.file("KAFKA_SSL_CERTIFICATE_LOCATION")
+    key = env.file("KAFKA_SSL_KEY_LOCATION")
+    if (certificate is None) != (key is None):
+        name = "KAFKA_SSL_KEY_LOCATION" if key is None else "KAFKA_SSL_CERTIFICATE_LOCATION"
+        raise ConfigError(name, "", "set together with its pair (mutual TLS needs both)")
+    if not protocol.endswith("ssl") and (ca or certificate):
+        raise ConfigError(
+            "KAFKA_SECURITY_PROTOCOL", protocol, "ssl or sasl_ssl when TLS files are given"
+        )
     return KafkaSettings(
         brokers=env.brokers("KAFKA_BROKERS", "localhost:9092"),
         client_id=env.text("KAFKA_CLIENT_ID", "task-manager"),
@@ -308,11 +261,20 @@ def _kafka(env: _Env) -> KafkaSettings:
         dlq_topic=env.topic("DLQ_TOPIC", "task-status.dlq"),
         topic_partitions=env.integer("TM_TOPIC_PARTITIONS", 6, lo=1, hi=10_000),
         topic_replication_factor=env.integer("TM_TOPIC_REPLICATION_FACTOR", 1, lo=1, hi=100),
-        ssl_enabled=env.flag("KAFKA_SSL_ENABLED", False),
-        sasl_enabled=sasl_enabled,
-        sasl_mechanism=env.choice("KAFKA_SASL_MECHANISM", "plain", SASL_MECHANISMS),
+        security_protocol=protocol,
+        ssl_ca_location=ca,
+        ssl_certificate_location=certificate,
+        ssl_key_location=key,
+        ssl_key_password=env.secret("KAFKA_SSL_KEY_PASSWORD"),
+        ssl_verify_hostname=env.flag("KAFKA_SSL_VERIFY_HOSTNAME", True),
+        sasl_mechanism=mechanism,
         sasl_username=username,
         sasl_password=password,
+        oauthbearer_token_endpoint_url=token_url,
+        oauthbearer_client_id=client_id,
+        oauthbearer_client_secret=client_secret,
+        oauthbearer_scope=env.optional("KAFKA_SASL_OAUTHBEARER_SCOPE"),
+        oauthbearer_ca_location=env.file("KAFKA_SASL_OAUTHBEARER_CA_LOCATION"),
         connection_timeout_ms=env.integer("KAFKA_CONNECTION_TIMEOUT", 3000, lo=1, hi=600_000),
         request_timeout_ms=env.integer("KAFKA_REQUEST_TIMEOUT", 30000, lo=1, hi=600_000),
         session_timeout_ms=env.integer("KAFKA_SESSION_TIMEOUT", 30000, lo=1000, hi=3_600_000),
@@ -324,14 +286,37 @@ def _kafka(env: _Env) -> KafkaSettings:
     )
 
 
-def _postgres(env: _Env, workers: int) -> PostgresSettings:
+def _sslmode(env: Environ, root_cert: str | None) -> str:
+    """POSTGRES_SSLMODE. Unset: ``verify-full`` when a CA is given (POSTGRES_SSL_ROOT_CERT) or the
+    original switch POSTGRES_SSL is on, since a CA that is not checked, or a certificate checked
+    without its host name, protects against nobody; otherwise ``prefer`` (libpq's default): TLS
+    whenever the server offers it, plaintext with a server that has none (a local one)."""
+    strict = root_cert is not None or env.flag("POSTGRES_SSL", False)
+    return env.choice("POSTGRES_SSLMODE", "verify-full" if strict else "prefer", SSL_MODES)
+
+
+def _postgres(env: Environ, workers: int) -> PostgresSettings:
+    root_cert = env.file("POSTGRES_SSL_ROOT_CERT")
+    sslmode = _sslmode(env, root_cert)
+    cert = env.file("POSTGRES_SSL_CERT")
+    key = env.file("POSTGRES_SSL_KEY")
+    if (cert is None) != (key is None):
+        name = "POSTGRES_SSL_KEY" if key is None else "POSTGRES_SSL_CERT"
+        raise ConfigError(name, "", "set together with its pair (a client certificate needs both)")
+    if cert is not None and SSL_MODES.index(sslmode) < SSL_MODES.index("require"):
+        raise ConfigError(
+            "POSTGRES_SSLMODE", sslmode, "require or stronger with a client certificate"
+        )
     return PostgresSettings(
         host=env.text("POSTGRES_HOST", "localhost"),
         port=env.integer("POSTGRES_PORT", 5432, lo=1, hi=65535),
         user=env.text("POSTGRES_USER", "postgres"),
-        password=env.text("POSTGRES_PASSWORD", "password"),
+        password=env.secret("POSTGRES_PASSWORD") or "password",
         database=env.text("POSTGRES_DB", "tasks_manager"),
-        ssl=env.flag("POSTGRES_SSL", False),
+        sslmode=sslmode,
+        ssl_root_cert=root_cert,
+        ssl_cert=cert,
+        ssl_key=key,
         max_connections=env.integer("POSTGRES_MAX_CONNECTIONS", 10, lo=1, hi=1000),
         idle_timeout_ms=env.integer("POSTGRES_IDLE_TIMEOUT", 30000, lo=0, hi=86_400_000),
         connection_timeout_ms=env.integer("POSTGRES_CONNECTION_TIMEOUT", 10000, lo=1, hi=600_000),
@@ -339,7 +324,14 @@ def _postgres(env: _Env, workers: int) -> PostgresSettings:
     )
 
 
-def _consumer(env: _Env) -> ConsumerSettings:
+def _redis_ca(env: Environ, url: str | None) -> str | None:
+    ca = env.file("REDIS_SSL_CA_FILE")
+    if ca is not None and not (url or "").startswith("rediss://"):
+        raise ConfigError("REDIS_SSL_CA_FILE", ca, "set only with a rediss:// REDIS_URL")
+    return ca
+
+
+def _consumer(env: Environ) -> ConsumerSettings:
     initial = env.integer("TM_RETRY_BACKOFF_INITIAL_MS", 100, lo=1, hi=3_600_000)
     cap = env.integer("TM_RETRY_BACKOFF_MAX_MS", 30000, lo=1, hi=3_600_000)
     if cap < initial:
@@ -383,11 +375,11 @@ def cap_workers(settings: Settings, *, partitions: int) -> Settings:
     )
 
 
-def _http(env: _Env) -> HttpSettings:
+def _http(env: Environ) -> HttpSettings:
     available = env.int_list("METRICS_AVAILABLE_TIME_RANGES", (1, 6, 12, 24, 48, 72))
     return HttpSettings(
         port=env.integer("APP_PORT", 3000, lo=1, hi=65535),
-        api_token=env.optional("API_TOKEN"),
+        api_token=env.secret("API_TOKEN"),
         metrics_default_hours=env.integer("METRICS_DEFAULT_TIME_RANGE_HOURS", 24, lo=1, hi=8760),
         metrics_available_hours=available,
         metrics_refresh_interval_s=env.integer(

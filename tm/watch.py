@@ -15,7 +15,7 @@ import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from tm.adapters.redis import CHANNEL_PREFIX
+from tm.adapters.redis import CHANNEL_PREFIX, tls_options
 from tm.config import Settings
 from tm.errors import ConfigError, TmError
 
@@ -35,7 +35,9 @@ def watch(
     """Print transitions until interrupted (or ``limit`` of them); returns the exit status."""
     if settings.redis.url is None:
         raise ConfigError("REDIS_URL", "", "a redis:// URL: tm watch reads the task-event feed")
-    client = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+    client = redis.Redis.from_url(
+        settings.redis.url, decode_responses=True, **tls_options(settings.redis)
+    )
     printed = 0
     try:
         if task_id is not None:

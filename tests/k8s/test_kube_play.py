@@ -122,9 +122,12 @@ def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
             _admin_sql(settings, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
-def pod_of(objects: list[Obj], *, name: str, config: dict[str, str], secret: str) -> list[Obj]:
+def pod_of(
+    objects: list[Obj], *, name: str, config: dict[str, str], secret: str, tls: str
+) -> list[Obj]:
     """The ConfigMap (with ``config`` merged in) and the pod ``name`` that the StatefulSet would
-    make from its template, its secretRefs renamed to ``secret``, its ports as podman needs."""
+    make from its template, its secretRefs renamed to ``secret``, its Secret volume to ``tls``,
+    its ports as podman needs."""
     sts = one(objects, "StatefulSet", "tm")
     config_map = copy.deepcopy(one(objects, "ConfigMap"))
     config_map["data"].update(config)
@@ -151,6 +154,9 @@ def pod_of(objects: list[Obj], *, name: str, config: dict[str, str], secret: str
     # podman makes an emptyDir a named volume of the volume's name, shared by every pod on the
     # machine (and tm empties its metrics directory at start): one per pod, as in Kubernetes.
     for volume in spec["volumes"]:
+        if "secret" in volume:  # the certificates' Secret: a podman secret of the test's
+            volume["secret"]["secretName"] = tls
+            continue
         assert "emptyDir" in volume, volume
         renamed = f"{name}-{volume['name']}"
         for container in spec.get("initContainers", []) + spec["containers"]:
@@ -165,6 +171,12 @@ def pod_of(objects: list[Obj], *, name: str, config: dict[str, str], secret: str
         "spec": spec,
     }
     return [config_map, pod]
+
+
+def _podman_secret(secret: Obj) -> dict[str, str]:
+    """What podman 4.3 reads for envFrom and Secret volumes: a JSON object of base64 values,
+    the Secret's ``data``."""
+    return {k: base64.b64encode(v.encode()).decode() for k, v in secret_data(secret).items()}
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -188,19 +200,18 @@ def test_the_statefulset_pod_runs_under_podman_kube_play_and_consumes(
     token = secret_data(rendered_secret)["API_TOKEN"]
     suffix = uuid.uuid4().hex[:8]
     name = f"tm-{suffix}-0"  # a StatefulSet tm-<suffix>'s first pod: unique on this machine
-    secret = f"tm-secrets-{suffix}"
+    secret, tls = f"tm-secrets-{suffix}", f"tm-tls-{suffix}"
     port = free_port()
     config = {**stack.env, "APP_PORT": str(port)}
-    documents = pod_of(objects, name=name, config=config, secret=secret)
+    documents = pod_of(objects, name=name, config=config, secret=secret, tls=tls)
     play_file = tmp_path / "pod.yaml"
     play_file.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     secret_file = tmp_path / "secret.json"
-    # What podman 4.3 reads for envFrom: a JSON object of base64 values, the Secret's `data`.
-    data = {
-        k: base64.b64encode(v.encode()).decode() for k, v in secret_data(rendered_secret).items()
-    }
-    secret_file.write_text(json.dumps(data))
+    secret_file.write_text(json.dumps(_podman_secret(rendered_secret)))
     podman.run("secret", "create", secret, str(secret_file))
+    tls_file = tmp_path / "tls.json"
+    tls_file.write_text(json.dumps(_podman_secret(one(objects, "Secret", "tm-tls"))))
+    podman.run("secret", "create", tls, str(tls_file))
     try:
         podman.run("kube", "play", str(play_file), timeout=300)
         _check_pod(podman, stack, name=name, port=port, token=token)
@@ -211,7 +222,7 @@ def test_the_statefulset_pod_runs_under_podman_kube_play_and_consumes(
     finally:
         logs = podman.run("logs", f"{name}-tm", check=False)
         podman.run("kube", "down", str(play_file), timeout=120, check=False)
-        podman.run("secret", "rm", secret, check=False)
+        podman.run("secret", "rm", secret, tls, check=False)
         print(logs[-4000:])
     assert '"message":"stopped"' in logs and '"clean":true' in logs, logs[-2000:]
 

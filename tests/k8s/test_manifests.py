@@ -32,6 +32,8 @@ SECRET_KEYS = {
     "POSTGRES_PASSWORD",
     "KAFKA_SASL_USERNAME",
     "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_KEY_PASSWORD",
+    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
     "API_TOKEN",
     "REDIS_URL",  # redis://user:password@host...
 }
@@ -183,9 +185,9 @@ def test_overlay_renders_the_objects_it_should(
         "StatefulSet",
     ]
     expected = {
-        "dev": [*base, "Namespace", "Secret"],
+        "dev": [*base, "Namespace", "Secret", "Secret"],  # tm-secrets, tm-tls (examples)
         "prod": [*base, "Namespace", "PodMonitor", "PrometheusRule", "ScaledObject"],
-        "test": [*base, "Secret"],
+        "test": [*base, "Secret", "Secret"],
     }[overlay]
     assert kinds == sorted(expected)
 
@@ -266,7 +268,9 @@ def test_configmap_secret_and_pod_env_do_not_overlap(
     objects = rendered[overlay]
     data = one(objects, "ConfigMap")["data"]
     assert set(data) == set(defaults_env()), "an overlay added or dropped a ConfigMap key"
-    secrets = [o for o in objects if o["kind"] == "Secret"]
+    secrets = [
+        o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "tm-secrets"
+    ]
     for secret in secrets:
         assert set(secret_data(secret)) == SECRET_KEYS
     # A literal env entry would silently override the ConfigMap or Secret key of that name.

@@ -22,11 +22,12 @@ def test_defaults_follow_the_original_service() -> None:
     assert s.kafka.task_status_topic == "task-status"
     assert s.kafka.web_crawl_request_topic == "requests-web-crawl"
     assert s.kafka.dlq_topic == "task-status.dlq"
-    assert (s.kafka.ssl_enabled, s.kafka.sasl_enabled) == (False, False)
+    assert s.kafka.security_protocol == "plaintext"
+    assert s.kafka.ssl_verify_hostname is True
     assert (s.postgres.host, s.postgres.port) == ("localhost", 5432)
     assert (s.postgres.user, s.postgres.password) == ("postgres", "password")
     assert s.postgres.database == "tasks_manager"
-    assert s.postgres.ssl is False
+    assert s.postgres.sslmode == "prefer"
     assert s.postgres.max_connections == 10
     assert s.http.port == 3000
     assert s.http.api_token is None
@@ -70,7 +71,7 @@ def test_boolean_settings_read_true_1_yes_on_and_false_0_no_off_in_any_case_trim
     raw: str, expected: bool
 ) -> None:
     s = config.load({"POSTGRES_SSL": raw, "OTEL_ENABLED": raw, "LOG_COLORS": raw})
-    assert s.postgres.ssl is expected
+    assert s.postgres.sslmode == ("verify-full" if expected else "prefer")
     assert s.otel.enabled is expected
     assert s.log.colors is expected
 
@@ -120,6 +121,11 @@ def test_given_values_are_parsed_into_typed_trimmed_and_normalised_settings() ->
         ("TRACING_SAMPLING_RATE", "2", "a number in 0.0..1.0"),
         ("METRICS_AVAILABLE_TIME_RANGES", "1,x", "positive integers"),
         ("KAFKA_SASL_MECHANISM", "gssapi", "one of plain"),
+        ("KAFKA_SECURITY_PROTOCOL", "tls", "one of plaintext, ssl, sasl_plaintext, sasl_ssl"),
+        ("POSTGRES_SSLMODE", "on", "one of disable, allow, prefer, require, verify-ca"),
+        ("KAFKA_SSL_CA_LOCATION", "/nonexistent/ca.pem", "a readable file (no such file"),
+        ("POSTGRES_SSL_ROOT_CERT", "/nonexistent/ca.pem", "a readable file (no such file"),
+        ("POSTGRES_PASSWORD_FILE", "/nonexistent/pw", "a readable file (no such file"),
     ],
 )
 def test_bad_value_names_variable_value_and_expectation(
@@ -137,6 +143,131 @@ def test_bad_value_names_variable_value_and_expectation(
 def test_sasl_without_credentials_is_refused() -> None:
     with pytest.raises(ConfigError, match="KAFKA_SASL_USERNAME"):
         config.load({"KAFKA_SASL_ENABLED": "true"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "protocol"),
+    [
+        ({}, "plaintext"),
+        ({"KAFKA_SSL_ENABLED": "true"}, "ssl"),
+        ({"KAFKA_SASL_ENABLED": "true", "KAFKA_SSL_ENABLED": "true"}, "sasl_ssl"),
+        ({"KAFKA_SASL_ENABLED": "true"}, "sasl_plaintext"),
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "sasl_ssl"),
+        ({"KAFKA_SECURITY_PROTOCOL": "ssl", "KAFKA_SSL_ENABLED": "true"}, "ssl"),
+        ({"KAFKA_SECURITY_PROTOCOL": "sasl_ssl", "KAFKA_SSL_ENABLED": "false"}, "sasl_ssl"),
+    ],
+)
+def test_security_protocol_is_given_or_follows_the_original_switches(
+    environ: dict[str, str], protocol: str
+) -> None:
+    creds = {"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"}
+    assert config.load({**creds, **environ}).kafka.security_protocol == protocol
+
+
+def test_a_switch_that_contradicts_the_security_protocol_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load({"KAFKA_SECURITY_PROTOCOL": "sasl_plaintext", "KAFKA_SSL_ENABLED": "on"})
+    assert info.value.variable == "KAFKA_SSL_ENABLED"
+    assert "false with KAFKA_SECURITY_PROTOCOL=sasl_plaintext" in str(info.value)
+
+
+def test_oauthbearer_needs_its_token_endpoint_client_id_and_secret(tmp_path: Path) -> None:
+    base = {"KAFKA_SECURITY_PROTOCOL": "sasl_ssl", "KAFKA_SASL_MECHANISM": "oauthbearer"}
+    with pytest.raises(ConfigError) as info:
+        config.load(base)
+    assert info.value.variable == "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"
+    full = {
+        **base,
+        "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example/token",
+        "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "tm",
+    }
+    with pytest.raises(ConfigError) as info:
+        config.load(full)
+    assert info.value.variable == "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    s = config.load({**full, "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE": str(secret)})
+    assert s.kafka.oauthbearer_client_secret == "s3cret"  # noqa: S105
+    assert s.kafka.sasl_username is None
+
+
+def test_a_client_certificate_needs_its_key_and_tls_files_need_a_tls_protocol(
+    tmp_path: Path,
+) -> None:
+    pem = tmp_path / "cert.pem"
+    pem.write_text("not checked here: librdkafka reads it")
+    with pytest.raises(ConfigError) as info:
+        config.load({"KAFKA_SECURITY_PROTOCOL": "ssl", "KAFKA_SSL_CERTIFICATE_LOCATION": str(pem)})
+    assert info.value.variable == "KAFKA_SSL_KEY_LOCATION"
+    with pytest.raises(ConfigError) as info:
+        config.load({"KAFKA_SSL_CA_LOCATION": str(pem)})
+    assert info.value.variable == "KAFKA_SECURITY_PROTOCOL"
+    assert "ssl or sasl_ssl when TLS files are given" in str(info.value)
+
+
+def test_secrets_come_from_the_environment_or_from_a_file_never_both(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("file-secret\r\n")
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    s = config.load({"POSTGRES_PASSWORD_FILE": str(password), "API_TOKEN_FILE": str(token)})
+    assert (s.postgres.password, s.http.api_token) == ("file-secret", "t0ken")
+    with pytest.raises(ConfigError) as info:
+        config.load({"POSTGRES_PASSWORD": "env-secret", "POSTGRES_PASSWORD_FILE": str(password)})
+    assert info.value.variable == "POSTGRES_PASSWORD_FILE"
+    assert "file-secret" not in str(info.value)
+    assert "env-secret" not in str(info.value)
+
+
+def test_a_secret_file_that_cannot_be_read_names_the_file_setting_not_the_secret(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load({"KAFKA_SASL_PASSWORD_FILE": str(tmp_path)})  # a directory
+    assert info.value.variable == "KAFKA_SASL_PASSWORD_FILE"
+    assert str(info.value).startswith(f"KAFKA_SASL_PASSWORD_FILE='{tmp_path}' is invalid")
+
+
+@pytest.mark.parametrize(
+    ("environ", "sslmode"),
+    [
+        ({}, "prefer"),
+        ({"POSTGRES_SSL": "true"}, "verify-full"),
+        ({"POSTGRES_SSL": "false"}, "prefer"),
+        ({"POSTGRES_SSL": "false", "POSTGRES_SSL_ROOT_CERT": "CA"}, "verify-full"),
+        ({"POSTGRES_SSLMODE": "disable"}, "disable"),
+        ({"POSTGRES_SSL_ROOT_CERT": "CA"}, "verify-full"),
+        ({"POSTGRES_SSL_ROOT_CERT": "CA", "POSTGRES_SSLMODE": "verify-ca"}, "verify-ca"),
+        ({"POSTGRES_SSLMODE": "Require"}, "require"),
+    ],
+)
+def test_postgres_sslmode_is_given_or_the_safe_default(
+    environ: dict[str, str], sslmode: str, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    environ = {k: str(ca) if v == "CA" else v for k, v in environ.items()}
+    assert config.load(environ).postgres.sslmode == sslmode
+
+
+def test_a_postgres_client_certificate_needs_a_mode_that_uses_tls(tmp_path: Path) -> None:
+    pem = tmp_path / "client.pem"
+    pem.write_text("")
+    files = {"POSTGRES_SSL_CERT": str(pem), "POSTGRES_SSL_KEY": str(pem)}
+    with pytest.raises(ConfigError) as info:
+        config.load({**files, "POSTGRES_SSLMODE": "prefer"})
+    assert info.value.variable == "POSTGRES_SSLMODE"
+    assert config.load({**files, "POSTGRES_SSLMODE": "require"}).postgres.ssl_cert == str(pem)
+
+
+def test_a_redis_ca_file_goes_with_rediss_only(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    with pytest.raises(ConfigError) as info:
+        config.load({"REDIS_URL": "redis://localhost:6379", "REDIS_SSL_CA_FILE": str(ca)})
+    assert info.value.variable == "REDIS_SSL_CA_FILE"
+    s = config.load({"REDIS_URL": "rediss://localhost:6380", "REDIS_SSL_CA_FILE": str(ca)})
+    assert s.redis.ssl_ca_file == str(ca)
 
 
 def test_backoff_cap_below_initial_is_refused() -> None:
@@ -284,7 +415,7 @@ def test_default_workers_never_above_the_topic_partitions() -> None:
 
 def test_without_redis_url_there_is_no_task_event_feed() -> None:
     assert config.load({}).redis == config.RedisSettings(
-        url=None, stream="tm:task-events", stream_maxlen=1_000_000
+        url=None, ssl_ca_file=None, stream="tm:task-events", stream_maxlen=1_000_000
     )
 
 

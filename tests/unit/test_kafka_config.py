@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tm import config
 from tm.adapters.kafka import client_config, consumer_config, producer_config
 
@@ -50,4 +52,57 @@ def test_security_settings_reach_librdkafka() -> None:
     assert secure["sasl.mechanism"] == "SCRAM-SHA-256"
     assert (secure["sasl.username"], secure["sasl.password"]) == ("u", "p")
     assert secure["bootstrap.servers"] == "a:9093,b:9093"
-    assert config.load({"KAFKA_SSL_ENABLED": "false"}).kafka.ssl_enabled is False
+    assert config.load({"KAFKA_SSL_ENABLED": "false"}).kafka.security_protocol == "plaintext"
+    assert secure["ssl.ca.location"] == "probe"  # no CA file: the system's
+    assert secure["ssl.endpoint.identification.algorithm"] == "https"
+
+
+def test_tls_files_and_hostname_verification_reach_librdkafka(tmp_path: Path) -> None:
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("")
+    props = client_config(
+        config.load(
+            {
+                "KAFKA_SECURITY_PROTOCOL": "ssl",
+                "KAFKA_SSL_CA_LOCATION": str(tmp_path / "ca.pem"),
+                "KAFKA_SSL_CERTIFICATE_LOCATION": str(tmp_path / "client.pem"),
+                "KAFKA_SSL_KEY_LOCATION": str(tmp_path / "client.key"),
+                "KAFKA_SSL_KEY_PASSWORD": "kp",
+                "KAFKA_SSL_VERIFY_HOSTNAME": "false",
+            }
+        ).kafka
+    )
+    assert props["security.protocol"] == "SSL"
+    assert props["ssl.ca.location"] == str(tmp_path / "ca.pem")
+    assert props["ssl.certificate.location"] == str(tmp_path / "client.pem")
+    assert props["ssl.key.location"] == str(tmp_path / "client.key")
+    assert props["ssl.key.password"] == "kp"
+    assert props["ssl.endpoint.identification.algorithm"] == "none"
+    assert "sasl.mechanism" not in props
+
+
+def test_oauthbearer_reaches_librdkafka_as_oidc_client_credentials(tmp_path: Path) -> None:
+    (tmp_path / "idp-ca.pem").write_text("")
+    props = client_config(
+        config.load(
+            {
+                "KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+                "KAFKA_SASL_MECHANISM": "oauthbearer",
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example/token",
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "tm",
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s",
+                "KAFKA_SASL_OAUTHBEARER_SCOPE": "kafka",
+                "KAFKA_SASL_OAUTHBEARER_CA_LOCATION": str(tmp_path / "idp-ca.pem"),
+            }
+        ).kafka
+    )
+    assert props["sasl.mechanism"] == "OAUTHBEARER"
+    assert props["sasl.oauthbearer.method"] == "oidc"
+    assert props["sasl.oauthbearer.token.endpoint.url"] == "https://idp.example/token"
+    assert (props["sasl.oauthbearer.client.id"], props["sasl.oauthbearer.client.secret"]) == (
+        "tm",
+        "s",
+    )
+    assert props["sasl.oauthbearer.scope"] == "kafka"
+    assert props["https.ca.location"] == str(tmp_path / "idp-ca.pem")
+    assert "sasl.username" not in props

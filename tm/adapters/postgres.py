@@ -17,6 +17,7 @@ import orjson
 from tm.config import PostgresSettings
 from tm.core.messages import NewTask, StatusUpdate
 from tm.errors import (
+    ConfigError,
     DatabaseUnavailableError,
     FatalError,
     RowRejectedError,
@@ -93,11 +94,41 @@ def connect_kwargs(settings: PostgresSettings, *, migrating: bool = False) -> di
         "command_timeout": None if migrating else settings.query_timeout_ms / 1000,
         "server_settings": server_settings,
     }
-    if settings.ssl:
-        kwargs["ssl"] = ssl.create_default_context()
-    else:
-        kwargs["ssl"] = False
+    kwargs["ssl"] = ssl_option(settings)
     return kwargs
+
+
+def ssl_option(settings: PostgresSettings) -> ssl.SSLContext | str | bool:
+    """asyncpg's ``ssl`` for POSTGRES_SSLMODE, with libpq's meanings: ``disable`` never TLS;
+    ``allow`` and ``prefer`` TLS when the server offers it, nothing verified (asyncpg's own
+    handling, which falls back to plaintext); ``require`` TLS, nothing verified; ``verify-ca``
+    the server's chain to POSTGRES_SSL_ROOT_CERT (the system's CAs when unset); ``verify-full``
+    that and the host name. A client certificate goes with the last three."""
+    mode = settings.sslmode
+    if mode == "disable":
+        return False
+    if mode in ("allow", "prefer"):
+        return mode
+    if mode == "require":
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            context = ssl.create_default_context(cafile=settings.ssl_root_cert)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                "POSTGRES_SSL_ROOT_CERT", settings.ssl_root_cert or "", f"PEM certificates ({exc})"
+            ) from None
+        context.check_hostname = mode == "verify-full"
+    if settings.ssl_cert and settings.ssl_key:
+        try:
+            context.load_cert_chain(settings.ssl_cert, settings.ssl_key)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConfigError(
+                "POSTGRES_SSL_KEY", settings.ssl_key, f"the PEM key of POSTGRES_SSL_CERT ({exc})"
+            ) from None
+    return context
 
 
 async def connect(settings: PostgresSettings, *, migrating: bool = False) -> asyncpg.Connection:
@@ -108,10 +139,26 @@ async def connect(settings: PostgresSettings, *, migrating: bool = False) -> asy
         raise translate_error(exc) from exc
 
 
+# Refusals that no retry cures, with the settings that decide them: the line an operator reads
+# names what to change.
+_SETTINGS_OF_SQLSTATE = {
+    "28P01": "POSTGRES_USER, POSTGRES_PASSWORD",  # invalid_password
+    "28000": "POSTGRES_SSLMODE, POSTGRES_USER",  # invalid_authorization_specification: pg_hba
+}
+
+
 def translate_error(exc: BaseException) -> BaseException:
     """Map an asyncpg or socket error to tm's tree; anything else is returned unchanged."""
     if isinstance(exc, TmError):
         return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # The server's certificate is not signed by the CA given, or names another host.
+        return FatalError(
+            f"POSTGRES_SSL_ROOT_CERT, POSTGRES_HOST, POSTGRES_SSLMODE: {type(exc).__name__}: "
+            f"{exc.verify_message or exc}"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return FatalError(f"POSTGRES_SSLMODE, POSTGRES_SSL_*: {type(exc).__name__}: {exc}")
     if isinstance(exc, asyncpg.exceptions.InvalidCachedStatementError):
         # 0A000 "cached plan must not change result type": the schema changed under a
         # prepared statement (a migration while tm runs). Fresh connections, fresh caches: the
@@ -124,6 +171,8 @@ def translate_error(exc: BaseException) -> BaseException:
             return DatabaseUnavailableError(message, sqlstate=code)
         if code[:2] in _ROW_CLASSES or code in _ROW_CODES:
             return RowRejectedError(message, sqlstate=code)
+        if code in _SETTINGS_OF_SQLSTATE:
+            message = f"{_SETTINGS_OF_SQLSTATE[code]}: {message}"
         return FatalError(f"{message} (SQLSTATE {code})")
     if isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)):
         # Connection closed underneath us, pool closing, a protocol left in a bad state by a

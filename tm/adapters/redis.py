@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -66,6 +67,14 @@ return #events
 )
 
 
+def tls_options(settings: RedisSettings) -> dict[str, Any]:
+    """redis-py's options for a rediss:// URL: the CA of REDIS_SSL_CA_FILE (the server's
+    certificate and host name are verified, redis-py's defaults). Every Redis client of tm takes
+    them: the feed, the API's health check, tm watch. Nothing for redis://, whose connections
+    take no TLS option."""
+    return {"ssl_ca_certs": settings.ssl_ca_file} if settings.ssl_ca_file else {}
+
+
 class TaskEvents:
     """The feed of one worker: a bounded queue and the task that empties it."""
 
@@ -78,6 +87,7 @@ class TaskEvents:
             socket_timeout=SEND_TIMEOUT_S,
             socket_connect_timeout=SEND_TIMEOUT_S,
             retry_on_timeout=False,
+            **tls_options(settings),
         )
         self._script = self._client.register_script(_SEND_SCRIPT)
         self._queue: deque[list[TaskEvent]] = deque()

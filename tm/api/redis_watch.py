@@ -14,6 +14,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from tm.adapters.redis import tls_options
 from tm.api.check import Check
 from tm.config import RedisSettings
 
@@ -28,7 +29,10 @@ class RedisWatch:
         assert settings.url is not None  # noqa: S101 (built only when REDIS_URL is set)
         self._settings = settings
         self._client = aioredis.Redis.from_url(
-            settings.url, socket_timeout=PING_TIMEOUT_S, socket_connect_timeout=PING_TIMEOUT_S
+            settings.url,
+            socket_timeout=PING_TIMEOUT_S,
+            socket_connect_timeout=PING_TIMEOUT_S,
+            **tls_options(settings),
         )
         self._task: asyncio.Task[None] | None = None
         self.check = Check.pending()

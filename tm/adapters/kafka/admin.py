@@ -14,7 +14,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from confluent_kafka.cimpl import NewTopic
 
 from tm.adapters.kafka.clients import PRODUCER_MAX_MESSAGE_BYTES, client_config
-from tm.adapters.kafka.errors import kafka_error, text, translate
+from tm.adapters.kafka.errors import connection_problem, kafka_error, translate
 from tm.config import KafkaSettings
 from tm.errors import FatalError, KafkaUnavailableError
 
@@ -28,22 +28,20 @@ class ClusterInfo:
 
 
 def describe(settings: KafkaSettings, *, timeout_s: float) -> ClusterInfo:
-    """One metadata request; raises KafkaUnavailableError (with the broker's last error) if none
-    answers within ``timeout_s``."""
-    errors: list[str] = []
-
-    def on_error(error: KafkaError) -> None:
-        errors.append(text(error))
-
+    """One metadata request; raises KafkaUnavailableError if no broker answers within
+    ``timeout_s``, saying why in terms of the settings (a refused password, an untrusted
+    certificate, ...: :func:`~tm.adapters.kafka.errors.connection_problem`)."""
+    errors: list[KafkaError] = []
     config = client_config(settings)
-    config.update({"log_level": 0, "error_cb": on_error})
+    config.update({"log_level": 0, "error_cb": errors.append})
     admin = AdminClient(config)
     try:
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         translated = translate(exc)
-        if errors and isinstance(translated, KafkaUnavailableError):
-            raise KafkaUnavailableError(f"{translated} (last broker error: {errors[-1]})") from exc
+        if isinstance(translated, KafkaUnavailableError):
+            admin.poll(0)  # the client's errors while it tried, served to error_cb
+            raise KafkaUnavailableError(connection_problem(settings, errors)) from exc
         raise translated from exc
     return ClusterInfo(
         brokers=len(metadata.brokers),

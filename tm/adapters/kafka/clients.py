@@ -12,21 +12,62 @@ PRODUCER_MAX_MESSAGE_BYTES = 1_000_000
 
 
 def client_config(settings: KafkaSettings) -> dict[str, Any]:
-    """Properties every client shares: brokers, client id, security, timeouts, retries."""
-    protocol = ("SASL_" if settings.sasl_enabled else "") + (
-        "SSL" if settings.ssl_enabled else "PLAINTEXT"
-    )
+    """Properties every client shares: brokers, client id, security, timeouts, retries. Every
+    Kafka client tm makes (worker, pre-flight, API, commands) starts from these, so one set of
+    settings secures them all."""
     config: dict[str, Any] = {
         "bootstrap.servers": ",".join(settings.brokers),
         "client.id": settings.client_id,
-        "security.protocol": protocol,
+        "security.protocol": settings.security_protocol.upper(),
         "socket.connection.setup.timeout.ms": settings.connection_timeout_ms,
         "retry.backoff.ms": settings.retry_backoff_ms,
     }
-    if settings.sasl_enabled:
-        config["sasl.mechanism"] = settings.sasl_mechanism.upper()
+    config.update(_ssl_config(settings))
+    config.update(_sasl_config(settings))
+    return config
+
+
+def _ssl_config(settings: KafkaSettings) -> dict[str, Any]:
+    if not settings.uses_ssl:
+        return {}
+    config: dict[str, Any] = {
+        # No CA file: the system's CA certificates, which a public managed cluster's chain to.
+        "ssl.ca.location": settings.ssl_ca_location or "probe",
+        "ssl.endpoint.identification.algorithm": (
+            "https" if settings.ssl_verify_hostname else "none"
+        ),
+        "enable.ssl.certificate.verification": True,
+    }
+    if settings.ssl_certificate_location and settings.ssl_key_location:
+        config["ssl.certificate.location"] = settings.ssl_certificate_location
+        config["ssl.key.location"] = settings.ssl_key_location
+        if settings.ssl_key_password:
+            config["ssl.key.password"] = settings.ssl_key_password
+    return config
+
+
+def _sasl_config(settings: KafkaSettings) -> dict[str, Any]:
+    if not settings.uses_sasl:
+        return {}
+    config: dict[str, Any] = {"sasl.mechanism": settings.sasl_mechanism.upper()}
+    if settings.sasl_mechanism != "oauthbearer":
         config["sasl.username"] = settings.sasl_username
         config["sasl.password"] = settings.sasl_password
+        return config
+    # OIDC client credentials, as librdkafka does them: it asks the token endpoint for a token
+    # (and again before it expires) and sends it to the brokers.
+    config.update(
+        {
+            "sasl.oauthbearer.method": "oidc",
+            "sasl.oauthbearer.token.endpoint.url": settings.oauthbearer_token_endpoint_url,
+            "sasl.oauthbearer.client.id": settings.oauthbearer_client_id,
+            "sasl.oauthbearer.client.secret": settings.oauthbearer_client_secret,
+        }
+    )
+    if settings.oauthbearer_scope:
+        config["sasl.oauthbearer.scope"] = settings.oauthbearer_scope
+    if settings.oauthbearer_ca_location:
+        config["https.ca.location"] = settings.oauthbearer_ca_location
     return config
 
 

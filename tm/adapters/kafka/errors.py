@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
 
+from tm.config import KafkaSettings
 from tm.errors import CommitDeferredError, FatalError, KafkaUnavailableError, TmError
 
 P = ParamSpec("P")
@@ -62,6 +63,34 @@ def translate(exc: KafkaException) -> TmError:
     if is_rebalancing(error):
         return CommitDeferredError(text(error))
     return KafkaUnavailableError(text(error))
+
+
+def connection_problem(settings: KafkaSettings, errors: Sequence[KafkaError]) -> str:
+    """Why no broker answered, in one line that starts with the settings that decide it: the
+    first error the client reported while trying (by its code), else what is left to check."""
+    k = KafkaError
+    telling = [e for e in errors if e.code() != k._ALL_BROKERS_DOWN]  # noqa: SLF001
+    if not telling:
+        return (
+            f"KAFKA_BROKERS, KAFKA_SECURITY_PROTOCOL: no broker answered at"
+            f" {','.join(settings.brokers)} over {settings.security_protocol.upper()} (down,"
+            " unreachable, or speaking another protocol)"
+        )
+    error = telling[0]
+    code = error.code()
+    if code in (k._AUTHENTICATION, k.SASL_AUTHENTICATION_FAILED):  # noqa: SLF001
+        names = (
+            "KAFKA_SASL_OAUTHBEARER_CLIENT_ID, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"
+            if settings.sasl_mechanism == "oauthbearer"
+            else "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD"
+        ) + ", KAFKA_SASL_MECHANISM"
+    elif code == k._SSL:  # noqa: SLF001 (the broker's certificate: its CA, or its host name)
+        names = "KAFKA_SSL_CA_LOCATION, KAFKA_SSL_VERIFY_HOSTNAME, KAFKA_BROKERS"
+    elif settings.uses_ssl:  # the broker ended the handshake: a client certificate it refused
+        names = "KAFKA_SSL_CERTIFICATE_LOCATION, KAFKA_SSL_KEY_LOCATION, KAFKA_SECURITY_PROTOCOL"
+    else:
+        names = "KAFKA_BROKERS, KAFKA_SECURITY_PROTOCOL"
+    return f"{names}: {text(error)}"
 
 
 def translated(call: Callable[P, T]) -> Callable[P, T]:
