@@ -8,6 +8,8 @@
 # all state under .stack/ (git-ignored). `down` stops only what `up` started;
 # `clean` also deletes the data (.stack/kafka/data, .stack/postgres).
 #
+# STACK_SECURE=1: also the secured services beside them (stack/secure.py, other ports).
+#
 # Redis (the optional task-event feed, REDIS_URL) is started only when asked for:
 # STACK_REDIS=1 (what `make test` sets), or REDIS_URL pointing at the local default
 # (redis://localhost:6379 or 127.0.0.1:6379); Debian's redis-server, no persistence.
@@ -27,6 +29,7 @@ KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_VERSION="${KAFKA_VERSION:-}"          # empty: the version in stack/pom.xml
 REDIS_URL="${REDIS_URL:-}"
 STACK_REDIS="${STACK_REDIS:-}"
+STACK_SECURE="${STACK_SECURE:-}"
 R_PORT=6379
 R_BASE="$STATE/redis"
 R_PID="$R_BASE/redis.pid"
@@ -578,6 +581,26 @@ r_down() {
     rm -f "$R_PID"
 }
 
+# ================================================================ the secured stack
+# STACK_SECURE=1 (what `make test` sets): beside the open services, a secured broker, PostgreSQL
+# and Redis (stack/secure.py: TLS, SCRAM, mutual TLS, OAUTHBEARER), from the same jars and
+# packages, with certificates made here at the first start.
+s_up() {
+    [[ "$STACK_SECURE" == 1 ]] || return 0
+    need_java
+    k_resolve
+    pg_install_server
+    r_install
+    "$PYTHON" -c 'import cryptography, confluent_kafka' 2>/dev/null \
+        || die "secure: $PYTHON lacks cryptography or confluent_kafka: run 'make venv' first"
+    "$PYTHON" "$STACK_SRC/secure.py" up
+}
+
+s_down() {
+    [[ -d "$STATE/secure" ]] || return 0
+    "$PYTHON" "$STACK_SRC/secure.py" down
+}
+
 # ================================================================ main
 usage() { echo "usage: bash stack/stack.sh up|down|status|clean|kafka-libs" >&2; exit 2; }
 
@@ -588,8 +611,10 @@ up)
     pg_up
     k_up
     r_up
+    s_up
     ;;
 down)
+    s_down
     r_down
     k_down
     pg_down
@@ -603,6 +628,7 @@ status)
     rc=0
     pg_status || rc=1
     k_status || rc=1
+    if [[ "$STACK_SECURE" == 1 ]]; then "$PYTHON" "$STACK_SRC/secure.py" status || rc=1; fi
     exit $rc
     ;;
 clean)
