@@ -42,8 +42,10 @@ unit: venv
 # which make treats as the failure it is.
 test: venv stack-up tools lint
 	$(VENV)/bin/pytest
-# The task-event tests need Redis: the stack starts it only when asked (stack/stack.sh).
+# The task-event tests need Redis, the secured tests (tests/secure) the secured services beside
+# the open ones: the stack starts both only when asked (stack/stack.sh, stack/secure.py).
 test: export STACK_REDIS := 1
+test: export STACK_SECURE := 1
 
 # The main job on the local stack: services up, schema migrated, topics present, then the
 # supervisor and its workers in the foreground (Ctrl-C drains and stops).

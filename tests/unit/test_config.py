@@ -187,7 +187,7 @@ def test_oauthbearer_needs_its_token_endpoint_client_id_and_secret(tmp_path: Pat
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
     s = config.load({**full, "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE": str(secret)})
-    assert s.kafka.oauthbearer_client_secret == "s3cret"  # noqa: S105
+    assert s.kafka.oauthbearer_client_secret == "s3cret"
     assert s.kafka.sasl_username is None
 
 
