@@ -1,6 +1,7 @@
 """The secured local stack, beside the open one (other ports), as production clusters are:
 
     python stack/secure.py up|down|status     # `STACK_SECURE=1 bash stack/stack.sh up` runs `up`
+    python stack/secure.py rotate             # a new server certificate, same CA, servers reload
 
 - a local CA, and the certificates and keys of the servers and of a client, made at the first
   `up` (stack/certs.py; nothing committed), in .stack/secure/tls/;
@@ -107,17 +108,41 @@ def make_tls() -> None:
     say("making a local CA and the certificates of the servers and of a client (.stack/secure/tls)")
     ca = certs.make_ca()
     ca.write(TLS, "ca")
-    server = certs.issue(ca, HOST, hosts=(HOST,))
-    server.write(TLS, "server")
-    keystore = TLS / "server-keystore.pem"  # Kafka's PEM key store: the key, then the chain
-    keystore.touch(mode=0o600)
-    keystore.write_bytes(server.key + server.cert + ca.cert)
+    write_server_certificate(ca)
     certs.issue(ca, "tm", client=True).write(TLS, "client")
     OAUTH.mkdir(parents=True, exist_ok=True)
     key = OAUTH / "jwt.key"
     key.touch(mode=0o600)
     key.write_bytes(certs.make_jwt_key())
     (OAUTH / "jwks.json").write_text(certs.jwks(key.read_bytes(), OAUTH_KID))
+
+
+def write_server_certificate(ca: certs.Issued) -> bytes:
+    """A new certificate of the servers, signed by ``ca``, in .stack/secure/tls; returns it."""
+    server = certs.issue(ca, HOST, hosts=(HOST,))
+    server.write(TLS, "server")
+    keystore = TLS / "server-keystore.pem"  # Kafka's PEM key store: the key, then the chain
+    keystore.touch(mode=0o600)
+    keystore.write_bytes(server.key + server.cert + ca.cert)
+    return server.cert
+
+
+def rotate() -> None:
+    """A new server certificate from the same CA, as an operator rotates one: PostgreSQL
+    reloads it (new connections get it), the broker restarts with it, Redis too."""
+    ca = certs.Issued((TLS / "ca.pem").read_bytes(), (TLS / "ca.key").read_bytes())
+    write_server_certificate(ca)
+    data = POSTGRES / "data"
+    for name in ("server.pem", "server.key"):
+        shutil.copy(TLS / name, data / name)
+        if os.geteuid() == 0:
+            shutil.chown(data / name, "postgres", "postgres")
+    as_postgres([str(pg_bin() / "pg_ctl"), "-D", str(data), "reload"], POSTGRES / "pg_ctl.log")
+    stop_pid(KAFKA / "kafka.pid", "kafka")
+    kafka_up()
+    stop_pid(REDIS / "redis.pid", "redis")
+    redis_up()
+    say("rotated the servers' certificate (same CA)")
 
 
 # -- Kafka --------------------------------------------------------------------------------------
@@ -175,17 +200,25 @@ def kafka_up() -> None:
             if subprocess.run(command, stdout=output, stderr=output, check=False).returncode:
                 die("kafka: format storage failed", log)
         say(f"kafka: formatted storage with SCRAM user {SCRAM_USER}")
-    out = KAFKA / "logs" / "kafka.out"
+    out, pid_file = KAFKA / "logs" / "kafka.out", KAFKA / "kafka.pid"
+    pid_file.unlink(missing_ok=True)
+    # A session of its own (setsid -f), detached from whoever runs this: the broker outlives
+    # the call, and the pid file holds the JVM's pid (the shell execs it).
+    java = kafka_java("kafka.Kafka", str(props), log=KAFKA / "logs" / "server.log")
     with out.open("w") as stream:
-        broker = subprocess.Popen(
-            kafka_java("kafka.Kafka", str(props), log=KAFKA / "logs" / "server.log"),
-            stdout=stream, stderr=stream, stdin=subprocess.DEVNULL, start_new_session=True,
+        subprocess.run(
+            ["setsid", "-f", "bash", "-c", 'echo $$ > "$1"; shift; exec "$@"', "_",
+             str(pid_file), *java],
+            stdout=stream, stderr=stream, stdin=subprocess.DEVNULL, check=True,
         )  # fmt: skip
-    (KAFKA / "kafka.pid").write_text(str(broker.pid))
-    say(f"kafka: starting the secured broker (pid {broker.pid})")
     deadline = time.monotonic() + 90
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        if time.monotonic() > deadline:
+            die("kafka: the secured broker did not start", out)
+        time.sleep(0.1)
+    say(f"kafka: starting the secured broker (pid {pid_file.read_text().strip()})")
     while not all(answers(PORTS[p]) for p in ("kafka_scram", "kafka_mtls", "kafka_oauth")):
-        if broker.poll() is not None:
+        if pid_alive(pid_file) is None:
             die("kafka: the secured broker exited during start-up", KAFKA / "logs" / "server.log")
         if time.monotonic() > deadline:
             die("kafka: the secured broker did not listen within 90 s", out)
@@ -407,5 +440,7 @@ if __name__ == "__main__":
         down()
     elif verb == "status":
         sys.exit(status())
+    elif verb == "rotate":
+        rotate()
     else:
-        die("usage: python stack/secure.py up|down|status")
+        die("usage: python stack/secure.py up|down|status|rotate")

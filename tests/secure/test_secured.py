@@ -254,3 +254,56 @@ def other_ca(tmp_path: Path) -> Path:
     path = tmp_path / "other-ca.pem"
     path.write_bytes(certs.make_ca("another CA").cert)
     return path
+
+
+def served_certificate(port: int, ca: str) -> bytes:
+    """The DER certificate a TLS server on ``port`` presents (checked against ``ca``)."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca)
+    with (
+        socket.create_connection(("localhost", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_rotated_server_certificate_is_taken_without_a_restart_of_tm(
+    scram_stack: Stack, secure: Secure, tmp_path: Path
+) -> None:
+    """A new server certificate from the same CA while tm runs: PostgreSQL reloads it and tm's
+    sessions are ended (new ones verify the new certificate); the broker restarts with it. tm
+    goes on with the same workers, and every task before and after is applied once."""
+    import ssl
+
+    from stack import secure as secured
+
+    stack = scram_stack
+    produce_new(stack, TASKS)
+    tm = TmRun(stack, tmp_path, TM_WORKERS="1")
+    try:
+        wait_for(stack.all_committed, timeout_s=90, what="the first tasks committed")
+        before = served_certificate(secure.port("kafka_scram"), secure.file("ca.pem"))
+        secured.rotate()
+        stack.query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'tm' AND datname = $1 AND pid <> pg_backend_pid()",
+            stack.database,
+        )
+        after = served_certificate(secure.port("kafka_scram"), secure.file("ca.pem"))
+        messages = []
+        for n in range(TASKS, 2 * TASKS):
+            headers, value = new_task_message(n)
+            messages.append((None, headers, value))
+        stack.produce(messages)
+        wait_for(stack.all_committed, timeout_s=120, what="the tasks after the rotation")
+        assert tm.process.poll() is None, tm.output()
+    finally:
+        assert tm.stop() == 0, tm.output()
+    assert before != after
+    assert after == ssl.PEM_cert_to_DER_cert(Path(secure.file("server.pem")).read_text())
+    assert stack.count() == 2 * TASKS
+    assert tm.output().count("worker spawned") == 1
