@@ -202,3 +202,7 @@ def secured_stack(kafka_env: dict[str, str], postgres_env: dict[str, str]) -> It
     for stack in make_stack(settings, partitions=3):
         stack.env = {**env, **stack.env}  # the stack's own database and topics
         yield stack
+
+
+# The image's fixture, for the test that runs it against the secured stack.
+from tests.container.conftest import podman  # noqa: E402, F401
