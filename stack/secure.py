@@ -9,8 +9,8 @@
   listener that requires a client certificate and a SASL_SSL OAUTHBEARER listener that checks
   JWTs against a JWKS file (the signing key in .stack/secure/oauth/; the tests serve the token
   endpoint that issues them); see stack/kafka/secure.properties;
-- a second PostgreSQL cluster with ``ssl=on``, ``hostssl ... scram-sha-256`` and ``hostnossl ...
-  reject``;
+- a second PostgreSQL cluster with ``ssl=on``, ``hostssl ... scram-sha-256`` (``cert`` for the
+  user ``tm_cert``, whose client certificate the stack makes) and ``hostnossl ... reject``;
 - redis-server over TLS only, with a password.
 
 Passwords are made at the first `up` and kept in .stack/secure/ (0600). `up` writes
@@ -56,6 +56,7 @@ PORTS = {
     "redis": int(os.environ.get("SECURE_REDIS_PORT", "6380")),
 }
 SCRAM_USER = "tm"
+CERT_USER = "tm_cert"  # PostgreSQL's user of client-certificate authentication
 OAUTH_KID = "tm-stack-1"
 OAUTH_ISSUER = "tm-local-idp"
 OAUTH_AUDIENCE = "tm-kafka"
@@ -103,18 +104,23 @@ def pid_alive(pid_file: Path) -> int | None:
 
 
 def make_tls() -> None:
-    if (TLS / "server.pem").exists():
-        return
-    say("making a local CA and the certificates of the servers and of a client (.stack/secure/tls)")
-    ca = certs.make_ca()
-    ca.write(TLS, "ca")
-    write_server_certificate(ca)
-    certs.issue(ca, "tm", client=True).write(TLS, "client")
-    OAUTH.mkdir(parents=True, exist_ok=True)
-    key = OAUTH / "jwt.key"
-    key.touch(mode=0o600)
-    key.write_bytes(certs.make_jwt_key())
-    (OAUTH / "jwks.json").write_text(certs.jwks(key.read_bytes(), OAUTH_KID))
+    """The CA, the servers' certificate and the clients', each made when missing."""
+    if not (TLS / "ca.pem").exists():
+        say("making a local CA and the certificates of the servers and clients (.stack/secure/tls)")
+        certs.make_ca().write(TLS, "ca")
+    ca = certs.Issued((TLS / "ca.pem").read_bytes(), (TLS / "ca.key").read_bytes())
+    if not (TLS / "server-keystore.pem").exists():
+        write_server_certificate(ca)
+    if not (TLS / "client.pem").exists():
+        certs.issue(ca, "tm", client=True).write(TLS, "client")
+    if not (TLS / "postgres-client.pem").exists():
+        certs.issue(ca, CERT_USER, client=True).write(TLS, "postgres-client")
+    if not (OAUTH / "jwks.json").exists():
+        OAUTH.mkdir(parents=True, exist_ok=True)
+        key = OAUTH / "jwt.key"
+        key.touch(mode=0o600)
+        key.write_bytes(certs.make_jwt_key())
+        (OAUTH / "jwks.json").write_text(certs.jwks(key.read_bytes(), OAUTH_KID))
 
 
 def write_server_certificate(ca: certs.Issued) -> bytes:
@@ -332,16 +338,25 @@ def pg_up() -> None:
                 "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n"
                 "ssl_ca_file = 'ca.pem'\npassword_encryption = 'scram-sha-256'\n"
             )
-        (data / "pg_hba.conf").write_text(
-            "# tm secured local stack: TLS and SCRAM over TCP, nothing in plaintext\n"
-            "local   all all              trust\n"
-            "hostssl all all 127.0.0.1/32 scram-sha-256\n"
-            "hostnossl all all 127.0.0.1/32 reject\n"
-        )
+    (data / "pg_hba.conf").write_text(
+        "# tm secured local stack: over TCP only TLS, with SCRAM or a client certificate\n"
+        "local     all all                   trust\n"
+        f"hostssl   all {CERT_USER} 127.0.0.1/32 cert\n"
+        "hostssl   all all           127.0.0.1/32 scram-sha-256\n"
+        "hostnossl all all           127.0.0.1/32 reject\n"
+    )
     as_postgres(
         [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"],
         POSTGRES / "pg_ctl.log",
     )
+    # The user of client-certificate authentication: the CN of tls/postgres-client.pem.
+    as_postgres(
+        [str(bin_dir / "psql"), "-X", "-q",
+         "-h", str(run), "-p", str(PORTS["postgres"]), "-U", "postgres", "-d", "postgres",
+         "-c", f"DO $$ BEGIN CREATE ROLE {CERT_USER} LOGIN SUPERUSER; "
+               "EXCEPTION WHEN duplicate_object THEN NULL; END $$"],
+        POSTGRES / "pg_ctl.log",
+    )  # fmt: skip
     say(f"postgres: ready at {HOST}:{PORTS['postgres']} (hostssl scram-sha-256, hostnossl reject)")
 
 
@@ -395,12 +410,14 @@ def describe() -> dict[str, object]:
         "host": HOST,
         "ports": PORTS,
         "tls": {name: str(TLS / name) for name in (
-            "ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")},
+            "ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key",
+            "postgres-client.pem", "postgres-client.key")},
         "kafka": {"scram_user": SCRAM_USER, "scram_password_file": str(KAFKA / "scram-password"),
                   "pid_file": str(KAFKA / "kafka.pid")},
         "oauth": {"key": str(OAUTH / "jwt.key"), "kid": OAUTH_KID, "issuer": OAUTH_ISSUER,
                   "audience": OAUTH_AUDIENCE},
         "postgres": {"user": "postgres", "password_file": str(POSTGRES / "password"),
+                     "cert_user": CERT_USER,
                      "data": str(POSTGRES / "data")},
         "redis": {"password_file": str(REDIS / "password")},
     }  # fmt: skip

@@ -64,6 +64,16 @@ class Secure:
             "POSTGRES_SSL_ROOT_CERT": self.file("ca.pem"),
         }
 
+    def postgres_cert_env(self) -> dict[str, str]:
+        """PostgreSQL with verify-full, authenticated by a client certificate, no password."""
+        return {
+            **self.postgres_env(),
+            "POSTGRES_USER": self.raw["postgres"]["cert_user"],
+            "POSTGRES_PASSWORD_FILE": "",
+            "POSTGRES_SSL_CERT": self.file("postgres-client.pem"),
+            "POSTGRES_SSL_KEY": self.file("postgres-client.key"),
+        }
+
     def scram_env(self, mechanism: str = "scram-sha-256") -> dict[str, str]:
         return {
             "KAFKA_BROKERS": f"localhost:{self.port('kafka_scram')}",

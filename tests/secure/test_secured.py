@@ -90,6 +90,16 @@ def test_tm_carries_tasks_over_mutual_tls(secure: Secure, tmp_path: Path) -> Non
         run_through(stack, tmp_path, [secure.postgres_password])
 
 
+def test_tm_authenticates_to_postgres_with_a_client_certificate(
+    secure: Secure, tmp_path: Path
+) -> None:
+    """pg_hba's ``cert`` method for the stack's certificate user: no password at all."""
+    for stack in secured_stack(secure.mtls_env(), secure.postgres_cert_env()):
+        run_through(stack, tmp_path, [])
+        user = stack.query("SELECT current_user")[0][0]
+        assert user == secure.raw["postgres"]["cert_user"]
+
+
 def test_tm_carries_tasks_over_oauthbearer_with_tokens_from_the_token_endpoint(
     secure: Secure, token_endpoint: TokenEndpoint, tmp_path: Path
 ) -> None:
