@@ -238,7 +238,7 @@ def test_readiness_falls_when_the_database_is_cut_and_returns(
 
 # -- /api/metrics ----------------------------------------------------------------------------
 
-TOKEN = "s3cret-token"  # noqa: S105 (a test's token)
+TOKEN = "s3cret-token"
 INVALID_HOURS = "Invalid hours parameter. Must be a positive number."
 
 
