@@ -118,10 +118,10 @@ otelcol:
 	bash stack/otelcol/build.sh
 test: otelcol
 
-# The container image localhost/tm:latest (Containerfile; README "Container image"): podman,
-# runc and debootstrap installed when missing, a Debian base debootstrapped once, uv.lock's
-# wheels fetched on the host, then an offline `podman build` (first time on a machine: 4-5
-# minutes; with the base made: about 80 s; nothing changed: 1 s). tests/container/ runs it the
+# The container image localhost/tm:latest (Containerfile; docs/development.md "Container
+# image"): podman, runc and debootstrap installed when missing, a Debian base debootstrapped
+# once, uv.lock's wheels fetched on the host, then an offline `podman build` (first time on a
+# machine: 4-5 minutes; with the base made: about 80 s; nothing changed: 1 s). tests/container/ runs it the
 # way the StatefulSet does; `test` builds it first so that its output shows here.
 .PHONY: image
 image: lock-check

@@ -1,4 +1,4 @@
-"""CPU per message of tm's processes, per process kind, and the end-to-end rate (issue 10):
+"""CPU per message of tm's processes, per process kind, and the end-to-end rate:
 
     python -m bench.cpu [--messages 200000] [--workers 2] [--instances 1] [--partitions 6]
                         [--rounds 1] [--json FILE] [--redis-url URL | --feed-cost URL]
@@ -15,7 +15,7 @@ PostgreSQL's processes, of the broker (the JVM) and of redis-server, for scale.
 The rate is the messages committed between the two readings over the time between them
 (committed offsets read every 50 ms). Markdown on stdout; ``--json`` writes the figures.
 
-``--feed-cost URL`` measures what the Redis task-event feed costs (issue 12): each round is a
+``--feed-cost URL`` measures what the Redis task-event feed costs: each round is a
 pair, a run with REDIS_URL unset and one with it set to URL, both at once (each on its own
 database and topics), and the figure is the median over the rounds of each pair's difference.
 A run's tm CPU per message varies by a few microseconds from one run to the next on two shared
@@ -183,7 +183,7 @@ class Bench:
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("REDIS_URL", None)
-        if redis_url:  # the task-event feed on (issue 12)
+        if redis_url:  # the task-event feed on
             env["REDIS_URL"] = redis_url
             env["TM_REDIS_STREAM"] = unique("bench:events")
         try:

@@ -1,4 +1,4 @@
-"""Steady-rate latency of ``new`` tasks (issue 10, DESIGN §8), against the real local stack:
+"""Steady-rate latency of ``new`` tasks (DESIGN §8), against the real local stack:
 
     python -m bench.latency [--rates 200,1000,3000,6000] [--seconds 15] [--workers 2]
                             [--partitions 6] [--json FILE] [--log-level info|debug]
@@ -601,7 +601,7 @@ class Run:
 
     def render(self, command: str) -> str:
         o = self.o
-        out = ["# tm steady-rate latency (DESIGN §8, issue 10)", "", f"command: `{command}`", ""]
+        out = ["# tm steady-rate latency (DESIGN §8)", "", f"command: `{command}`", ""]
         out += [
             f"tm from `{self.tm_source}`; {o.workers} workers, {o.partitions}"
             f" partitions, {o.seconds:.0f} s per rate, the first {WARM_UP_S:.0f} s of each left"

@@ -18,7 +18,8 @@
 #    skipped when the image was built from the same inputs (label tm.image.inputs).
 #
 # podman runs with `--runtime runc` (crun refuses this machine's hybrid cgroup layout). The
-# first run on a machine takes a few minutes (the debootstrap); see README "Container image".
+# first run on a machine takes a few minutes (the debootstrap); see docs/development.md
+# "Container image".
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
