@@ -3,12 +3,15 @@ consumed-message shape, for unit tests of the pipeline. No client library is moc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from tm.core.decode import RawMessage
 from tm.core.messages import NewTask, Outcome, StatusUpdate, TaskStatus, update_outcome
 from tm.errors import KafkaUnavailableError, RowRejectedError, TransientError
+from tm.pipeline import BatchRecord, Pipeline
 
 
 @dataclass
@@ -111,3 +114,11 @@ class FakeSink:
         if self.fail_flush:
             raise KafkaUnavailableError("1 message(s) not delivered: _MSG_TIMED_OUT")
         self.acknowledged.extend(pending)
+
+
+async def run_stages(pipeline: Pipeline, messages: Sequence[RawMessage]) -> BatchRecord:
+    """One poll through the pipeline's stages in the worker's order, without the overlap:
+    decode, apply, publish, acknowledge; the batch's record."""
+    applied = await pipeline.apply(pipeline.decode(messages), 0)
+    (record,) = await pipeline.acknowledge([applied.publish()])
+    return record
