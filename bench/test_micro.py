@@ -1,6 +1,6 @@
 """Micro-benchmarks of the CPU work a worker does per poll, with no Kafka and no PostgreSQL:
 decoding one message (a gateway ``new``, a crawler ``completed``, invalid ones), and assembling
-a 2000-message poll into a Batch (decode + ``Batch.add``; and ``Pipeline.assemble``, which is
+a 2000-message poll into a Batch (decode + ``Batch.add``; and ``Pipeline.decode``, which is
 ``decode_poll``, on real ``confluent_kafka.Message`` objects, which this confluent-kafka version
 can construct).
 
@@ -96,7 +96,7 @@ def _poll(kind: str) -> list[tuple[int, int, Raw]]:
 
 
 def _assemble(poll: list[tuple[int, int, Raw]]) -> Batch:
-    """What Pipeline.assemble does, on plain tuples: decode each message, add it to a Batch."""
+    """What Pipeline.decode does, on plain tuples: decode each message, add it to a Batch."""
     batch = Batch()
     stats = DecodeStats()
     for ref, (partition, offset, (headers, value)) in enumerate(poll):
@@ -148,21 +148,21 @@ def _offset(message: Message) -> int:
 
 
 def _pipeline() -> Pipeline:
-    """A Pipeline for assemble() only: it touches no adapter."""
+    """A Pipeline for decode() only: it touches no adapter."""
     settings = config.load({"TASK_STATUS_TOPIC": TOPIC})
     return Pipeline(
         settings=settings,
         database=None,  # type: ignore[arg-type]
         sink=None,  # type: ignore[arg-type]
-        io_executor=None,  # type: ignore[arg-type]
+        run_io=None,  # type: ignore[arg-type]
     )
 
 
 @pytest.mark.parametrize("kind", ["new", "updates", "mixed"])
-def test_pipeline_assemble_2000(benchmark: Any, kind: str) -> None:
+def test_pipeline_decode_2000(benchmark: Any, kind: str) -> None:
     pipeline = _pipeline()
     messages = _messages(kind)
-    batch = benchmark(pipeline.assemble, messages)
+    batch = benchmark(pipeline.decode, messages).batch
     assert batch.size == POLL_SIZE
     assert batch.committable == {
         p: max(_offset(m) for m in messages if m.partition() == p) + 1 for p in range(PARTITIONS)

@@ -82,6 +82,14 @@ def answers(port: int) -> bool:
         return False
 
 
+def taken(names: tuple[str, ...]) -> None:
+    """Stop with one line when another program already listens on a port this stack needs."""
+    for name in names:
+        if answers(PORTS[name]):
+            variable = f"SECURE_{name.upper()}_PORT"
+            die(f"port {PORTS[name]} is taken by another program: stop it, or set {variable}")
+
+
 def secret_file(path: Path) -> str:
     """A password made once and kept (0600), so that data made with it stays usable."""
     if not path.exists():
@@ -190,6 +198,7 @@ def kafka_up() -> None:
     if pid_alive(KAFKA / "kafka.pid") and answers(PORTS["kafka_scram"]):
         say(f"kafka: already running at {HOST}:{PORTS['kafka_scram']}")
         return
+    taken(("kafka_scram", "kafka_mtls", "kafka_oauth", "kafka_internal", "kafka_controller"))
     if not any(KAFKA_LIBS.glob("kafka-clients-*.jar")):
         die("kafka: no jars in .stack/kafka/libs: run `bash stack/stack.sh up` first")
     (KAFKA / "logs").mkdir(parents=True, exist_ok=True)
@@ -303,6 +312,7 @@ def pg_up() -> None:
     if answers(PORTS["postgres"]) and pid_alive(data / "postmaster.pid"):
         say(f"postgres: already running at {HOST}:{PORTS['postgres']}")
         return
+    taken(("postgres",))
     password = secret_file(POSTGRES / "password")
     bin_dir = pg_bin()
     run.mkdir(parents=True, exist_ok=True)
@@ -378,6 +388,7 @@ def redis_up() -> None:
     if pid_alive(pid_file) and answers(PORTS["redis"]):
         say(f"redis: already running at {HOST}:{PORTS['redis']} (TLS)")
         return
+    taken(("redis",))
     if shutil.which("redis-server") is None:
         die("redis: redis-server missing: run `STACK_REDIS=1 bash stack/stack.sh up` first")
     REDIS.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,15 @@ consumed-message shape, for unit tests of the pipeline. No client library is moc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from tm.core.messages import NewTask, StatusUpdate, TaskStatus
+from tm.core.decode import RawMessage
+from tm.core.messages import NewTask, Outcome, StatusUpdate, TaskStatus, update_outcome
 from tm.errors import KafkaUnavailableError, RowRejectedError, TransientError
+from tm.pipeline import BatchRecord, Pipeline
 
 
 @dataclass
@@ -49,10 +53,11 @@ class FakeMessage:
 
 @dataclass
 class FakeDatabase:
-    """The state machine of sql/0003 and sql/0005 over a dict; rows whose e-mail or result
-    contains ``refuse`` make the whole call fail like SQLSTATE 22021 does."""
+    """The state machine of tm/sql/0003 and 0005 over a dict (the rule of
+    ``tm.core.messages.update_outcome``); rows whose e-mail or result contains ``refuse`` make
+    the whole call fail like SQLSTATE 22021 does."""
 
-    tasks: dict[Any, tuple[TaskStatus, str | None]] = field(default_factory=dict)
+    tasks: dict[Any, tuple[TaskStatus, str | None, datetime | None]] = field(default_factory=dict)
     calls: list[tuple[int, int]] = field(default_factory=list)
     fail_with: TransientError | None = None
 
@@ -73,24 +78,16 @@ class FakeDatabase:
                 finished = staged[task.id][0] is not TaskStatus.NEW
                 created.append("unchanged" if finished else "duplicate")
             else:
-                staged[task.id] = (TaskStatus.NEW, None)
+                staged[task.id] = (TaskStatus.NEW, None, None)
                 created.append("created")
         updated = []
         for update in updates:
-            current = staged.get(update.id)
-            if current is None:
-                updated.append("task_not_found")
-            elif current == (update.status, update.result):
-                updated.append("unchanged")
-            elif (current[0], update.status) in {
-                (TaskStatus.NEW, TaskStatus.COMPLETED),
-                (TaskStatus.NEW, TaskStatus.ERROR),
-                (TaskStatus.ERROR, TaskStatus.COMPLETED),
-            }:
-                staged[update.id] = (update.status, update.result)
-                updated.append("updated")
-            else:
-                updated.append("invalid_transition")
+            outcome = update_outcome(
+                staged.get(update.id), update.status, update.result, update.finished_at
+            )
+            if outcome is Outcome.UPDATED:
+                staged[update.id] = (update.status, update.result, update.finished_at)
+            updated.append(outcome.value)
         self.tasks = staged
         return created, updated
 
@@ -117,3 +114,11 @@ class FakeSink:
         if self.fail_flush:
             raise KafkaUnavailableError("1 message(s) not delivered: _MSG_TIMED_OUT")
         self.acknowledged.extend(pending)
+
+
+async def run_stages(pipeline: Pipeline, messages: Sequence[RawMessage]) -> BatchRecord:
+    """One poll through the pipeline's stages in the worker's order, without the overlap:
+    decode, apply, publish, acknowledge; the batch's record."""
+    applied = await pipeline.apply(pipeline.decode(messages), 0)
+    (record,) = await pipeline.acknowledge([applied.publish()])
+    return record

@@ -23,9 +23,8 @@ def db_migrate(settings: Settings) -> int:
         # No statement timeout: a migration on a big table may take long (connect_kwargs).
         conn = await postgres.connect(settings.postgres, migrating=True)
         try:
-            return await migrations.migrate(conn)
-        except Exception as exc:
-            raise postgres.translate_error(exc) from exc
+            async with postgres.translated():
+                return await migrations.migrate(conn)
         finally:
             await conn.close()
 
@@ -74,9 +73,8 @@ def _schema_state(pg: PostgresSettings) -> tuple[str, migrations.Status]:
     async def run() -> tuple[str, migrations.Status]:
         conn = await postgres.connect(pg)
         try:
-            return await conn.fetchval("SHOW server_version"), await migrations.status(conn)
-        except Exception as exc:
-            raise postgres.translate_error(exc) from exc
+            async with postgres.translated():
+                return await conn.fetchval("SHOW server_version"), await migrations.status(conn)
         finally:
             await conn.close()
 

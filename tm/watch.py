@@ -8,18 +8,11 @@ events were printed.
 from __future__ import annotations
 
 import sys
-from typing import TextIO, cast
+from typing import TextIO
 
-import orjson
-import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-
-from tm.adapters.redis import CHANNEL_PREFIX, tls_options
+from tm.adapters.redis_readers import follow
 from tm.config import Settings
-from tm.errors import ConfigError, TmError
-
-BLOCK_MS = 1000  # one XREAD waits this long, so that an interrupt is served soon
+from tm.errors import ConfigError
 
 
 def _line(fields: dict[str, str]) -> str:
@@ -35,35 +28,10 @@ def watch(
     """Print transitions until interrupted (or ``limit`` of them); returns the exit status."""
     if settings.redis.url is None:
         raise ConfigError("REDIS_URL", "", "a redis:// URL: tm watch reads the task-event feed")
-    client = redis.Redis.from_url(
-        settings.redis.url, decode_responses=True, **tls_options(settings.redis)
-    )
-    printed = 0
-    try:
-        if task_id is not None:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            pubsub.subscribe(CHANNEL_PREFIX + task_id.lower())
-            while limit is None or printed < limit:
-                message = pubsub.get_message(timeout=BLOCK_MS / 1000)
-                if message is not None:
-                    print(_line(orjson.loads(message["data"])), file=out, flush=True)
-                    printed += 1
-            return 0
-        last = "$"  # from now on
-        while limit is None or printed < limit:
-            reply = cast(
-                list[tuple[str, list[tuple[str, dict[str, str]]]]],
-                client.xread({settings.redis.stream: last}, block=BLOCK_MS),
-            )
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    print(_line(fields), file=out, flush=True)
-                    printed += 1
+    if limit == 0:
         return 0
-    except RedisConnectionError as exc:
-        raise TmError(f"Redis at {settings.redis.url.split('@')[-1]}: {exc}") from exc
-    except RedisError as exc:
-        raise TmError(f"Redis: {exc}") from exc
-    finally:
-        client.close()
+    for printed, fields in enumerate(follow(settings.redis, task_id), start=1):
+        print(_line(fields), file=out, flush=True)
+        if printed == limit:
+            break
+    return 0

@@ -29,7 +29,7 @@ import orjson
 from hypothesis import strategies as st
 
 from tm.core.decode import DecodeStats, decode
-from tm.core.messages import NewTask, Rejected, StatusUpdate, TaskStatus
+from tm.core.messages import NewTask, Outcome, Rejected, StatusUpdate, TaskStatus, update_outcome
 
 Headers = list[tuple[str, bytes | None]]
 ID = b"<task-id>"  # placeholder of an item's task id, in headers and keys
@@ -589,23 +589,16 @@ def expect(messages: list[Sent], *, topic: str, result_limit: int) -> Expected:
 
 
 def _apply(row: Row | None, update: StatusUpdate) -> str:
-    """tm_apply_status_updates for one update (sql/0003_batch_functions.sql)."""
-    if row is None:
-        return "dlq:task_not_found"
-    if row.status == update.status and row.result == update.result:
-        return "unchanged"
-    moves = {
-        (TaskStatus.NEW, TaskStatus.COMPLETED),
-        (TaskStatus.NEW, TaskStatus.ERROR),
-        (TaskStatus.ERROR, TaskStatus.COMPLETED),
-    }
-    if (TaskStatus(row.status), update.status) in moves:
+    """tm_apply_status_updates for one update (tm.core.messages.update_outcome)."""
+    stored = None if row is None else (TaskStatus(row.status), row.result, row.finished_at)
+    outcome = update_outcome(stored, update.status, update.result, update.finished_at)
+    if outcome is Outcome.UPDATED:
+        assert row is not None
         row.status, row.result, row.finished_at = (
             update.status.value,
             update.result,
             update.finished_at,
         )
-        return "updated"
-    if row.finished_at is not None and update.finished_at < row.finished_at:
-        return "unchanged"
-    return "dlq:invalid_transition"
+    if outcome in (Outcome.TASK_NOT_FOUND, Outcome.INVALID_TRANSITION):
+        return f"dlq:{outcome.value}"
+    return outcome.value

@@ -4,30 +4,15 @@ decode read, whatever the header's form."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
-from tm.adapters import postgres
 from tm.adapters.postgres import Database
-from tm.config import Settings
 from tm.core.messages import NewTask, StatusUpdate, TaskStatus
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def database(
-    settings: Settings, schema: str, db: asyncpg.Connection
-) -> AsyncIterator[Database]:
-    """A worker's Database on the migrated fresh schema (``db`` migrates it)."""
-    kwargs = postgres.connect_kwargs(settings.postgres)
-    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
-    pool = await asyncpg.create_pool(**kwargs, min_size=1, max_size=1)
-    yield Database(pool)
-    await pool.close()
 
 
 def new_task(task_id: str, received_at: datetime) -> NewTask:

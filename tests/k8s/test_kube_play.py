@@ -15,7 +15,6 @@ Skips only where podman cannot run at all.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import dataclasses
@@ -30,15 +29,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import yaml
 from confluent_kafka.admin import AdminClient
 
-from tests.e2e.harness import Stack, free_port, make_stack, wait_for
+from tests.e2e.harness import Stack, admin_sql, free_port, make_stack, wait_for
 from tests.k8s.conftest import ROOT, Obj, build, one, secret_data
 from tm import traffic
-from tm.adapters import kafka, postgres
+from tm.adapters import kafka
 from tm.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -97,29 +95,18 @@ def podman() -> Podman:
     return Podman(env=env, image=image.stdout.split()[-1])
 
 
-def _admin_sql(settings: Settings, sql: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(**postgres.connect_kwargs(settings.postgres))
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 @pytest.fixture
 def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
     """Fresh topics, and a fresh database left empty: the pod's init container migrates it."""
     for made in make_stack(settings):
         database = f"{made.database}_pod"
-        _admin_sql(settings, f'CREATE DATABASE "{database}"')
+        admin_sql(settings, f'CREATE DATABASE "{database}"')
         try:
             yield dataclasses.replace(
                 made, database=database, env={**made.env, "POSTGRES_DB": database}
             )
         finally:
-            _admin_sql(settings, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            admin_sql(settings, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def pod_of(

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
 import pytest
 
-from tests.fakes import FakeDatabase, FakeMessage, FakeSink
+from tests.fakes import FakeDatabase, FakeMessage, FakeSink, run_stages
 from tm import config
 from tm.core.policy import REFUSED_BATCHES_TO_STOP, REFUSED_ROWS_TO_STOP
 from tm.errors import DatabaseUnavailableError, FatalError, KafkaUnavailableError
-from tm.pipeline import Pipeline
+from tm.pipeline import BatchRecord, Pipeline
 
 TS = b"2025-08-10T10:18:59.023Z"
 
@@ -61,13 +61,12 @@ class Parts:
             settings=config.load({}),
             database=self.database,
             sink=self.sink,
-            io_executor=ThreadPoolExecutor(1),
+            run_io=asyncio.to_thread,
             task_events=events,
         )
 
-    async def run(self, messages: list[FakeMessage]) -> Any:
-        batch = self.pipeline.assemble(messages)
-        return await self.pipeline.process(batch, messages)
+    async def run(self, messages: list[FakeMessage]) -> BatchRecord:
+        return await run_stages(self.pipeline, messages)
 
 
 @pytest.fixture
@@ -76,11 +75,11 @@ def parts() -> Parts:
 
 
 async def test_created_tasks_get_crawl_requests_and_the_batch_is_committed(parts: Parts) -> None:
-    summary = await parts.run([new(0), new(1, partition=1), new(2)])
+    record = await parts.run([new(0), new(1, partition=1), new(2)])
     requests = [m for m in parts.sink.acknowledged if m["topic"] == "requests-web-crawl"]
     assert len(requests) == 3
-    assert summary.outcomes == {"created": 3}
-    assert summary.committable == {0: 3, 1: 2}
+    assert record.outcomes == {"created": 3}
+    assert record.committable == {0: 3, 1: 2}
 
 
 async def test_redelivered_new_tasks_are_duplicates_and_republished_identically(
@@ -89,8 +88,8 @@ async def test_redelivered_new_tasks_are_duplicates_and_republished_identically(
     await parts.run([new(0), new(1)])
     first = list(parts.sink.acknowledged)
     parts.sink.acknowledged.clear()
-    summary = await parts.run([new(0), new(1)])
-    assert summary.outcomes == {"duplicate": 2}
+    record = await parts.run([new(0), new(1)])
+    assert record.outcomes == {"duplicate": 2}
     assert parts.sink.acknowledged == first
 
 
@@ -100,22 +99,22 @@ async def test_redelivered_new_of_a_finished_task_is_not_republished(parts: Part
     await parts.run([update(2, finished, "completed", "page")])
     parts.sink.acknowledged.clear()
 
-    summary = await parts.run([new(0), new(1)])
+    record = await parts.run([new(0), new(1)])
 
-    assert summary.outcomes == {"unchanged": 1, "duplicate": 1}
+    assert record.outcomes == {"unchanged": 1, "duplicate": 1}
     requests = [m for m in parts.sink.acknowledged if m["topic"] == "requests-web-crawl"]
     assert [m["key"] for m in requests] == [str(t) for t in parts.database.tasks if t != finished]
 
 
 async def test_refused_rows_are_isolated_and_dead_lettered_alone(parts: Parts) -> None:
     messages = [new(n, email="refuse@example.com" if n in (3, 6) else None) for n in range(8)]
-    summary = await parts.run(messages)
+    record = await parts.run(messages)
     dead = [m for m in parts.sink.acknowledged if m["topic"] == "task-status.dlq"]
     assert sorted(int(m["headers"]["dlq_offset"]) for m in dead) == [3, 6]
     assert {m["headers"]["dlq_reason"] for m in dead} == {"row_rejected"}
-    assert summary.outcomes == {"created": 6}
+    assert record.outcomes == {"created": 6}
     assert len(parts.database.tasks) == 6
-    assert summary.committable == {0: 8}
+    assert record.committable == {0: 8}
 
 
 async def test_update_outcomes_dead_letter_unknown_tasks_and_refused_transitions(
@@ -124,7 +123,7 @@ async def test_update_outcomes_dead_letter_unknown_tasks_and_refused_transitions
     await parts.run([new(0)])
     task_id = next(iter(parts.database.tasks))
     unknown = uuid.uuid4()
-    summary = await parts.run(
+    record = await parts.run(
         [
             update(1, task_id, "completed", "done"),
             update(2, task_id, "error", "late failure"),
@@ -132,7 +131,7 @@ async def test_update_outcomes_dead_letter_unknown_tasks_and_refused_transitions
             update(4, task_id, "completed", "done"),
         ]
     )
-    assert summary.outcomes == {
+    assert record.outcomes == {
         "updated": 1,
         "invalid_transition": 1,
         "task_not_found": 1,
@@ -163,13 +162,13 @@ async def test_unacknowledged_publishes_fail_the_batch(parts: Parts) -> None:
 
 async def test_bad_messages_are_dead_lettered_with_their_original_bytes(parts: Parts) -> None:
     bad = FakeMessage([("task_type", b"web-crawl")], b"{oops", 0, 0, _key=b"k")
-    summary = await parts.run([bad, new(1)])
+    record = await parts.run([bad, new(1)])
     (dead,) = [m for m in parts.sink.acknowledged if m["topic"] == "task-status.dlq"]
     assert (dead["key"], dead["value"]) == (b"k", b"{oops")
     assert dead["headers"]["task_type"] == b"web-crawl"
     assert dead["headers"]["dlq_reason"] == "invalid_headers"
-    assert summary.outcomes == {"created": 1}
-    assert summary.committable == {0: 2}
+    assert record.outcomes == {"created": 1}
+    assert record.committable == {0: 2}
 
 
 async def test_a_batch_with_many_refused_rows_among_good_ones_is_applied(parts: Parts) -> None:
@@ -181,13 +180,13 @@ async def test_a_batch_with_many_refused_rows_among_good_ones_is_applied(parts: 
         messages = [new(n, email="refuse@example.com" if n in refused else None) for n in offsets]
         parts.sink.acknowledged.clear()
 
-        summary = await parts.run(messages)
+        record = await parts.run(messages)
 
         dead = [m for m in parts.sink.acknowledged if m["topic"] == "task-status.dlq"]
         assert sorted(int(m["headers"]["dlq_offset"]) for m in dead) == refused
         assert {m["headers"]["dlq_reason"] for m in dead} == {"row_rejected"}
-        assert summary.outcomes == {"created": 1000 - len(refused)}
-        assert summary.committable == {0: offsets.stop}
+        assert record.outcomes == {"created": 1000 - len(refused)}
+        assert record.committable == {0: offsets.stop}
     sent = (REFUSED_BATCHES_TO_STOP + 1) * 1000
     assert len(parts.database.tasks) == sent - len(range(0, sent, 7))
 
@@ -201,8 +200,8 @@ async def test_a_run_of_batches_with_every_row_refused_stops_the_worker(parts: P
         return [new(next(offsets), email="refuse@example.com") for _ in range(per_batch)]
 
     for _ in range(REFUSED_BATCHES_TO_STOP - 1):
-        summary = await parts.run(refused_batch())
-        assert summary.dead_letters == {"row_rejected": per_batch}
+        record = await parts.run(refused_batch())
+        assert record.dead_letters == {"row_rejected": per_batch}
     with pytest.raises(FatalError, match="refused by PostgreSQL"):
         await parts.run(refused_batch())
     assert parts.database.tasks == {}

@@ -3,11 +3,11 @@ their parents and links, the outbound traceparent, and what tracing off or unsam
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -18,12 +18,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.fakes import FakeDatabase, FakeMessage, FakeSink
+from tests.fakes import FakeDatabase, FakeMessage, FakeSink, run_stages
 from tm import config
 from tm.core.messages import NewTask, StatusUpdate
 from tm.errors import DatabaseUnavailableError, KafkaUnavailableError
 from tm.observability import trace_export, tracing
-from tm.pipeline import NO_TRACER, Pipeline
+from tm.pipeline import NO_TRACER, BatchRecord, Pipeline
 
 TS = b"2025-08-10T10:18:59.023Z"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -96,13 +96,12 @@ class Traced:
             settings=self.settings,
             database=self.database,
             sink=self.sink,
-            io_executor=ThreadPoolExecutor(1),
+            run_io=asyncio.to_thread,
             tracing=self.tracing,
         )
 
-    async def run(self, messages: list[FakeMessage]) -> Any:
-        batch = self.pipeline.assemble(messages)
-        return await self.pipeline.process(batch, messages)
+    async def run(self, messages: list[FakeMessage]) -> BatchRecord:
+        return await run_stages(self.pipeline, messages)
 
     def spans(self, name: str) -> list[ReadableSpan]:
         return [s for s in self.exporter.get_finished_spans() if s.name == name]

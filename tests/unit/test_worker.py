@@ -6,6 +6,7 @@ when a client call hangs in one of the worker's threads."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -149,7 +150,10 @@ async def test_at_a_stop_the_last_batch_is_applied_and_acknowledged_before_revok
     source = FakeSource(polls=[[new(7), new(8)]])
     database, sink = FakeDatabase(), FakeSink()
     pipeline = Pipeline(
-        settings=settings, database=database, sink=sink, io_executor=worker.threads.io_executor
+        settings=settings,
+        database=database,
+        sink=sink,
+        run_io=functools.partial(worker.threads.run, "io"),
     )
     running = asyncio.create_task(consumption.run(source, pipeline))
     await asyncio.to_thread(source.after_first_poll.wait, 10)
@@ -176,7 +180,7 @@ async def test_a_failed_batch_rewinds_its_partitions_pauses_and_commits_nothing(
         settings=settings,
         database=database,
         sink=FakeSink(),
-        io_executor=worker.threads.io_executor,
+        run_io=functools.partial(worker.threads.run, "io"),
     )
     running = asyncio.create_task(consumption.run(source, pipeline))
     await asyncio.to_thread(source.after_pause.wait, 10)

@@ -3,7 +3,7 @@ queries behind ``/api/metrics*``, ``/api/tasks*`` and the database check of the 
 
 The pool is opened without connecting (``min_size=0``), so the API answers liveness even when the
 database is down at start. Every query has a deadline, and its errors leave this module translated
-(:func:`tm.adapters.postgres.translate_error`). Rows are returned as asyncpg gives them, typed as
+(:func:`tm.adapters.postgres.translated`). Rows are returned as asyncpg gives them, typed as
 :class:`Row`: read them by column name.
 
 Each query is served by an index (``tm/sql/0001_schema.sql``): the windowed counts and the
@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from tm.adapters.postgres import connect_kwargs, translate_error
+from tm.adapters.postgres import connect_kwargs, translated
 from tm.config import PostgresSettings
 from tm.errors import DatabaseUnavailableError
 
@@ -150,14 +150,7 @@ class ReadPool:
         pool = self._pool
         if pool is None:
             raise DatabaseUnavailableError("the API's pool is not open")
-        try:
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                if one:
-                    return await conn.fetchrow(sql, *args, timeout=timeout_s)
-                return await conn.fetch(sql, *args, timeout=timeout_s)
-        except Exception as exc:
-            translated = translate_error(exc)
-            if isinstance(translated, DatabaseUnavailableError):
-                # The other pooled connection likely died with this one: start afresh.
-                await pool.expire_connections()
-            raise translated from exc
+        async with translated(pool), pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            if one:
+                return await conn.fetchrow(sql, *args, timeout=timeout_s)
+            return await conn.fetch(sql, *args, timeout=timeout_s)

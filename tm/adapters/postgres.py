@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 import asyncpg
@@ -133,10 +134,31 @@ def ssl_option(settings: PostgresSettings) -> ssl.SSLContext | str | bool:
 
 async def connect(settings: PostgresSettings, *, migrating: bool = False) -> asyncpg.Connection:
     """Open one connection, translating failures (a wrong password is fatal, not transient)."""
-    try:
+    async with translated():
         return await asyncpg.connect(**connect_kwargs(settings, migrating=migrating))
-    except Exception as exc:
-        raise translate_error(exc) from exc
+
+
+class translated:  # lower case: used as a function, ``async with translated(pool):``
+    """The one place where asyncpg's and the socket's errors leave as tm's
+    (:func:`translate_error`). With ``pool``: a lost connection expires the pool's others too,
+    since they most likely died with it, and the retry starts afresh."""
+
+    def __init__(self, pool: asyncpg.Pool | None = None) -> None:
+        self._pool = pool
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not isinstance(exc, Exception):
+            return  # nothing raised, or a cancellation or an exit: on its way unchanged
+        error = translate_error(exc)
+        if self._pool is not None and isinstance(error, DatabaseUnavailableError):
+            await self._pool.expire_connections()
+        if error is not exc:
+            raise error from exc
 
 
 # Refusals that no retry cures, with the settings that decide them: the line an operator reads
@@ -236,7 +258,7 @@ class Database:
     @classmethod
     async def open(cls, settings: PostgresSettings, *, max_size: int | None = None) -> Database:
         size = max_size or settings.max_connections
-        try:
+        async with translated():
             pool = await asyncpg.create_pool(
                 **connect_kwargs(settings),
                 min_size=1,
@@ -244,8 +266,6 @@ class Database:
                 max_inactive_connection_lifetime=settings.idle_timeout_ms / 1000 or 0,
                 reset=_keep_session,
             )
-        except Exception as exc:
-            raise translate_error(exc) from exc
         return cls(pool)
 
     async def apply(
@@ -253,24 +273,17 @@ class Database:
     ) -> tuple[list[str], list[str]]:
         """Apply new tasks, then status updates, in one transaction; one outcome per row, in
         order. Raises RowRejectedError (a row's data), DatabaseUnavailableError, FatalError."""
-        try:
-            async with self._pool.acquire() as conn:
-                if creates and updates:
-                    async with conn.transaction():
-                        created = await _create(conn, creates)
-                        updated = await _update(conn, updates)
-                    return created, updated
-                if creates:
-                    return await _create(conn, creates), []
-                if updates:
-                    return [], await _update(conn, updates)
-                return [], []
-        except Exception as exc:
-            translated = translate_error(exc)
-            if isinstance(translated, DatabaseUnavailableError):
-                # The other pooled connections likely died with this one: start afresh.
-                await self._pool.expire_connections()
-            raise translated from exc
+        async with translated(self._pool), self._pool.acquire() as conn:
+            if creates and updates:
+                async with conn.transaction():
+                    created = await _create(conn, creates)
+                    updated = await _update(conn, updates)
+                return created, updated
+            if creates:
+                return await _create(conn, creates), []
+            if updates:
+                return [], await _update(conn, updates)
+            return [], []
 
     def pool_usage(self) -> tuple[int, int]:
         """(connections in use, idle connections) of the pool."""
@@ -279,10 +292,8 @@ class Database:
         return size - idle, idle
 
     async def ping(self) -> None:
-        try:
+        async with translated():
             await self._pool.fetchval("SELECT 1")
-        except Exception as exc:
-            raise translate_error(exc) from exc
 
     async def close(self, timeout_s: float) -> None:
         try:

@@ -8,15 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from tm.adapters.redis import tls_options
+from tm.adapters.redis_readers import StreamProbe, shown_url
 from tm.api.check import Check
 from tm.config import RedisSettings
+from tm.errors import TmError
 
 log = logging.getLogger("tm.api.redis")
 
@@ -28,16 +25,10 @@ class RedisWatch:
     def __init__(self, settings: RedisSettings) -> None:
         assert settings.url is not None  # noqa: S101 (built only when REDIS_URL is set)
         self._settings = settings
-        self._client = aioredis.Redis.from_url(
-            settings.url,
-            socket_timeout=PING_TIMEOUT_S,
-            socket_connect_timeout=PING_TIMEOUT_S,
-            **tls_options(settings),
-        )
+        self._probe = StreamProbe(settings, timeout_s=PING_TIMEOUT_S)
         self._task: asyncio.Task[None] | None = None
         self.check = Check.pending()
-        # The URL without its password, for display.
-        self.shown_url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", settings.url)
+        self.shown_url = shown_url(settings.url)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="tm-api-redis-check")
@@ -56,14 +47,11 @@ class RedisWatch:
         started = time.monotonic()
         details = {"url": self.shown_url, "stream": self._settings.stream}
         try:
-            async with asyncio.timeout(PING_TIMEOUT_S):
-                await self._client.ping()
-                length = await self._client.xlen(self._settings.stream)
+            length = await self._probe.stream_length()
         except TimeoutError:
             return Check.now(is_up=False, started=started, error="timed out", details=details)
-        except (RedisError, OSError) as exc:
-            error = str(exc) or type(exc).__name__
-            return Check.now(is_up=False, started=started, error=error, details=details)
+        except TmError as exc:
+            return Check.now(is_up=False, started=started, error=str(exc), details=details)
         return Check.now(is_up=True, started=started, details={**details, "streamLength": length})
 
     async def close(self) -> None:
@@ -71,5 +59,4 @@ class RedisWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+        await self._probe.close()

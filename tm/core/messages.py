@@ -34,6 +34,41 @@ class Outcome(StrEnum):
     INVALID_TRANSITION = "invalid_transition"
 
 
+# The moves a status update may make; ``completed`` is final. tm_apply_status_updates
+# (tm/sql/0003) decides in the database; this table is the same rule for everything that
+# reasons about it in Python (the tests' fake database and oracles), and a contract test runs
+# the same cases through both.
+TRANSITIONS = frozenset(
+    {
+        (TaskStatus.NEW, TaskStatus.COMPLETED),
+        (TaskStatus.NEW, TaskStatus.ERROR),
+        (TaskStatus.ERROR, TaskStatus.COMPLETED),
+    }
+)
+
+
+def update_outcome(
+    stored: tuple[TaskStatus, str | None, datetime | None] | None,
+    status: TaskStatus,
+    result: str | None,
+    finished_at: datetime,
+) -> Outcome:
+    """What one update does to a task stored as (status, result, finished_at), or to none: the
+    rule of tm_apply_status_updates. Identical state: ``unchanged``; an allowed move:
+    ``updated``; a refused move older than the stored state (stale history, such as the error
+    of an error -> completed pair delivered again): ``unchanged``; else ``invalid_transition``."""
+    if stored is None:
+        return Outcome.TASK_NOT_FOUND
+    current, stored_result, stored_finished_at = stored
+    if (current, stored_result) == (status, result):
+        return Outcome.UNCHANGED
+    if (current, status) in TRANSITIONS:
+        return Outcome.UPDATED
+    if stored_finished_at is not None and finished_at < stored_finished_at:
+        return Outcome.UNCHANGED
+    return Outcome.INVALID_TRANSITION
+
+
 class Reason(StrEnum):
     """The stable codes of the ``dlq_reason`` header."""
 

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
     from tm.core.batch import Batch
     from tm.core.decode import RawMessage
-    from tm.pipeline import Summary
+    from tm.pipeline import BatchRecord
 
 log = logging.getLogger("tm.tracing")
 
@@ -210,8 +210,8 @@ class _Row(NamedTuple):
 
 class BatchTrace:
     """The spans of one batch (tm.pipeline.Trace). They are all ended, and exported, by
-    :meth:`end` or :meth:`fail`, which read what the pipeline did from its Summary; their
-    times are the Summary's, moved onto the wall clock of the batch's start."""
+    :meth:`end` or :meth:`fail`, which read what the pipeline did from its BatchRecord; their
+    times are the record's, moved onto the wall clock of the batch's start."""
 
     __slots__ = ("_anchor", "_consumers", "_tracing", "context", "span", "traceparents")
 
@@ -245,21 +245,21 @@ class BatchTrace:
         finally:
             otel_context.detach(token)
 
-    def end(self, summary: Summary) -> None:
+    def end(self, record: BatchRecord) -> None:
         """Everything produced is acknowledged: end the batch's spans, now."""
         now_ns = time.time_ns()
-        self._children(summary, now_ns, None)
+        self._children(record, now_ns, None)
         for span, _ in self._consumers.values():
             span.end(now_ns)
-        attributes: dict[str, int] = {f"tm.outcome.{k}": v for k, v in summary.outcomes.items()}
-        attributes.update({f"tm.dlq_reason.{k}": v for k, v in summary.dead_letters.items()})
+        attributes: dict[str, int] = {f"tm.outcome.{k}": v for k, v in record.outcomes.items()}
+        attributes.update({f"tm.dlq_reason.{k}": v for k, v in record.dead_letters.items()})
         self.span.set_attributes(attributes)
         self.span.end(now_ns)
 
-    def fail(self, error: BaseException, summary: Summary) -> None:
+    def fail(self, error: BaseException, record: BatchRecord) -> None:
         """The batch stopped with ``error`` (it will be retried, or the worker stops)."""
         now_ns = time.time_ns()
-        self._children(summary, now_ns, error)
+        self._children(record, now_ns, error)
         status = Status(StatusCode.ERROR, f"{type(error).__name__}: {error}")
         for span in (*(span for span, _ in self._consumers.values()), self.span):
             span.record_exception(error)
@@ -270,43 +270,43 @@ class BatchTrace:
         start_ns, start = self._anchor
         return start_ns + round((perf - start) * 1e9)
 
-    def _children(self, summary: Summary, now_ns: int, error: BaseException | None) -> None:
+    def _children(self, record: BatchRecord, now_ns: int, error: BaseException | None) -> None:
         """The consumer spans' outcomes, and their database and publish spans."""
         tracing = self._tracing
         failed = Status(StatusCode.ERROR, type(error).__name__) if error is not None else None
         publishing: list[tuple[trace.Span, str, str]] = []  # consumer span, topic, key
         for span, row in self._consumers.values():
-            outcomes = summary.created if row.create else summary.updated
+            outcomes = record.created if row.create else record.updated
             outcome = outcomes[row.position] if 0 <= row.position < len(outcomes) else None
             if outcome is not None:
                 span.set_attributes({"tm.task.id": row.task_id, "tm.outcome": outcome})
                 if row.create and outcome in _PUBLISHED:
                     publishing.append((span, tracing.requests_topic, row.task_id))
-        for ref, reason in summary.dead_lettered:
+        for ref, reason in record.dead_lettered:
             found = self._consumers.get(ref)
             if found is not None:
                 span = found[0]
                 span.set_attributes({"tm.outcome": "dead_letter", "tm.dlq_reason": reason})
                 span.set_status(Status(StatusCode.ERROR, reason))
                 publishing.append((span, tracing.dlq_topic, ""))
-        if summary.db_started:
-            db_failed = not summary.staged_at
-            db_end_ns = now_ns if db_failed else self._ns(summary.staged_at)
-            rows = len(summary.created) + len(summary.updated)
+        if record.db_started:
+            db_failed = not record.applied_at
+            db_end_ns = now_ns if db_failed else self._ns(record.applied_at)
+            rows = len(record.created) + len(record.updated)
             for span, _ in self._consumers.values():
                 db = tracing.tracer.start_span(
                     "tm.db apply",
                     context=trace.set_span_in_context(span),
                     kind=SpanKind.CLIENT,
-                    start_time=self._ns(summary.db_started),
+                    start_time=self._ns(record.db_started),
                     attributes={**_DB_ATTRIBUTES, "db.operation.batch.size": rows},
                 )
                 if db_failed and failed is not None:
                     db.set_status(failed)
                 db.end(db_end_ns)
-        if not summary.publishing_at:
+        if not record.publishing_at:
             return
-        publish_ns = self._ns(summary.publishing_at)
+        publish_ns = self._ns(record.publishing_at)
         for span, topic, key in publishing:
             publish = tracing.tracer.start_span(
                 f"publish {topic}",

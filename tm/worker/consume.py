@@ -1,12 +1,14 @@
-"""The consume loop of one worker, in three overlapping stages:
+"""The consume loop of one worker: it orders the pipeline's stages (tm.pipeline.stages), which
+overlap on neighbouring batches:
 
 1. poll and decode (batch N+1 is polled while batch N is in the database);
-2. stage: one database call, then its crawl requests and dead letters are enqueued; one batch
-   at a time, in poll order, so an update never overtakes the `new` of its task;
-3. acknowledgement: one flush covers every batch staged so far; then the batches are done, in
-   poll order, and their offsets are committed asynchronously by the next poll (the result
-   comes back in :meth:`Consumption.on_commit`; a commit a rebalance refused is sent again with
-   the next). The revoke callback, and so shutdown, commits synchronously.
+2. apply, then publish: one database call, then the batch's crawl requests and dead letters
+   are enqueued once every batch before it is acknowledged; one batch at a time, in poll
+   order, so an update never overtakes the `new` of its task;
+3. acknowledge: one flush covers every batch published so far; then the batches are done, in
+   poll order, and the commit step (tm.worker.commit) takes their offsets: by default they go
+   asynchronously with the next poll, and synchronously from the revoke callback (and so at
+   shutdown).
 
 The state of all this (owned partitions, batches in flight, committable offsets, backoff) is one
 pure object, tm.core.offsets.Offsets. A transient failure commits nothing of what is in flight:
@@ -28,21 +30,21 @@ import contextlib
 import logging
 import random
 import threading
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from tm.adapters.kafka import Assignment
 from tm.config import ConsumerSettings
 from tm.core.batch import Batch
-from tm.core.decode import DecodeStats, RawMessage
+from tm.core.decode import RawMessage
 from tm.core.offsets import Offsets
 from tm.core.policy import backoff_s
 from tm.errors import TmError, TransientError
 from tm.observability import metrics
-from tm.pipeline import Summary
+from tm.pipeline import Applied, BatchRecord, Decoded, Published
 from tm.protocol import Reporter
 from tm.worker import report
+from tm.worker.commit import Commit, PollCommit
 from tm.worker.threads import REVOKE_BUDGET_S, ClientThreads
 
 log = logging.getLogger("tm.worker")
@@ -52,7 +54,6 @@ PAUSED_POLL_S = 0.2  # poll timeout while backing off: keeps the group alive, wa
 # flight, or a commit just sent): short, as the next commit waits for the poll to return.
 BUSY_POLL_S = 0.005
 IDLE_POLL_S = 0.05  # nothing in flight: what a stop or a backoff's end may wait for
-COMMITS_TIMED = 64  # commits awaiting their answer, kept for the commit-stage metric
 
 
 class Source(Protocol):
@@ -70,16 +71,9 @@ class Source(Protocol):
 class Stages(Protocol):
     """The pipeline (tm.pipeline.Pipeline)."""
 
-    decode_stats: DecodeStats
-
-    def assemble(self, messages: Sequence[RawMessage]) -> Batch: ...
-    async def stage(
-        self,
-        batch: Batch,
-        messages: Sequence[RawMessage],
-        before_publishing: Callable[[], Awaitable[None]] | None = None,
-    ) -> Summary: ...
-    async def acknowledge(self, summaries: Sequence[Summary]) -> None: ...
+    def decode(self, messages: Sequence[RawMessage]) -> Decoded: ...
+    async def apply(self, decoded: Decoded, seq: int) -> Applied: ...
+    async def acknowledge(self, published: Sequence[Published]) -> list[BatchRecord]: ...
 
 
 class Consumption:
@@ -90,6 +84,7 @@ class Consumption:
         reporter: Reporter,
         threads: ClientThreads,
         stopping: asyncio.Event,
+        commit: Callable[[Offsets, threading.Lock], Commit] = PollCommit,
     ) -> None:
         self._settings = settings
         self._reporter = reporter
@@ -99,20 +94,20 @@ class Consumption:
         # poll and before it returns: every access holds the lock (a few per batch).
         self.state = Offsets()
         self._lock = threading.Lock()
+        self._commit = commit(self.state, self._lock)
         self._source: Source | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._staging: asyncio.Task[Summary] | None = None  # the batch in the database stage
-        self._unacked: list[Summary] = []  # staged, waiting for their acknowledgements
+        self._staging: asyncio.Task[None] | None = None  # the batch being applied, published
+        self._unacked: list[Published] = []  # published, waiting for their acknowledgements
         self._to_ack = asyncio.Event()
         self._flushing = asyncio.Lock()  # held while a flush waits for acknowledgements
         self._acked = asyncio.Event()  # set when a flush ends
         self._ack_failure: TransientError | None = None  # for the loop to back off
-        self._commits_sent: dict[tuple[tuple[int, int], ...], float] = {}  # for the metric
         self.applied_messages = 0
 
     async def run(self, source: Source, pipeline: Stages) -> None:
-        """Poll, decode, stage (database + produce) one batch at a time, in order, until the
-        stop; the acknowledgements and commits follow in :meth:`_acknowledge`, off this path.
+        """Poll, decode, apply and publish one batch at a time, in order, until the stop; the
+        acknowledgements and commits follow in :meth:`_acknowledge`, off this path.
         The last batches reach their end before it returns; their offsets are committed by the
         revoke callback when the source leaves the group (a commit from here could wait on a
         rebalance that needs us to poll)."""
@@ -135,7 +130,7 @@ class Consumption:
                 # for each other (a commit from another thread would wait for the poll). So
                 # while batches are in flight a poll is short, and their commits soon follow
                 # their acknowledgements; idle, it waits longer for the next message.
-                commit = self._due_commit()
+                commit = self._commit.due()
                 if state.paused:
                     timeout_s = PAUSED_POLL_S
                 elif state.in_flight or commit:
@@ -146,9 +141,7 @@ class Consumption:
                     "poll", source.poll, max_messages, timeout_s, commit, linger_s
                 )
                 messages = self._owned(polled)
-                decode_started = time.perf_counter()
-                batch = pipeline.assemble(messages) if messages else None
-                decode_s = time.perf_counter() - decode_started
+                decoded = pipeline.decode(messages) if messages else None
 
                 # One batch in the database at a time, in poll order.
                 failure = await self._staged()
@@ -156,14 +149,13 @@ class Consumption:
                     acker.result()  # a fatal error in the acknowledgements: raise it
                 failure = failure or self._ack_failure
                 if failure is not None:
-                    await self._back_off(source, failure, batch)
+                    await self._back_off(source, failure, decoded.batch if decoded else None)
                     continue
-                if batch is not None:
+                if decoded is not None:
+                    batch = decoded.batch
                     with self._lock:
                         seq = state.admit(batch.first_offsets, batch.committable)
-                    self._staging = asyncio.create_task(
-                        self._stage(pipeline, batch, messages, seq, decode_s)
-                    )
+                    self._staging = asyncio.create_task(self._apply_publish(pipeline, decoded, seq))
 
             failure = await self._staged() or await self._drained()
             if failure is not None:
@@ -182,34 +174,23 @@ class Consumption:
             return polled
         return [m for m in polled if m.partition() in owned]
 
-    async def _stage(
-        self,
-        pipeline: Stages,
-        batch: Batch,
-        messages: Sequence[RawMessage],
-        seq: int,
-        decode_s: float,
-    ) -> Summary:
-        summary = await pipeline.stage(batch, messages, self._previous_acknowledged)
-        summary.seq = seq
-        summary.decode_s = decode_s
-        self._unacked.append(summary)
-        self._to_ack.set()
-        return summary
-
-    async def _previous_acknowledged(self) -> None:
-        """Before a batch produces: every batch before it is acknowledged. librdkafka's flush
-        waits for an empty queue, so a flush under way while the next batch produces would
-        wait for that batch too, and under steady load for ever more; this way a flush waits
-        for one batch's messages, while the next batch's database call runs. Raises the
-        failure of an earlier batch (this one is then retried with it)."""
+    async def _apply_publish(self, pipeline: Stages, decoded: Decoded, seq: int) -> None:
+        """Apply the batch; once every batch before it is acknowledged, publish it. librdkafka's
+        flush waits for an empty queue, so a flush under way while the next batch produces
+        would wait for that batch too, and under steady load for ever more; this way a flush
+        waits for one batch's messages, while the next batch's database call runs. The failure
+        of an earlier batch fails this one too (it is retried with it)."""
+        applied = await pipeline.apply(decoded, seq)
         failure = await self._drained()
         if failure is not None:
+            applied.fail(failure)
             raise failure
+        self._unacked.append(applied.publish())
+        self._to_ack.set()
 
     async def _staged(self) -> TransientError | None:
-        """Wait for the batch in the database stage; its transient failure, or None. A fatal
-        failure raises."""
+        """Wait for the batch being applied and published; its transient failure, or None. A
+        fatal failure raises."""
         staging, self._staging = self._staging, None
         if staging is None:
             return None
@@ -220,39 +201,30 @@ class Consumption:
         return None
 
     async def _acknowledge(self, pipeline: Stages) -> None:
-        """Forever: wait for staged batches, wait for the acknowledgement of what they
-        produced (one flush), mark them done in poll order (their offsets go with the next
-        poll's commit). A transient failure is left in ``_ack_failure`` for the loop to back
-        off."""
-        state = self.state
-        busy_since = self._threads.busy_since
+        """Forever: wait for published batches, wait for the acknowledgement of what they
+        produced (one flush), hand them to the commit step in poll order. A transient failure
+        is left in ``_ack_failure`` for the loop to back off."""
         while True:
             await self._to_ack.wait()
             self._to_ack.clear()
             if not self._unacked or self._ack_failure is not None:
                 continue
+            records: list[BatchRecord] = []
             recovered = False
-            async with self._flushing:
-                summaries, self._unacked = self._unacked, []
-                busy_since["io"] = time.monotonic()  # the flush runs in the io thread
+            async with self._flushing:  # a backoff waits for it: these batches are done first
+                published, self._unacked = self._unacked, []
                 try:
-                    await pipeline.acknowledge(summaries)
+                    records = await pipeline.acknowledge(published)
                 except TransientError as exc:
                     self._ack_failure = exc
-                    summaries = []
                 else:
-                    with self._lock:
-                        for summary in summaries:
-                            state.acked(summary.seq)
-                        recovered = state.went_through()
-                finally:
-                    busy_since["io"] = None
+                    recovered = self._commit.done(records)
             self._acked.set()  # after the lock: a batch waiting to publish may go now
             if recovered:
                 self._reporter.retrying(False)  # a batch went through again
-            for summary in summaries:
-                self.applied_messages += summary.size
-                report.record(summary, pipeline.decode_stats)
+            for record in records:
+                self.applied_messages += record.size
+                report.record(record)
 
     async def _drained(self) -> TransientError | None:
         """Wait until every staged batch is acknowledged (or failed); the failure, or None."""
@@ -261,26 +233,13 @@ class Consumption:
             await self._acked.wait()
         return self._ack_failure
 
-    def _due_commit(self) -> dict[int, int] | None:
-        """The offsets that became committable since the last commit (sent with the next
-        poll; the result comes to :meth:`on_commit`), or None."""
-        with self._lock:
-            due = self.state.take_commit()
-        if not due:
-            return None
-        sent = self._commits_sent
-        if len(sent) >= COMMITS_TIMED:  # answers that never came (a rebalance): drop the oldest
-            del sent[next(iter(sent))]
-        sent[_commit_key(due)] = time.perf_counter()
-        return due
-
     async def _back_off(self, source: Source, failure: TmError, polled: Batch | None) -> None:
         """Abandon every batch in flight: rewind the owned partitions to their first offsets
         (and those of the batch just polled), pause everything, and set the time to resume."""
         consumer = self._settings
         async with self._flushing:  # a flush under way ends first (its batches may commit)
-            for summary in self._unacked:
-                summary.trace.fail(failure, summary)
+            for published in self._unacked:
+                published.fail(failure)
             self._unacked = []
             self._ack_failure = None
             delay = backoff_s(
@@ -331,22 +290,18 @@ class Consumption:
     def on_revoke(self, partitions: list[int]) -> None:
         metrics.rebalances.labels("revoke").inc()
         assert self._loop is not None and self._source is not None  # noqa: S101
-        future = asyncio.run_coroutine_threadsafe(self._ready_to_commit(), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._settled(), self._loop)
         try:
-            committable = future.result(REVOKE_BUDGET_S + 5)
+            future.result(REVOKE_BUDGET_S + 5)
         except TimeoutError:
             future.cancel()
-            committable = {}
             log.warning(
                 "revoke: the batches in flight did not finish in time; their partitions go"
                 " uncommitted and their messages will be consumed again",
                 extra={"fields": {"budget_s": REVOKE_BUDGET_S}},
             )
-        if committable:
-            try:
-                self._source.commit(committable)  # inside the callback: still our partitions
-            except TmError as exc:
-                log.warning("commit on revoke failed", extra={"fields": {"error": str(exc)}})
+        else:
+            self._commit.before_revoke(self._source)
         self._forget(partitions, "revoked")
 
     def on_lost(self, partitions: list[int]) -> None:
@@ -362,36 +317,16 @@ class Consumption:
         log.info(f"partitions {how}", extra={"fields": {"partitions": sorted(partitions)}})
 
     def on_commit(self, offsets: dict[int, int], error: str | None, rebalancing: bool) -> None:
-        sent_at = self._commits_sent.pop(_commit_key(offsets), None)
-        if error is None:
-            if sent_at is not None:
-                metrics.stage_duration.labels("commit").observe(time.perf_counter() - sent_at)
-            return
-        with self._lock:
-            self.state.commit_refused(offsets)  # sent again with the next commit
-        if rebalancing:
-            log.info("commit deferred by a rebalance", extra={"fields": {"error": error}})
-        else:
-            log.warning("commit failed; retried with the next", extra={"fields": {"error": error}})
-
-    async def _ready_to_commit(self) -> dict[int, int]:
-        """On revoke: wait (up to the budget) for the batches in flight to reach their end;
-        return every owned committable offset, for a synchronous commit before they go."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._settled(), REVOKE_BUDGET_S)
-        with self._lock:
-            return self.state.take_all()
+        self._commit.on_commit(offsets, error, rebalancing)
 
     async def _settled(self) -> None:
-        """The batch in the database stage and every staged batch have reached their end, or
-        one failed (the loop then rewinds what is still ours)."""
-        staging = self._staging
-        if staging is not None:
-            await asyncio.wait({staging})
-            if staging.cancelled() or staging.exception() is not None:
-                return
-        await self._drained()
-
-
-def _commit_key(offsets: dict[int, int]) -> tuple[tuple[int, int], ...]:
-    return tuple(sorted(offsets.items()))
+        """On revoke: wait (up to the budget) until the batch being applied and every published
+        batch have reached their end, or one failed (the loop then rewinds what is still ours)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REVOKE_BUDGET_S):
+                staging = self._staging
+                if staging is not None:
+                    await asyncio.wait({staging})
+                    if staging.cancelled() or staging.exception() is not None:
+                        return
+                await self._drained()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -139,7 +140,7 @@ class Worker:
             settings=settings,
             database=database,
             sink=sink,
-            io_executor=self.threads.io_executor,
+            run_io=functools.partial(self.threads.run, "io"),
             tracing=traces,
             dead_letter_max_bytes=sink.max_message_bytes,  # fits the DLQ topic (read at boot)
             task_events=events,

@@ -47,11 +47,6 @@ class ClientThreads:
         finally:
             self.busy_since[thread] = None
 
-    @property
-    def io_executor(self) -> ThreadPoolExecutor:
-        """For the pipeline's flush (whose caller marks the io thread busy meanwhile)."""
-        return self._executors["io"]
-
     def stuck(self, now: float) -> dict[str, Any] | None:
         return stuck_thread(now, self.busy_since, self.stuck_after_s)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -11,27 +12,19 @@ from tm.adapters.kafka.errors import is_fatal, text, translate, translated
 from tm.config import KafkaSettings
 from tm.errors import FatalError, KafkaUnavailableError
 
+BUFFER_WAIT_S = 0.05  # the local queue is full: serve acknowledgements this long, then retry
 
-class KafkaSink:
-    """``produce`` only enqueues; ``flush`` blocks until every enqueued message is
-    acknowledged (call it from a thread).
 
-    ``max_message_bytes`` is the largest record it sends (tm.adapters.kafka.produce_limit, read
-    at a worker's boot), which a dead letter is cut to fit."""
+class BufferedProducer:
+    """A producer that waits for room when its local queue is full and keeps the failed
+    delivery reports until they are taken: the one produce/flush loop of the worker's sink and
+    of the commands' publisher. Its delivery callback is the producer's default (set in its
+    config): one fewer argument per message."""
 
-    def __init__(
-        self,
-        settings: KafkaSettings,
-        *,
-        max_message_bytes: int,
-        logger: logging.Logger | None = None,
-    ) -> None:
-        self.max_message_bytes = max_message_bytes
-        config = producer_config(settings, max_message_bytes=self.max_message_bytes)
-        config["on_delivery"] = self._on_delivery
-        self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
+    def __init__(self, config: dict[str, Any], *, logger: logging.Logger | None = None) -> None:
+        config = {**config, "on_delivery": self._on_delivery}
         self._producer = Producer(config, logger=logger) if logger else Producer(config)
-        # Failed delivery reports since the last flush; appended from the flushing thread.
+        # Failed delivery reports since they were last taken; appended by the thread that polls.
         self._failures: list[KafkaError] = []
 
     def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
@@ -47,26 +40,50 @@ class KafkaSink:
         headers: list[tuple[str, bytes | str | None]],
         timestamp_ms: int = 0,
     ) -> None:
-        # The delivery callback is the producer's default (set in its config): one fewer
-        # argument per call, on the path of every crawl request. No decorator either: this is
-        # called once per message.
+        # No decorator: this is called once per message, on the path of every crawl request.
         produce = self._producer.produce
         while True:
             try:
                 produce(topic, value, key, headers=headers, timestamp=timestamp_ms)
                 return
             except BufferError:
-                # The local queue is full: serve delivery reports to make room.
-                self._producer.poll(0.05)
+                self._producer.poll(BUFFER_WAIT_S)  # serve delivery reports to make room
             except KafkaException as exc:
                 raise translate(exc) from exc
 
     @translated
+    def _flush(self, timeout_s: float) -> tuple[int, list[KafkaError]]:
+        """Wait up to ``timeout_s`` for the acknowledgements; how many are still missing, and the
+        failed delivery reports since the last call."""
+        remaining = int(self._producer.flush(timeout_s))
+        failures, self._failures = self._failures, []
+        return remaining, failures
+
+
+class KafkaSink(BufferedProducer):
+    """``produce`` only enqueues; ``flush`` blocks until every enqueued message is
+    acknowledged (call it from a thread).
+
+    ``max_message_bytes`` is the largest record it sends (tm.adapters.kafka.produce_limit, read
+    at a worker's boot), which a dead letter is cut to fit."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        max_message_bytes: int,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
+        super().__init__(
+            producer_config(settings, max_message_bytes=max_message_bytes), logger=logger
+        )
+
     def flush(self) -> None:
         """Wait for the acknowledgement of everything produced since the last flush; raise
         KafkaUnavailableError if any message was not delivered (FatalError if it never will)."""
-        remaining = self._producer.flush(self._flush_timeout_s)
-        failures, self._failures = self._failures, []
+        remaining, failures = self._flush(self._flush_timeout_s)
         if remaining:
             raise KafkaUnavailableError(f"{remaining} message(s) not acknowledged in time")
         if failures:
@@ -75,7 +92,6 @@ class KafkaSink:
                 raise FatalError(summary)
             raise KafkaUnavailableError(summary)
 
-    @translated
     def close(self, timeout_s: float) -> int:
         """Flush what is queued; return how many messages were left undelivered."""
-        return int(self._producer.flush(timeout_s))
+        return self._flush(timeout_s)[0]

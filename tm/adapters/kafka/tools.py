@@ -22,22 +22,19 @@ from typing import Any, cast
 from confluent_kafka import (
     Consumer,
     ConsumerGroupState,
-    KafkaError,
     KafkaException,
-    Message,
-    Producer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 
 from tm.adapters.kafka.clients import client_config
 from tm.adapters.kafka.errors import text, translate, translated
+from tm.adapters.kafka.producer import BufferedProducer
 from tm.config import KafkaSettings
 from tm.errors import KafkaUnavailableError
 
 Headers = list[tuple[str, str | bytes | None]]
 
-BUFFER_WAIT_S = 0.05  # the producer's local queue is full: serve acknowledgements, then retry
 READ_BATCH = 500  # messages per consume() call of a TopicReader
 READ_WAIT_S = 0.5  # one consume() call waits at most this long
 
@@ -58,7 +55,7 @@ class Delivery:
         return not self.unacknowledged and not self.failures
 
 
-class Publisher:
+class Publisher(BufferedProducer):
     """An idempotent producer (``acks=all``). :meth:`produce` enqueues, waiting for room when the
     local queue is full; :meth:`flush` waits for the acknowledgements."""
 
@@ -68,33 +65,12 @@ class Publisher:
         config.update({"enable.idempotence": True, "acks": "all"})
         if linger_ms is not None:
             config["linger.ms"] = linger_ms
-        self._producer = Producer(config)
-        self._failures: list[str] = []  # delivery errors since the last flush
+        super().__init__(config)
 
-    def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
-        if error is not None:
-            self._failures.append(text(error))
-
-    @translated
-    def produce(
-        self, topic: str, *, key: bytes | str | None, value: bytes | None, headers: Headers
-    ) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
-                )
-                break
-            except BufferError:
-                self._producer.poll(BUFFER_WAIT_S)
-        self._producer.poll(0)
-
-    @translated
     def flush(self, timeout_s: float) -> Delivery:
         """Wait up to ``timeout_s`` for everything produced since the last flush."""
-        unacknowledged = self._producer.flush(timeout_s)
-        failures, self._failures = self._failures, []
-        return Delivery(unacknowledged=unacknowledged, failures=failures)
+        remaining, failures = self._flush(timeout_s)
+        return Delivery(unacknowledged=remaining, failures=[text(f) for f in failures])
 
 
 # -- reading a topic -----------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""The last stage of the consume loop: what becomes of the offsets of acknowledged batches. A
+replaceable step (:class:`Commit`): :class:`PollCommit` sends them with the next poll, from the
+poll thread, asynchronously, and synchronously on a revoke; a transactional one would commit
+them inside a Kafka transaction instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from tm.core.offsets import Offsets
+from tm.errors import TmError
+from tm.observability import metrics
+from tm.pipeline import BatchRecord
+
+log = logging.getLogger("tm.worker")
+
+COMMITS_TIMED = 64  # commits awaiting their answer, kept for the commit-stage metric
+
+
+class Committer(Protocol):
+    """The consumer's synchronous commit (tm.adapters.kafka.KafkaSource.commit)."""
+
+    def commit(self, committable: dict[int, int]) -> None: ...
+
+
+class Commit(Protocol):
+    def done(self, records: Sequence[BatchRecord]) -> bool:
+        """The batches reached their end (acknowledged), in poll order; True when they are the
+        first to go through after a failure."""
+        ...
+
+    def due(self) -> dict[int, int] | None:
+        """Offsets for the next poll to commit (the poll thread sends them), or None."""
+        ...
+
+    def on_commit(self, offsets: dict[int, int], error: str | None, rebalancing: bool) -> None:
+        """The broker's answer to a commit the poll sent (in the poll thread)."""
+        ...
+
+    def before_revoke(self, source: Committer) -> None:
+        """Partitions go (in the poll thread, the batches in flight settled or given up): the
+        last chance to commit them."""
+        ...
+
+
+class PollCommit:
+    """Offsets committed asynchronously with the next poll, in poll order (tm.core.offsets);
+    synchronously before a revoke. A commit a rebalance refused is sent again with the next."""
+
+    def __init__(self, state: Offsets, lock: threading.Lock) -> None:
+        self._state = state
+        self._lock = lock  # the consume loop's: the state is shared with the poll thread
+        self._sent: dict[tuple[tuple[int, int], ...], float] = {}  # for the commit metric
+
+    def done(self, records: Sequence[BatchRecord]) -> bool:
+        with self._lock:
+            for record in records:
+                self._state.acked(record.seq)
+            return self._state.went_through()
+
+    def due(self) -> dict[int, int] | None:
+        with self._lock:
+            due = self._state.take_commit()
+        if not due:
+            return None
+        sent = self._sent
+        if len(sent) >= COMMITS_TIMED:  # answers that never came (a rebalance): drop the oldest
+            del sent[next(iter(sent))]
+        sent[_key(due)] = time.perf_counter()
+        return due
+
+    def on_commit(self, offsets: dict[int, int], error: str | None, rebalancing: bool) -> None:
+        sent_at = self._sent.pop(_key(offsets), None)
+        if error is None:
+            if sent_at is not None:
+                metrics.stage_duration.labels("commit").observe(time.perf_counter() - sent_at)
+            return
+        with self._lock:
+            self._state.commit_refused(offsets)  # sent again with the next commit
+        if rebalancing:
+            log.info("commit deferred by a rebalance", extra={"fields": {"error": error}})
+        else:
+            log.warning("commit failed; retried with the next", extra={"fields": {"error": error}})
+
+    def before_revoke(self, source: Committer) -> None:
+        with self._lock:
+            committable = self._state.take_all()
+        if committable:
+            try:
+                source.commit(committable)  # inside the callback: still our partitions
+            except TmError as exc:
+                log.warning("commit on revoke failed", extra={"fields": {"error": str(exc)}})
+
+
+def _key(offsets: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted(offsets.items()))
