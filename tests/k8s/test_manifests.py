@@ -2,7 +2,7 @@
 API schemas (kubernetes-validate) or its project's CRD, the ConfigMap lists every setting of
 the README with its default, every variable the pods get is one tm knows and parses
 (`tm check --config-only`), and the arithmetic of the sizing holds: workers per pod, partitions,
-KEDA's maximum, the grace period and the session timeout (README "Deploy on Kubernetes").
+KEDA's maximum, the grace period and the session timeout (docs/kubernetes.md).
 
 No cluster, no network after stack/k8s.sh has run once (`make test` runs it first).
 """
@@ -39,7 +39,7 @@ SECRET_KEYS = {
 }
 # Set by the StatefulSet itself (downward API / its volumes), so in neither ConfigMap nor Secret.
 POD_KEYS = {"KAFKA_GROUP_INSTANCE_ID", "PROMETHEUS_MULTIPROC_DIR"}
-# Measured RSS (README "Deploy on Kubernetes": `tm run` with TM_WORKERS=1 and 2, 20,000 and
+# Measured RSS (docs/kubernetes.md: `tm run` with TM_WORKERS=1 and 2, 20,000 and
 # 100,000 tasks): supervisor + API process, and the high-water mark of one worker.
 FIXED_MIB, PER_WORKER_MIB = 39 + 55, 115
 # A pod's restart besides the drain: the new pod scheduled, its init container, tm's start.

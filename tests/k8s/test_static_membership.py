@@ -1,4 +1,4 @@
-"""The StatefulSet's claim (README "Deploy on Kubernetes"): a pod restarted under its stable
+"""The StatefulSet's claim (docs/kubernetes.md): a pod restarted under its stable
 name, with the manifests' KAFKA_GROUP_INSTANCE_ID (the pod's name) and KAFKA_SESSION_TIMEOUT,
 gets its partitions back without a rebalance: the other pod's workers see no revocation and
 no new assignment. Two `tm run` processes stand for pods tm-0 and tm-1; tm-1 is stopped
