@@ -23,7 +23,8 @@ def settings() -> Settings:
     return config.load()
 
 
-def _answers(host: str, port: int) -> bool:
+def answers(host: str, port: int) -> bool:
+    """Something listens on host:port."""
     try:
         with socket.create_connection((host, port), timeout=2):
             return True
@@ -34,14 +35,14 @@ def _answers(host: str, port: int) -> bool:
 @pytest.fixture(scope="session")
 def pg_up(settings: Settings) -> None:
     pg = settings.postgres
-    if not _answers(pg.host, pg.port):
+    if not answers(pg.host, pg.port):
         pytest.fail(f"PostgreSQL does not answer at {pg.host}:{pg.port}: run `make stack-up`")
 
 
 @pytest.fixture(scope="session")
 def kafka_up(settings: Settings) -> None:
     host, _, port = settings.kafka.brokers[0].rpartition(":")
-    if not _answers(host, int(port)):
+    if not answers(host, int(port)):
         pytest.fail(f"Kafka does not answer at {host}:{port}: run `make stack-up`")
 
 

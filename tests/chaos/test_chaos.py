@@ -18,7 +18,6 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from tests.chaos.cluster import Kafka, Postgres, remove, scratch_dir
-from tests.conftest import unique
+from tests.conftest import answers, unique
 from tests.e2e.harness import KafkaHeaders, Stack, TmRun, free_port, make_stack, wait_for
 from tests.e2e.proxy import TcpProxy
 from tm import config
@@ -122,14 +121,6 @@ class World:
         return run
 
 
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def world(tmp_path: Path, pg_up: None, kafka_up: None) -> Iterator[World]:
     """A private PostgreSQL and broker (the faults must not reach the shared stack), a proxy in
@@ -166,9 +157,9 @@ def world(tmp_path: Path, pg_up: None, kafka_up: None) -> Iterator[World]:
         finally:
             for run in world.runs:
                 run.close()
-            if not answers(kafka.port):
+            if not answers("127.0.0.1", kafka.port):
                 kafka.start()
-            if not answers(pg.port):
+            if not answers("127.0.0.1", pg.port):
                 pg.start()
             next(stacks, None)  # drops the database and the topics
 
