@@ -18,13 +18,13 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from tests.conftest import answers
 from tests.e2e.harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,17 +33,9 @@ KAFKA_LOG4J = REPO / "stack" / "kafka" / "log4j2.properties"
 START_TIMEOUT_S = 60.0
 
 
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _wait_port(port: int, *, what: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not _answers(port):
+    while not answers("127.0.0.1", port):
         if time.monotonic() > deadline:
             tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
             raise RuntimeError(
