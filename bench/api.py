@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import random
 import shlex
-import signal
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.stack import Stack, machine
+from bench.stack import Stack, machine, stop_on_sigterm
 from tm import config
 from tm.adapters import postgres
 from tm.api import database as api_database
@@ -218,10 +217,6 @@ async def run(settings: Settings, *, rows: int, calls: int, page: int) -> list[s
     return out
 
 
-def _raise_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks: cleanup runs
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="N (1000000)")
@@ -230,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1 or args.calls < 2 or not 1 <= args.page <= 1000:
         parser.error("--rows >= 1, --calls >= 2, --page in 1..1000")
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    stop_on_sigterm()
     settings = config.load()
     stack = Stack(settings)
     lines = ["# bench.api: the API's database calls", "", f"Command: `{shlex.join(sys.orig_argv)}`"]

@@ -42,9 +42,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from bench.e2e import Message, end_offsets, free_port, note, produce_bulk
+from bench.e2e import Message, end_offsets, note, produce_bulk
 from bench.probes import BenchError, TmProcess
-from bench.stack import Stack, kafka_config, query, unique
+from bench.stack import Stack, free_port, kafka_config, query, unique
 from tm import config
 from tm.traffic import new_task_message, update_message
 

@@ -25,8 +25,6 @@ import argparse
 import os
 import random
 import shlex
-import signal
-import socket
 import sys
 import tempfile
 import time
@@ -47,7 +45,7 @@ from bench.probes import (
     TmProcess,
     committed_at,
 )
-from bench.stack import Stack, kafka_config, machine, query, unique
+from bench.stack import Stack, free_port, kafka_config, machine, query, stop_on_sigterm, unique
 from tm import config
 from tm.config import Settings
 from tm.traffic import new_task_message, update_message
@@ -193,12 +191,6 @@ def end_offsets(kconfig: dict[str, Any], topic: str, partitions: int) -> list[in
         ]
     finally:
         consumer.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -731,14 +723,10 @@ def _parse(argv: list[str] | None, settings: Settings) -> Options:
     )
 
 
-def _raise_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks: cleanup runs
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = config.load()
     options = _parse(argv, settings)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    stop_on_sigterm()
     report = Report(
         command=shlex.join(sys.orig_argv),
         parameters=(

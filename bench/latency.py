@@ -30,7 +30,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,13 +53,12 @@ from bench.e2e import (
     PRODUCE_FLUSH_TIMEOUT_S,
     READY_TIMEOUT_S,
     end_offsets,
-    free_port,
     note,
     percentile,
 )
 from bench.probes import COMMIT_POLL_S, BenchError, CommitWatcher, GroupWatcher, TmProcess
 from bench.probes import committed_at as committed_wall
-from bench.stack import Stack, kafka_config, machine, query, unique
+from bench.stack import Stack, free_port, kafka_config, machine, query, stop_on_sigterm, unique
 from tm import config
 from tm.config import Settings
 from tm.traffic import new_task_message
@@ -730,13 +728,9 @@ def _parse(argv: list[str] | None) -> Options:
     return Options(rates, args.seconds, args.workers, args.partitions, args.json, args.log_level)
 
 
-def _raise_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks: cleanup runs
-
-
 def main(argv: list[str] | None = None) -> int:
     options = _parse(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    stop_on_sigterm()
     command = shlex.join(sys.orig_argv)
     run = Run(options)
     try:

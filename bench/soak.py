@@ -37,8 +37,6 @@ import csv
 import os
 import re
 import shlex
-import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -56,7 +54,15 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from bench import leaks
 from bench.leaks import Series
 from bench.probes import BenchError, TmProcess, process_tree, pss_kib, status_kib
-from bench.stack import Stack, kafka_config, machine, query, unique
+from bench.stack import (
+    Stack,
+    free_port,
+    kafka_config,
+    machine,
+    query,
+    stop_on_sigterm,
+    unique,
+)
 from tm import config
 from tm.config import Settings
 from tm.traffic import new_task_message, update_message
@@ -414,12 +420,6 @@ def _tm_env(target: Target, *, port: int, metrics_dir: Path | None = None) -> di
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_tm(target: Target, log_path: Path, env: dict[str, str]) -> TmProcess:
     tm = TmProcess(env, log_path)
     try:
@@ -461,7 +461,7 @@ def _drain(target: Target, traffic: Traffic, tm: TmProcess) -> float:
 def measure_max(target: Target, log_dir: Path) -> tuple[float, str]:
     """tm's committed rate under the soak's traffic with the gateway flooding; returns
     (messages a second, how it was measured)."""
-    tm = _start_tm(target, log_dir / "tm-max.log", _tm_env(target, port=_free_port()))
+    tm = _start_tm(target, log_dir / "tm-max.log", _tm_env(target, port=free_port()))
     traffic = Traffic(target, rate=None)
     offsets = Offsets(target)
     try:
@@ -523,7 +523,7 @@ def run_soak(
     """A fresh ``tm run`` on ``target`` for ``seconds`` at ``rate`` inbound messages a second,
     sampled every ``sample_s``; then the traffic stops, tm drains it, and gets a SIGTERM."""
     metrics_dir = Path(tempfile.mkdtemp(prefix="tm-soak-metrics-"))
-    port = _free_port()
+    port = free_port()
     tm = _start_tm(
         target, log_dir / "tm-soak.log", _tm_env(target, port=port, metrics_dir=metrics_dir)
     )
@@ -721,10 +721,6 @@ def plot(result: SoakResult, path: Path) -> None:
 # -- the command -------------------------------------------------------------------------------
 
 
-def _raise_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.soak", description=__doc__.split("\n")[0]
@@ -741,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup-s",
         type=float,
         default=None,
-        help=f"default: {WARMUP_SHARE:.0%} of the run, at least {MIN_WARMUP_S:.0f} s",
+        help=f"default: {WARMUP_SHARE * 100:.0f} %% of the run, at least {MIN_WARMUP_S:.0f} s",
     )
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: new)")
     args = parser.parse_args(argv)
@@ -753,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out: Path = args.out or Path(tempfile.mkdtemp(prefix="tm-soak-"))
     out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    stop_on_sigterm()
 
     settings = config.load()
     stack = Stack(settings)

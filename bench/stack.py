@@ -1,6 +1,8 @@
 """The benchmark's own fresh stack: migrated databases and uuid-named topics, created at the
 start and dropped at the end (even on failure), plus the facts about the machine that the report
-prints. Nothing here comes from ``tests/``: the benchmark runs from a checkout without them.
+prints, and the small helpers every bench and the tests' harness share (unique names, a free
+port, SIGTERM as an exit). Nothing here comes from ``tests/``: the benchmark runs from a
+checkout without them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import glob
 import os
 import platform
 import re
+import signal
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -31,7 +35,23 @@ _KAFKA_JAR_RE = re.compile(r"kafka(?:-server|_2\.\d+|-clients)-(\d+\.\d+\.\d+[\w
 
 def unique(prefix: str) -> str:
     """A name nobody else uses (other engineers run tests on the same servers)."""
-    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a tm's API, so that runs can overlap)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM unwinds like Ctrl-C does, through the finally blocks: the cleanup runs."""
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+
+
+def _raise_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def with_database(settings: Settings, name: str) -> Settings:

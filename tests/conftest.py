@@ -7,12 +7,12 @@ answer they fail with one line saying so; they never skip.
 from __future__ import annotations
 
 import socket
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
+from bench.stack import unique
 from tm import config
 from tm.adapters import migrations, postgres
 from tm.config import Settings
@@ -44,11 +44,6 @@ def kafka_up(settings: Settings) -> None:
     host, _, port = settings.kafka.brokers[0].rpartition(":")
     if not answers(host, int(port)):
         pytest.fail(f"Kafka does not answer at {host}:{port}: run `make stack-up`")
-
-
-def unique(prefix: str) -> str:
-    """A name no other test uses: topics, groups, schemas, databases."""
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.stack import free_port
 from tests.conftest import answers
-from tests.e2e.harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_LIBS = REPO / ".stack" / "kafka" / "libs"

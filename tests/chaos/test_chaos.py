@@ -29,9 +29,10 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from bench.stack import free_port, unique
 from tests.chaos.cluster import Kafka, Postgres, remove, scratch_dir
-from tests.conftest import answers, unique
-from tests.e2e.harness import KafkaHeaders, Stack, TmRun, free_port, make_stack, wait_for
+from tests.conftest import answers
+from tests.e2e.harness import KafkaHeaders, Stack, TmRun, make_stack, wait_for
 from tests.e2e.proxy import TcpProxy
 from tm import config
 from tm.config import Settings

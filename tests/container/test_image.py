@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unique
+from bench.stack import free_port, unique
 from tests.container.conftest import Podman
-from tests.e2e.harness import Stack, free_port, wait_for
+from tests.e2e.harness import Stack, wait_for
 from tm import traffic
 from tm.config import Settings
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import unique
+from bench.stack import unique
 from tests.e2e.harness import Stack, admin_sql, make_stack
 from tests.e2e.proxy import TcpProxy
 from tm.config import Settings

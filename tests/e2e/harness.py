@@ -9,7 +9,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 from confluent_kafka import Consumer, ConsumerGroupState, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import unique
+from bench.stack import free_port, unique
 from tm.adapters import kafka, migrations, postgres
 from tm.config import Settings
 
@@ -235,13 +234,6 @@ def make_stack(settings: Settings, *, partitions: int = 6) -> Iterator[Stack]:
             [stack.topic, stack.requests_topic, stack.dlq_topic], operation_timeout=30
         ).values():
             future.result(30)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for tm's API, so that runs can overlap)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class TmRun:

@@ -26,7 +26,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from tests.conftest import unique
+from bench.stack import unique
 from tests.e2e.harness import Stack, TmRun, wait_for
 from tests.e2e.proxy import TcpProxy
 from tm.adapters import kafka, postgres

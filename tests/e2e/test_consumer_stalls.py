@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Stack, TmRun, admin_sql, free_port, wait_for
+from bench.stack import free_port
+from tests.e2e.harness import Stack, TmRun, admin_sql, wait_for
 from tests.e2e.proxy import TcpProxy
 from tests.e2e.test_consumer_faults import (
     FAST,

@@ -25,7 +25,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import Headers, Stack, TmRun, free_port, wait_for
+from bench.stack import free_port
+from tests.e2e.harness import Headers, Stack, TmRun, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -22,8 +22,8 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import unique
-from tests.e2e.harness import Stack, TmRun, free_port, wait_for
+from bench.stack import free_port, unique
+from tests.e2e.harness import Stack, TmRun, wait_for
 from tests.e2e.test_consumer_faults import FAST
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.e2e.harness import Stack, TmRun, free_port, wait_for
+from bench.stack import free_port
+from tests.e2e.harness import Stack, TmRun, wait_for
 from tests.e2e.otelcol import Collector, build
 
 pytestmark = pytest.mark.e2e

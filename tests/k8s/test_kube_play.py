@@ -33,7 +33,8 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient
 
-from tests.e2e.harness import Stack, admin_sql, free_port, make_stack, wait_for
+from bench.stack import free_port
+from tests.e2e.harness import Stack, admin_sql, make_stack, wait_for
 from tests.k8s.conftest import ROOT, Obj, build, one, secret_data
 from tm import traffic
 from tm.adapters import kafka

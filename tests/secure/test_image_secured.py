@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unique
+from bench.stack import free_port, unique
 from tests.container.conftest import PODMAN, Podman
-from tests.e2e.harness import Stack, free_port, wait_for
+from tests.e2e.harness import Stack, wait_for
 from tests.secure.conftest import Secure, secured_stack
 from tests.secure.test_secured import get
 from tm import traffic

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import unique
+from bench.stack import unique
 from tests.e2e.harness import Stack, TmRun, wait_for
 from tests.secure.conftest import Secure, TokenEndpoint, secured_stack
 from tm.traffic import new_task_message
