@@ -6,8 +6,8 @@ tick of its mode: running, stopping (draining on SIGTERM/SIGINT) or halting. Eac
 reports on a pipe in the line protocol of :mod:`tm.protocol`: a child that dies is restarted
 with backoff, one that stops sending heartbeats is killed and restarted, and a child that keeps
 failing before it boots halts the service with its error in one line (a wrong password must not
-become a restart storm). The children are kept in slots (:mod:`tm.slots`: the workers and the
-API process), and forked, signalled and reaped through :class:`tm.processes.Processes`.
+become a restart storm). What is done to a child whatever the mode (spawn, hear, reap, restart,
+kill) is :class:`tm.children.Children`'s; the supervisor decides when.
 
 Nothing here imports Kafka or PostgreSQL clients: librdkafka's threads must not cross a fork.
 The pre-flight check (:mod:`tm.preflight`) and the workers import them in their own children.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import json
 import logging
 import os
@@ -35,19 +34,18 @@ from collections.abc import Callable, Collection
 
 import msgspec
 
+from tm.children import Children
 from tm.config import MetricsSettings, Settings, cap_workers
 from tm.observability import metricfiles
-from tm.preflight import PREFLIGHT_TIMEOUT_S as PREFLIGHT_TIMEOUT_S  # tests/e2e import it here
 from tm.preflight import PreflightInterruptedError, preflight
 from tm.processes import OsProcesses, Processes
-from tm.slots import ApiSlot, Slot, WorkerSlot
+from tm.slots import Slot
 
 log = logging.getLogger("tm.supervisor")
 
 LOOP_TICK_S = 0.5
 STATE_INTERVAL_S = 0.5  # how often gauges and the API's state line are refreshed
 API_START_DELAY_MAX_S = 5.0  # the API starts when the workers booted, or after this at most
-MAX_BOOT_FAILURES = 3  # consecutive failures before boot, per slot, before halting
 
 
 class Mode(enum.Enum):
@@ -65,14 +63,10 @@ class Supervisor:
     ) -> None:
         self._processes: Processes = processes or OsProcesses()
         self._settings = settings
-        self._workers: list[WorkerSlot] = []
-        self._api = ApiSlot()
-        self._slots: list[Slot] = []
-        self.configure(settings)
+        self._children = Children(settings, self._processes)
         self._started = started
         self._started_wall = time.time() - (self._processes.monotonic() - started)
         self._startup_s: float | None = None  # until every worker first joined the group
-        self._restarts_total = {WorkerSlot.role: 0, ApiSlot.role: 0}
         self._last_state = 0.0
         self._signals: list[int] = []
         self._handlers: dict[int, Callable[[int], int | None]] = {
@@ -95,8 +89,7 @@ class Supervisor:
     def configure(self, settings: Settings) -> None:
         """Take the settings to run with (before :meth:`run`): one slot per worker."""
         self._settings = settings
-        self._workers = [WorkerSlot(n) for n in range(settings.consumer.workers)]
-        self._slots = [*self._workers, self._api]
+        self._children.configure(settings)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -128,8 +121,8 @@ class Supervisor:
         if self._mode is Mode.HALTING:  # already stopping everything, within the grace period
             return None
         log.warning("second signal: killing workers and exiting at once")
-        self._kill_all(signal.SIGKILL)
-        self._wait_all()
+        self._children.kill_all(signal.SIGKILL)
+        self._children.wait_all()
         return 128 + signum
 
     # -- the loop ----------------------------------------------------------------------------
@@ -142,18 +135,18 @@ class Supervisor:
 
     def start(self) -> None:
         """Spawn the workers; the API process follows (in the running tick)."""
-        for worker in self._workers:
+        for worker in self._children.workers:
             self._spawn(worker)
         # The API process starts once the workers have booted: started together, on a small
         # machine, it slows one worker's boot enough that the workers join the group one after
         # the other, and a cooperative rebalance then takes two more rounds.
-        self._api.restart_at = self._now() + API_START_DELAY_MAX_S
+        self._children.api.restart_at = self._now() + API_START_DELAY_MAX_S
 
     def poll(self, timeout_s: float) -> int | None:
         """One turn of the loop: wait up to ``timeout_s`` for a line or a signal, read the
         lines, handle the signals, reap, and run the tick of the mode. Returns the exit status
         once the supervisor is done, else None."""
-        fds = [s.fd for s in self._slots if s.fd >= 0]
+        fds = self._children.report_fds()
         if self._wakeup_r >= 0:
             fds.append(self._wakeup_r)
         try:
@@ -167,9 +160,10 @@ class Supervisor:
         return self._step(readable)
 
     def _step(self, readable: Collection[int]) -> int | None:
-        for slot in self._slots:
+        now = self._now()
+        for slot in self._children.slots:
             if slot.fd in readable:
-                self._read(slot)
+                self._children.read(slot, now)
         while self._signals:
             signum = self._signals.pop(0)
             code = self._handlers[signum](signum)
@@ -180,130 +174,55 @@ class Supervisor:
 
     def _tick_running(self) -> int | None:
         self._publish_state()
-        self._check_heartbeats()
         now = self._now()
-        api = self._api
-        if not api.pid and not api.exit_codes and all(w.booted for w in self._workers):
+        children = self._children
+        children.check_heartbeats(now)
+        api = children.api
+        if not api.pid and not api.exit_codes and all(w.booted for w in children.workers):
             api.restart_at = now  # first start: the workers are up
-        for slot in self._slots:
-            if slot.pid == 0 and slot.restart_at is not None and now >= slot.restart_at:
-                self._spawn(slot)
+        for slot in children.due(now):
+            self._spawn(slot)
         return None
 
     def _tick_stopping(self) -> int | None:
         self._publish_state()
-        if self._api.pid and not self._api_stopped and all(w.pid == 0 for w in self._workers):
-            self._processes.kill(self._api.pid, signal.SIGTERM)  # the drain is over: the API too
+        children = self._children
+        api = children.api
+        if api.pid and not self._api_stopped and all(w.pid == 0 for w in children.workers):
+            self._processes.kill(api.pid, signal.SIGTERM)  # the drain is over: the API too
             self._api_stopped = True
-        if all(s.pid == 0 for s in self._slots):
+        if all(s.pid == 0 for s in children.slots):
             return self._stopped()
         if self._now() - self._stopping_since > self._grace_s():
             log.error("workers did not stop in time; killing them")
-            self._kill_all(signal.SIGKILL)
-            self._wait_all()
+            children.kill_all(signal.SIGKILL)
+            children.wait_all()
             return 1
         return None
 
     def _tick_halting(self) -> int | None:
-        running = any(s.pid for s in self._slots)
+        running = any(s.pid for s in self._children.slots)
         if running and self._now() - self._stopping_since < self._grace_s():
             return None
-        self._kill_all(signal.SIGKILL)
-        self._wait_all()
+        self._children.kill_all(signal.SIGKILL)
+        self._children.wait_all()
         print(f"tm: {self._halt_error}", file=sys.stderr)
         return 1
 
     # -- children ----------------------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> None:
-        inherited = [fd for s in self._slots for fd in s.fds()]
-        inherited += [fd for fd in (self._wakeup_r, self._wakeup_w) if fd >= 0]
-        child = self._processes.spawn(
-            functools.partial(slot.main, self._settings),
-            state_pipe=slot.needs_state_pipe,
-            inherited=inherited,
-        )
-        slot.attach(child, self._now())
-        fields = {**slot.spawned_fields(), "pid": child.pid}
-        log.info(f"{slot.role} spawned", extra={"fields": fields})
-
-    def _read(self, slot: Slot) -> None:
-        try:
-            chunk = os.read(slot.fd, 65536)
-        except BlockingIOError:
-            return
-        if not chunk:
-            return
-        now = self._now()
-        for line in slot.reader.feed(chunk):
-            slot.hear(line, now)
+        wakeup = [fd for fd in (self._wakeup_r, self._wakeup_w) if fd >= 0]
+        self._children.spawn(slot, self._now(), keep_closed=wakeup)
 
     def _reap(self) -> None:
-        while (exited := self._processes.reap()) is not None:
-            pid, code = exited
-            slot = next((s for s in self._slots if s.pid == pid), None)
-            if slot is None:  # an orphan that reparented to us (PID 1)
-                continue
-            self._read(slot)  # its last lines: the F line says why it exited
-            slot.detach()
-            slot.exit_codes.append(code)
-            directory = self._settings.metrics.directory
-            if directory is not None:
-                metricfiles.forget(pid, directory)
-            if self._mode is Mode.RUNNING:
-                self._schedule_restart(slot, code)
-            else:
+        now = self._now()
+        for slot, code in self._children.reap(now):
+            if self._mode is not Mode.RUNNING:
                 fields = {"slot": slot.number, "code": code}
                 log.info(f"{slot.role} exited", extra={"fields": fields})
-
-    def _schedule_restart(self, slot: Slot, code: int) -> None:
-        now = self._now()
-        if not slot.booted:
-            slot.boot_failures += 1
-            if slot.boot_failures >= MAX_BOOT_FAILURES:
-                self._begin_halt(
-                    f"{slot.who} failed {slot.boot_failures} times before it booted: "
-                    f"{slot.last_error or f'exit status {code}'}"
-                )
-                return
-        delay = slot.schedule_restart(now)
-        self._restarts_total[slot.role] += 1
-        log.error(
-            f"{slot.role} died; restarting",
-            extra={
-                "fields": {
-                    "slot": slot.number,
-                    "code": code,
-                    "error": slot.last_error or "-",
-                    "restart_in_s": delay,
-                }
-            },
-        )
-        slot.last_error = ""
-
-    def _check_heartbeats(self) -> None:
-        timeout_s = self._settings.consumer.heartbeat_timeout_ms / 1000
-        now = self._now()
-        for slot in self._slots:
-            if slot.pid and now - slot.last_heartbeat > timeout_s:
-                log.error(
-                    "worker stopped sending heartbeats; killing it",
-                    extra={"fields": {"slot": slot.number, "pid": slot.pid}},
-                )
-                slot.last_error = f"no heartbeat for {timeout_s:.0f} s"
-                self._processes.kill(slot.pid, signal.SIGKILL)
-                slot.last_heartbeat = now  # killed once; the reaper restarts it
-
-    def _kill_all(self, signum: int) -> None:
-        for slot in self._slots:
-            if slot.pid:
-                self._processes.kill(slot.pid, signum)
-
-    def _wait_all(self) -> None:
-        for slot in self._slots:
-            if slot.pid:
-                self._processes.wait(slot.pid)
-                slot.detach()
+            elif (halt := self._children.restart(slot, code, now)) is not None:
+                self._begin_halt(halt)
 
     # -- state, stop and halt ----------------------------------------------------------------
 
@@ -315,20 +234,22 @@ class Supervisor:
         if now - self._last_state < STATE_INTERVAL_S:
             return
         self._last_state = now
-        if self._startup_s is None and all(w.pid and w.joined for w in self._workers):
+        workers = self._children.workers
+        if self._startup_s is None and all(w.pid and w.joined for w in workers):
             self._startup_s = now - self._started
             log.info("ready", extra={"fields": {"startup_s": round(self._startup_s, 3)}})
-        if self._api.state_fd < 0:
+        state_fd = self._children.api.state_fd
+        if state_fd < 0:
             return
         state = {
             "started_at": self._started_wall,
             "startup_s": self._startup_s,
-            "restarts_total": self._restarts_total,
+            "restarts_total": self._children.restarts_total,
             "stopping": self._mode is not Mode.RUNNING,
-            "workers": [w.state() for w in self._workers],
+            "workers": [w.state() for w in workers],
         }
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(self._api.state_fd, (json.dumps(state) + "\n").encode())
+            os.write(state_fd, (json.dumps(state) + "\n").encode())
 
     def _begin_stop(self, signum: int) -> None:
         self._last_state = 0.0  # tell the API at once: readiness falls during the drain
@@ -338,12 +259,10 @@ class Supervisor:
         )
         self._mode = Mode.STOPPING
         self._stopping_since = self._now()
-        self._draining = [s for s in self._slots if s.pid]
+        self._draining = [s for s in self._children.slots if s.pid]
         self._publish_state()
         # Workers first; the API keeps answering (readiness 503, "stopping") until they are done.
-        for worker in self._workers:
-            if worker.pid:
-                self._processes.kill(worker.pid, signal.SIGTERM)
+        self._children.signal_workers(signal.SIGTERM)
 
     def _stopped(self) -> int:
         # Clean: every worker running when the stop began drained and exited 0 (a slot that
@@ -357,7 +276,7 @@ class Supervisor:
         log.error("halting: %s", error)
         self._mode = Mode.HALTING
         self._stopping_since = self._now()
-        self._kill_all(signal.SIGTERM)
+        self._children.kill_all(signal.SIGTERM)
 
     def _grace_s(self) -> float:
         return self._settings.consumer.graceful_shutdown_timeout_ms / 1000

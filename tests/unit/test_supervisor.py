@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 
 from tm import config
+from tm.children import MAX_BOOT_FAILURES
 from tm.observability import metricfiles
 from tm.processes import ChildMain, Spawned
 from tm.protocol import EXIT_CRASH, EXIT_FATAL, EXIT_OK, Reporter
 from tm.slots import RESTART_BACKOFF_S, STABLE_AFTER_S
-from tm.supervisor import MAX_BOOT_FAILURES, Supervisor
+from tm.supervisor import Supervisor
 
 QUIET_HEARTBEATS = {"TM_HEARTBEAT_TIMEOUT_MS": "3600000"}  # tests not about heartbeats
 
@@ -111,7 +112,9 @@ def make(processes: FakeProcesses, caplog: pytest.LogCaptureFixture) -> Iterator
         return made[-1]
 
     yield make
-    for slot in (slot for supervisor in made for slot in supervisor._slots if slot.fd >= 0):
+    for slot in (
+        slot for supervisor in made for slot in supervisor._children.slots if slot.fd >= 0
+    ):
         slot.detach()  # the supervisor's ends of the pipes still open
 
 
