@@ -12,7 +12,8 @@ import time
 import msgspec
 
 from tm.adapters import kafka, migrations, postgres
-from tm.config import PostgresSettings, Settings
+from tm.config import Settings
+from tm.connections import PostgresSettings
 from tm.errors import DatabaseUnavailableError, TmError
 
 CHECK_TIMEOUT_S = 5.0  # per dependency; long enough for a slow broker, short for a probe

@@ -22,9 +22,10 @@ import orjson
 import pytest
 import redis
 
-from bench.stack import free_port, unique
-from tests.e2e.harness import Stack, TmRun, wait_for
-from tests.e2e.test_consumer_faults import FAST
+from harness import free_port, unique, wait_for
+from harness.outcomes import FAST
+from harness.stack import Stack
+from harness.tm import TmRun
 
 pytestmark = pytest.mark.e2e
 
@@ -281,7 +282,7 @@ def test_batches_queued_during_a_call_go_together_in_the_next(
     # A slow Redis must cost fewer round trips, not one per batch: three batches waiting when
     # the feed's task runs go in one script call, in their order.
     from tm.adapters.redis import _SEND_SCRIPT, TaskEvents  # redis-py: only where it is used
-    from tm.config import RedisSettings
+    from tm.connections import RedisSettings
     from tm.core.messages import TaskEvent
 
     name = unique("tm:events")
@@ -326,7 +327,7 @@ def test_a_channel_message_is_its_stream_entry_as_json_and_the_stream_is_trimmed
     # every message must parse to exactly its entry's fields (with and without a trace id),
     # and the stream must keep the newest events, about MAXLEN of them.
     from tm.adapters.redis import TaskEvents  # redis-py: only where it is used
-    from tm.config import RedisSettings
+    from tm.connections import RedisSettings
     from tm.core.messages import TaskEvent
 
     name, maxlen = unique("tm:events"), 100

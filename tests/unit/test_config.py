@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tm import config, cpus
+from tm import config, connections, cpus
 from tm.errors import ConfigError
 
 
@@ -414,7 +414,7 @@ def test_default_workers_never_above_the_topic_partitions() -> None:
 
 
 def test_without_redis_url_there_is_no_task_event_feed() -> None:
-    assert config.load({}).redis == config.RedisSettings(
+    assert config.load({}).redis == connections.RedisSettings(
         url=None, ssl_ca_file=None, stream="tm:task-events", stream_maxlen=1_000_000
     )
 

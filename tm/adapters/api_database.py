@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from tm.adapters.postgres import connect_kwargs, translated
-from tm.config import PostgresSettings
+from tm.connections import PostgresSettings
 from tm.errors import DatabaseUnavailableError
 
 POOL_SIZE = 2  # the API's queries are short; two leave one free while the other is busy

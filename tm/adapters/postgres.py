@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from tm.config import PostgresSettings
+from tm.connections import PostgresSettings
 from tm.core.messages import NewTask, StatusUpdate
 from tm.errors import (
     ConfigError,

@@ -21,7 +21,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tm.config import RedisSettings
+from tm.connections import RedisSettings
 from tm.core.messages import TaskEvent
 from tm.observability import metrics
 

@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from tm.adapters.redis import CHANNEL_PREFIX, tls_options
-from tm.config import RedisSettings
+from tm.connections import RedisSettings
 from tm.errors import TmError
 
 BLOCK_MS = 1000  # one blocking read waits this long, so that an interrupt is served soon

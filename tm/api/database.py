@@ -25,7 +25,7 @@ from tm.adapters.api_database import (
     list_sql,
 )
 from tm.api.check import Check
-from tm.config import PostgresSettings
+from tm.connections import PostgresSettings
 from tm.errors import DatabaseUnavailableError
 
 __all__ = ["LIST_RESULT_CHARS", "TASK_SQL", "ApiDatabase", "Row", "list_sql"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from tm.adapters.kafka.tools import GroupReader, PartitionOffsets
 from tm.api.check import STALE_AFTER_S, Check
-from tm.config import KafkaSettings
+from tm.connections import KafkaSettings
 from tm.errors import TmError
 
 log = logging.getLogger("tm.api")

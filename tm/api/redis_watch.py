@@ -12,7 +12,7 @@ import time
 
 from tm.adapters.redis_readers import StreamProbe, shown_url
 from tm.api.check import Check
-from tm.config import RedisSettings
+from tm.connections import RedisSettings
 from tm.errors import TmError
 
 log = logging.getLogger("tm.api.redis")

@@ -3,6 +3,7 @@ creation. Each call builds its own AdminClient (they are rare: boot, pre-flight,
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
@@ -14,8 +15,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, not
 from confluent_kafka.cimpl import NewTopic
 
 from tm.adapters.kafka.clients import PRODUCER_MAX_MESSAGE_BYTES, client_config
-from tm.adapters.kafka.errors import connection_problem, kafka_error, translate
-from tm.config import KafkaSettings
+from tm.adapters.kafka.errors import connection_problem, kafka_error, translated
+from tm.connections import KafkaSettings
 from tm.errors import FatalError, KafkaUnavailableError
 
 
@@ -36,13 +37,11 @@ def describe(settings: KafkaSettings, *, timeout_s: float) -> ClusterInfo:
     config.update({"log_level": 0, "error_cb": errors.append})
     admin = AdminClient(config)
     try:
-        metadata = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        translated = translate(exc)
-        if isinstance(translated, KafkaUnavailableError):
-            admin.poll(0)  # the client's errors while it tried, served to error_cb
-            raise KafkaUnavailableError(connection_problem(settings, errors)) from exc
-        raise translated from exc
+        with translated:
+            metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaUnavailableError as exc:
+        admin.poll(0)  # the client's errors while it tried, served to error_cb
+        raise KafkaUnavailableError(connection_problem(settings, errors)) from exc
     return ClusterInfo(
         brokers=len(metadata.brokers),
         topics={name: len(topic.partitions) for name, topic in metadata.topics.items()},
@@ -72,16 +71,15 @@ def max_message_bytes(
     limits: dict[str, int] = {}
     resources = [ConfigResource(ResourceType.TOPIC, name) for name in topics]
     try:
-        futures = admin.describe_configs(resources, request_timeout=timeout_s)
-        for resource, future in futures.items():
-            entry = future.result(timeout=timeout_s).get("max.message.bytes")
-            if entry is not None and entry.value:
-                limits[resource.name] = int(entry.value)
-        if len(limits) < len(topics):
-            default = _broker_max_message_bytes(admin, timeout_s)
-            limits.update({name: default for name in topics if name not in limits})
-    except KafkaException as exc:
-        raise translate(exc) from exc
+        with translated:
+            futures = admin.describe_configs(resources, request_timeout=timeout_s)
+            for resource, future in futures.items():
+                entry = future.result(timeout=timeout_s).get("max.message.bytes")
+                if entry is not None and entry.value:
+                    limits[resource.name] = int(entry.value)
+            if len(limits) < len(topics):
+                default = _broker_max_message_bytes(admin, timeout_s)
+                limits.update({name: default for name in topics if name not in limits})
     except TimeoutError as exc:
         raise KafkaUnavailableError(f"topic configs not described in {timeout_s:.0f} s") from exc
     return limits
@@ -135,14 +133,19 @@ def create_topics(
     ]
     if not missing:
         return result
-    for name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
-        try:
-            future.result(timeout=timeout_s)
-            result[name] = "created"
-        except KafkaException as exc:
-            error = kafka_error(exc)
-            if error is not None and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                result[name] = "exists"  # another tm created it meanwhile
-            else:
-                raise translate(exc) from exc
+    with translated:
+        for name, future in admin.create_topics(missing, operation_timeout=timeout_s).items():
+            result[name] = _created(future, timeout_s)
     return result
+
+
+def _created(future: Future[None], timeout_s: float) -> str:
+    """``created``, or ``exists`` when another tm created the topic meanwhile."""
+    try:
+        future.result(timeout=timeout_s)
+    except KafkaException as exc:
+        error = kafka_error(exc)
+        if error is not None and error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return "exists"
+        raise
+    return "created"

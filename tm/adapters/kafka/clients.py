@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tm.config import KafkaSettings
+from tm.connections import KafkaSettings
 
 # librdkafka's default message.max.bytes: tm's producer never goes above it.
 PRODUCER_MAX_MESSAGE_BYTES = 1_000_000

@@ -12,12 +12,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from tm.adapters.kafka.clients import consumer_config
-from tm.adapters.kafka.errors import is_fatal, is_rebalancing, text, translate, translated
-from tm.config import KafkaSettings
-from tm.errors import FatalError
+from tm.adapters.kafka.errors import check_event, is_fatal, is_rebalancing, text, translated
+from tm.connections import KafkaSettings
 
 log = logging.getLogger("tm.kafka")
 
@@ -153,21 +152,20 @@ class KafkaSource:
         self._release(consumer, tps)
 
     @staticmethod
+    @translated
     def _release(consumer: Consumer, tps: list[TopicPartition]) -> None:
         """Clear the pause flag of partitions that go, so that they are fetched again if they
         come back (librdkafka keeps it across a revoke and a later assignment)."""
-        try:
-            consumer.resume(tps)
-        except KafkaException as exc:
-            raise translate(exc) from exc
+        consumer.resume(tps)
 
 
 def _usable(message: Message) -> bool:
+    """A message, not an error event; a fatal event raises (:func:`check_event`), a passing
+    one is logged and left out."""
     error = message.error()
     if error is None:
         return True
-    if is_fatal(error) or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-        raise FatalError(f"consumer: {text(error)}")
+    check_event(error)
     log.warning("consumer error", extra={"fields": {"error": error.str()}})
     return False
 

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import ParamSpec, TypeVar
+import contextlib
+from collections.abc import Sequence
+from types import TracebackType
 
 from confluent_kafka import KafkaError, KafkaException
 
-from tm.config import KafkaSettings
+from tm.connections import KafkaSettings
 from tm.errors import CommitDeferredError, FatalError, KafkaUnavailableError, TmError
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 _FATAL_CODES = frozenset(
     {
@@ -93,14 +90,31 @@ def connection_problem(settings: KafkaSettings, errors: Sequence[KafkaError]) ->
     return f"{names}: {text(error)}"
 
 
-def translated(call: Callable[P, T]) -> Callable[P, T]:
-    """Decorate a function of this package: a KafkaException it raises leaves as tm's error."""
+def check_event(error: KafkaError) -> None:
+    """An error event the consumer polled instead of a message: raise FatalError when it means
+    the worker cannot go on (see :func:`is_fatal`, or its topic is gone); else it is passing
+    (a broker went away, a fetch failed) and the caller logs it."""
+    if is_fatal(error) or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+        raise FatalError(f"consumer: {text(error)}")
 
-    @functools.wraps(call)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return call(*args, **kwargs)
-        except KafkaException as exc:
+
+class _Translated(contextlib.ContextDecorator):
+    """A KafkaException that leaves the block or the function leaves as tm's error
+    (:func:`translate`). Stateless, so one instance serves every use, nested or not."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, KafkaException):
             raise translate(exc) from exc
 
-    return wrapper
+
+# The one way a call of this package's clients is guarded: ``@translated`` on a function, or
+# ``with translated:`` around a block (a generator's body, a hot loop, a callback).
+translated = _Translated()

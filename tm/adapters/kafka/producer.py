@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from tm.adapters.kafka.clients import producer_config
-from tm.adapters.kafka.errors import is_fatal, text, translate, translated
-from tm.config import KafkaSettings
+from tm.adapters.kafka.errors import is_fatal, text, translated
+from tm.connections import KafkaSettings
 from tm.errors import FatalError, KafkaUnavailableError
 
 BUFFER_WAIT_S = 0.05  # the local queue is full: serve acknowledgements this long, then retry
@@ -40,16 +40,14 @@ class BufferedProducer:
         headers: list[tuple[str, bytes | str | None]],
         timestamp_ms: int = 0,
     ) -> None:
-        # No decorator: this is called once per message, on the path of every crawl request.
         produce = self._producer.produce
-        while True:
-            try:
-                produce(topic, value, key, headers=headers, timestamp=timestamp_ms)
-                return
-            except BufferError:
-                self._producer.poll(BUFFER_WAIT_S)  # serve delivery reports to make room
-            except KafkaException as exc:
-                raise translate(exc) from exc
+        with translated:
+            while True:
+                try:
+                    produce(topic, value, key, headers=headers, timestamp=timestamp_ms)
+                    return
+                except BufferError:
+                    self._producer.poll(BUFFER_WAIT_S)  # serve delivery reports to make room
 
     @translated
     def _flush(self, timeout_s: float) -> tuple[int, list[KafkaError]]:

@@ -22,15 +22,14 @@ from typing import Any, cast
 from confluent_kafka import (
     Consumer,
     ConsumerGroupState,
-    KafkaException,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 
 from tm.adapters.kafka.clients import client_config
-from tm.adapters.kafka.errors import text, translate, translated
+from tm.adapters.kafka.errors import text, translated
 from tm.adapters.kafka.producer import BufferedProducer
-from tm.config import KafkaSettings
+from tm.connections import KafkaSettings
 from tm.errors import KafkaUnavailableError
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -137,10 +136,8 @@ class TopicReader:
         """The records of each partition of ``ends`` from its low watermark up to (not including)
         its high one. Raises TimeoutError when they are not all read within ``timeout_s``, as
         ``concurrent.futures.as_completed`` does."""
-        try:
+        with translated:
             yield from self._read(topic, ends, timeout_s)
-        except KafkaException as exc:
-            raise translate(exc) from exc
 
     def _read(
         self, topic: str, ends: dict[int, tuple[int, int]], timeout_s: float
