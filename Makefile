@@ -30,8 +30,8 @@ lock: $(UV)
 	$(UV) lock --upgrade --python python3
 
 lint: venv
-	$(VENV)/bin/ruff check tm tests bench loadtests stack
-	$(VENV)/bin/ruff format --check tm tests bench loadtests stack
+	$(VENV)/bin/ruff check tm tests bench loadtests stack harness
+	$(VENV)/bin/ruff format --check tm tests bench loadtests stack harness
 	$(VENV)/bin/mypy
 
 # Quick inner loop: no network, no services.

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import random
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -35,7 +34,9 @@ from typing import Any
 
 import asyncpg
 
-from bench.stack import Stack, machine, stop_on_sigterm
+from harness import stop_on_sigterm
+from harness.report import machine, percentile
+from harness.stack import Fresh
 from tm import config
 from tm.adapters import postgres
 from tm.api import database as api_database
@@ -80,9 +81,9 @@ _COUNT_SQL = (
 
 
 def _percentiles(samples_s: list[float]) -> tuple[float, float, float]:
+    """p50, p99 and the slowest, in milliseconds."""
     ms = sorted(s * 1000 for s in samples_s)
-    p99 = statistics.quantiles(ms, n=100, method="inclusive")[98]
-    return statistics.median(ms), p99, ms[-1]
+    return percentile(ms, 50), percentile(ms, 99), ms[-1]
 
 
 async def _time(calls: int, call: Callable[[int], Awaitable[Any]]) -> list[float]:
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rows >= 1, --calls >= 2, --page in 1..1000")
     stop_on_sigterm()
     settings = config.load()
-    stack = Stack(settings)
+    stack = Fresh(settings)
     lines = ["# bench.api: the API's database calls", "", f"Command: `{shlex.join(sys.orig_argv)}`"]
     try:
         target = stack.database("tm_bench_api")

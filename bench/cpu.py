@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -40,11 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
-from bench.e2e import Message, end_offsets, note, produce_bulk
-from bench.probes import BenchError, TmProcess
-from bench.stack import Stack, free_port, kafka_config, query, unique
+from harness import HarnessError, free_port, unique
+from harness.kafka import CommitWatcher, Message, end_offsets, produce
+from harness.procfs import cpu_s, pids_named
+from harness.report import note
+from harness.stack import Fresh, kafka_config, query
+from harness.tm import TmProcess
 from tm import config
 from tm.traffic import new_task_message, update_message
 
@@ -52,86 +52,19 @@ UPDATE_ERROR_RATIO = 0.2
 READY_TIMEOUT_S = 60.0
 PHASE_TIMEOUT_S = 600.0
 WATCH_S = 0.05
-_TICK_S = os.sysconf("SC_CLK_TCK")
-_SPAWNED_RE = re.compile(r"\b(worker|api) spawned\b.*\bpid=(\d+)")
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads); 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK_S
-
-
-def pids_named(pattern: str) -> list[int]:
-    """The processes whose command line matches ``pattern`` (as ``pgrep -f``)."""
-    regex = re.compile(pattern)
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                    command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if regex.search(command):
-                found.append(int(entry))
-    return found
-
-
-class Instance:
-    """One ``tm run`` and the pids of its processes by kind, from its spawn log lines."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.tm = TmProcess(env, log)
-
-    def kinds(self) -> dict[str, list[int]]:
-        kinds: dict[str, list[int]] = {"supervisor": [self.tm.pid], "worker": [], "api": []}
-        for _, line in list(self.tm.lines):
-            match = _SPAWNED_RE.search(line)
-            if match:
-                kinds[match.group(1)].append(int(match.group(2)))
-        return kinds
-
-
-def reading(instances: list[Instance]) -> dict[str, float]:
-    """CPU seconds so far per kind: tm's kinds, PostgreSQL and the broker."""
+def reading(tms: list[TmProcess]) -> dict[str, float]:
+    """CPU seconds so far per kind: tm's kinds (as its API names its processes), PostgreSQL and
+    the broker."""
     totals = {"supervisor": 0.0, "worker": 0.0, "api": 0.0}
-    for instance in instances:
-        for kind, pids in instance.kinds().items():
-            totals[kind] += sum(cpu_s(pid) for pid in pids)
+    for tm in tms:
+        for pid, role in tm.roles().items():
+            totals[role.split("-")[0]] += cpu_s(pid)
     totals["postgres"] = sum(cpu_s(pid) for pid in pids_named(r"^(\S*/)?postgres\b"))
     totals["broker"] = sum(cpu_s(pid) for pid in pids_named(r"kafka\.Kafka"))
     totals["redis"] = sum(cpu_s(pid) for pid in pids_named(r"^(\S*/)?redis-server\b"))
     return totals
-
-
-class Committed(threading.Thread):
-    """The group's committed total, read every WATCH_S: (monotonic, total) at each change."""
-
-    def __init__(self, kconfig: dict[str, Any], group: str, topic: str, partitions: int) -> None:
-        super().__init__(daemon=True, name="bench-committed")
-        self._consumer = Consumer({**kconfig, "group.id": group, "log_level": 3})
-        self._tps = [TopicPartition(topic, p) for p in range(partitions)]
-        self._halt = threading.Event()
-        self.total = 0
-        self.changed_at = time.monotonic()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            answer = self._consumer.committed(self._tps, timeout=10)
-            total = sum(max(tp.offset, 0) for tp in answer)
-            if total != self.total:
-                self.total, self.changed_at = total, time.monotonic()
-            time.sleep(WATCH_S)
-        self._consumer.close()
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(15)
 
 
 @dataclass
@@ -157,7 +90,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.settings = config.load()
-        self.stack = Stack(self.settings)
+        self.stack = Fresh(self.settings)
         self.kconfig = kafka_config(self.settings)
         self.log_dir = Path(tempfile.mkdtemp(prefix="tm-bench-cpu-"))
 
@@ -225,54 +158,56 @@ class Bench:
         """Both phases: N `new` events pre-produced, then N updates of those tasks."""
         a = self.args
         note(f"producing {a.messages} `new` events")
-        produce_bulk(self.kconfig, topic, [(None, *new_task_message(n)) for n in range(a.messages)])
+        produce(self.kconfig, topic, [(None, *new_task_message(n)) for n in range(a.messages)])
         news = self.phase("new", env, topic, group, a.messages)
-        requests_out = sum(end_offsets(self.kconfig, requests, a.partitions))
+        requests_out = sum(end_offsets(self.kconfig, requests, a.partitions).values())
         if requests_out != a.messages:
-            raise BenchError(f"{requests_out} crawl requests for {a.messages} tasks")
+            raise HarnessError(f"{requests_out} crawl requests for {a.messages} tasks")
         ids = [r[0] for r in query(db, "SELECT id FROM web_crawl_tasks")]
         if len(ids) != a.messages:
-            raise BenchError(f"{len(ids)} rows for {a.messages} `new` events")
+            raise HarnessError(f"{len(ids)} rows for {a.messages} `new` events")
         chooser = random.Random(0)
         updates: list[Message] = []
         for task_id in ids:
             headers, value = update_message(task_id, failed=chooser.random() < UPDATE_ERROR_RATIO)
             updates.append((str(task_id).encode(), headers, value))
         note(f"producing {len(updates)} updates")
-        produce_bulk(self.kconfig, topic, updates)
+        produce(self.kconfig, topic, updates)
         del updates
         done = self.phase("update", env, topic, group, 2 * a.messages)
         left = query(db, "SELECT count(*) FROM web_crawl_tasks WHERE status = 'new'")[0][0]
-        dead = sum(end_offsets(self.kconfig, dlq, a.partitions))
+        dead = sum(end_offsets(self.kconfig, dlq, a.partitions).values())
         if left or dead:
-            raise BenchError(f"{left} tasks still new, {dead} dead letters")
+            raise HarnessError(f"{left} tasks still new, {dead} dead letters")
         return [news, done]
 
     def phase(self, kind: str, env: dict[str, str], topic: str, group: str, target: int) -> Phase:
         a = self.args
-        watcher = Committed(self.kconfig, group, topic, a.partitions)
+        watcher = CommitWatcher(
+            self.kconfig, group=group, topic=topic, partitions=a.partitions, poll_s=WATCH_S
+        )
         watcher.start()
         instances = [
-            Instance({**env, "APP_PORT": str(free_port())}, self.log_dir / f"{kind}-{i}.log")
+            TmProcess({**env, "APP_PORT": str(free_port())}, self.log_dir / f"{kind}-{i}.log")
             for i in range(a.instances)
         ]
         try:
             deadline = time.monotonic() + READY_TIMEOUT_S
-            while not all(_owned(instances, a.partitions)):
+            while not set(range(a.partitions)) <= set[int]().union(*(i.owned() for i in instances)):
                 for i in instances:
-                    if i.tm.problem():
-                        raise BenchError(i.tm.problem() or "")
+                    if i.problem():
+                        raise HarnessError(i.problem() or "")
                 if time.monotonic() > deadline:
-                    raise BenchError("tm did not own every partition in time")
+                    raise HarnessError("tm did not own every partition in time")
                 time.sleep(0.01)
             before, at_before, started = reading(instances), watcher.total, time.monotonic()
             deadline = started + PHASE_TIMEOUT_S
             while watcher.total < target:
                 for i in instances:
-                    if i.tm.problem():
-                        raise BenchError(i.tm.problem() or "")
+                    if i.problem():
+                        raise HarnessError(i.problem() or "")
                 if time.monotonic() > deadline:
-                    raise BenchError(f"only {watcher.total} of {target} committed")
+                    raise HarnessError(f"only {watcher.total} of {target} committed")
                 time.sleep(0.01)
             after, ended = reading(instances), watcher.changed_at
             count = target - at_before
@@ -284,7 +219,7 @@ class Bench:
             return Phase(kind, count, ended - started, cpu)
         finally:
             for i in instances:
-                i.tm.stop(30)
+                i.stop(30)
             watcher.stop()
 
 
@@ -296,16 +231,6 @@ def _drop_stream(url: str, name: str) -> None:
         client.delete(name)
     finally:
         client.close()
-
-
-def _owned(instances: list[Instance], partitions: int) -> list[bool]:
-    """Whether every partition is owned by some worker of some instance (net of revokes)."""
-    owners: dict[int, int] = {}
-    for instance in instances:
-        for _, how, parts in instance.tm.rebalance_events():
-            for p in parts:
-                owners[p] = owners.get(p, 0) + (1 if how == "assigned" else -1)
-    return [owners.get(p, 0) > 0 for p in range(partitions)]
 
 
 def by_kind(rounds: list[list[Phase]]) -> dict[str, list[Phase]]:
@@ -422,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 (with_feed if args.redis_url else unset).append(bench.round(args.redis_url))
             bench.stack.cleanup()
-    except BenchError as exc:
+    except HarnessError as exc:
         print(f"bench.cpu: {exc}", file=sys.stderr)
         return 1
     finally:

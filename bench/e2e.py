@@ -33,19 +33,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
-
 from bench import baselines
-from bench.probes import (
+from harness import HarnessError, free_port, stop_on_sigterm, unique
+from harness.kafka import (
     COMMIT_POLL_S,
-    BenchError,
     CommitWatcher,
+    Gateway,
     GroupWatcher,
-    RssSampler,
-    TmProcess,
+    Message,
     committed_at,
+    end_offsets,
+    produce,
 )
-from bench.stack import Stack, free_port, kafka_config, machine, query, stop_on_sigterm, unique
+from harness.procfs import RssSampler
+from harness.report import Checks, machine, note, percentile
+from harness.stack import Fresh, kafka_config, query
+from harness.tm import TmProcess
 from tm import config
 from tm.config import Settings
 from tm.traffic import new_task_message, update_message
@@ -61,7 +64,6 @@ SETTLE_TIMEOUT_S = 120.0  # after (a): wait this long for every worker to own pa
 PRODUCE_FLUSH_TIMEOUT_S = 120.0
 MIN_PHASE_TIMEOUT_S = 120.0
 PHASE_TIMEOUT_PER_MESSAGE_S = 0.002  # 500 msg/s: far below anything tm should do
-PACED_TICK_S = 0.001  # the paced producer sends what is due every millisecond
 
 MIB = 1024 * 1024
 TARGET_CEILING_RATIO = 0.85
@@ -69,128 +71,6 @@ TARGET_ORIGINAL_RATIO = 20.0
 TARGET_P99_MS = 50.0
 TARGET_READY_S = 5.0
 TARGET_RSS_MIB = 512.0
-
-# Pre-production: as fast as one Python producer goes (big lz4 batches; only failures report).
-BULK_PRODUCER = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "linger.ms": 20,
-    "compression.type": "lz4",
-    "batch.size": 1_000_000,
-    "queue.buffering.max.messages": 1_000_000,
-    "queue.buffering.max.kbytes": 1_048_576,
-    "delivery.report.only.error": True,
-    "log_level": 3,
-}
-# The paced producer of the latency phase: a gateway sends each event at once; the Kafka
-# timestamp is taken at produce(), so producer-side batching would count as tm's latency.
-PACED_PRODUCER = {
-    "enable.idempotence": True,
-    "acks": "all",
-    "linger.ms": 1,
-    "compression.type": "lz4",
-    "log_level": 3,
-}
-
-Message = tuple[bytes | None, list[tuple[str, str | bytes | None]], bytes]
-
-
-def note(text: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-# -- Kafka helpers ---------------------------------------------------------------------------
-
-
-def produce_bulk(kconfig: dict[str, Any], topic: str, messages: list[Message]) -> float:
-    """Produce and wait for every acknowledgement; return the seconds it took."""
-    failures: list[str] = []
-
-    def on_delivery(error: Any, _message: Any) -> None:
-        if error is not None:
-            failures.append(str(error))
-
-    producer = Producer({**kconfig, **BULK_PRODUCER, "on_delivery": on_delivery})
-    started = time.monotonic()
-    for i, (key, headers, value) in enumerate(messages):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        if i % 10_000 == 0:
-            producer.poll(0)
-    left = producer.flush(PRODUCE_FLUSH_TIMEOUT_S)
-    if left or failures:
-        raise BenchError(f"producing to {topic}: {left} unacknowledged, {len(failures)} failed")
-    return time.monotonic() - started
-
-
-@dataclass
-class Paced:
-    sent: int
-    seconds: float
-    delivered: list[tuple[int, int, int]]  # (partition, offset, Kafka CreateTime in ms)
-
-
-def produce_paced(
-    kconfig: dict[str, Any],
-    topic: str,
-    *,
-    rate: float,
-    seconds: float,
-    first: int,
-    warm_up_topic: str,
-) -> Paced:
-    """Gateway ``new`` events at ``rate`` per second for ``seconds``. The producer is warmed up
-    first (metadata, idempotent producer id, connections) with one message to
-    ``warm_up_topic``, so that its start-up is not counted as tm's latency."""
-    delivered: list[tuple[int, int, int]] = []
-    failures: list[str] = []
-
-    def on_delivery(error: Any, message: Any) -> None:
-        if error is not None:
-            failures.append(str(error))
-        else:
-            delivered.append((message.partition(), message.offset(), message.timestamp()[1]))
-
-    producer = Producer({**kconfig, **PACED_PRODUCER})
-    producer.list_topics(topic, timeout=PRODUCE_FLUSH_TIMEOUT_S)
-    producer.produce(warm_up_topic, value=b"warm-up")
-    if producer.flush(PRODUCE_FLUSH_TIMEOUT_S):
-        raise BenchError("paced producer: warm-up message not acknowledged")
-    total = max(1, int(rate * seconds))
-    sent = 0
-    started = time.monotonic()
-    while sent < total:
-        due = min(total, int((time.monotonic() - started) * rate) + 1)
-        while sent < due:
-            headers, value = new_task_message(first + sent)
-            try:
-                producer.produce(topic, value=value, headers=headers, on_delivery=on_delivery)
-            except BufferError:
-                producer.poll(0.01)
-                continue
-            sent += 1
-        producer.poll(0)
-        time.sleep(PACED_TICK_S)
-    elapsed = time.monotonic() - started
-    left = producer.flush(PRODUCE_FLUSH_TIMEOUT_S)
-    if left or failures:
-        raise BenchError(f"paced producer: {left} unacknowledged, {len(failures)} failed")
-    return Paced(sent=sent, seconds=elapsed, delivered=delivered)
-
-
-def end_offsets(kconfig: dict[str, Any], topic: str, partitions: int) -> list[int]:
-    consumer = Consumer({**kconfig, "group.id": unique("bench-reader"), "log_level": 3})
-    try:
-        return [
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in range(partitions)
-        ]
-    finally:
-        consumer.close()
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -200,14 +80,8 @@ def rate_text(rate: float, unit: str = "msg/s") -> str:
     return f"{rate:,.0f} {unit}"
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    index = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
-    return sorted_values[index]
-
-
 @dataclass
-class Report:
+class Report(Checks):
     command: str
     parameters: str
     facts: dict[str, str] = field(default_factory=dict)
@@ -220,14 +94,6 @@ class Report:
     def figure(self, what: str, value: str, how: str) -> None:
         self.figures.append((what, value, how))
         note(f"{what}: {value} ({how})")
-
-    def check(self, what: str, ok: bool, detail: str) -> None:
-        self.checks.append((what, ok, detail))
-        note(f"check {'ok' if ok else 'FAILED'}: {what}: {detail}")
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and all(ok for _, ok, _ in self.checks)
 
     def render(self) -> str:
         out = ["# tm end-to-end benchmark (DESIGN §8)", ""]
@@ -284,7 +150,7 @@ class Run:
         self.settings = settings
         self.o = options
         self.report = report
-        self.stack = Stack(settings)
+        self.stack = Fresh(settings)
         self.kconfig = kafka_config(settings)
         base = unique("bench").replace("_", "-")
         self.topic = f"{base}-task-status"
@@ -356,7 +222,7 @@ class Run:
         o = self.o
         baselines.truncate_tasks(self.ceiling_db)
         note(f"(g) original design: producing {o.original_messages} messages")
-        produce_bulk(
+        produce(
             self.kconfig,
             self.original_topic,
             [(None, *new_task_message(n)) for n in range(o.original_messages)],
@@ -385,9 +251,9 @@ class Run:
         o = self.o
         note(f"(a) building and producing {o.messages} gateway `new` events")
         messages: list[Message] = [(None, *new_task_message(n)) for n in range(o.messages)]
-        produced_s = produce_bulk(self.kconfig, self.topic, messages)
+        produced_s = produce(self.kconfig, self.topic, messages)
         del messages
-        targets = end_offsets(self.kconfig, self.topic, o.partitions)
+        targets = list(end_offsets(self.kconfig, self.topic, o.partitions).values())
         self.report.check(
             "(a) topic holds N events before tm starts",
             sum(targets) == o.messages,
@@ -449,7 +315,7 @@ class Run:
         )
         rows = query(self.tm_db, "SELECT count(*) FROM web_crawl_tasks")[0][0]
         self.report.check("(a) the table holds N rows", rows == o.messages, f"{rows} rows")
-        requests = sum(end_offsets(self.kconfig, self.requests_topic, o.partitions))
+        requests = sum(end_offsets(self.kconfig, self.requests_topic, o.partitions).values())
         self.report.check(
             "(a) one crawl request per task", requests == o.messages, f"{requests} requests"
         )
@@ -472,9 +338,9 @@ class Run:
         base_total = before.total if before else 0
         mark = self.watcher.mark
         note(f"(b) producing {len(messages)} completed/error updates while tm runs")
-        produced_s = produce_bulk(self.kconfig, self.topic, messages)
+        produced_s = produce(self.kconfig, self.topic, messages)
         del messages
-        targets = end_offsets(self.kconfig, self.topic, o.partitions)
+        targets = list(end_offsets(self.kconfig, self.topic, o.partitions).values())
         self.watcher.wait_for(
             targets, timeout_s=self.phase_timeout_s(len(ids)), alive=self.tm.problem
         )
@@ -512,20 +378,17 @@ class Run:
         mark = self.watcher.mark
         first = query(self.tm_db, "SELECT count(*) FROM web_crawl_tasks")[0][0]
         note(f"{label} producing `new` events at {rate:,.0f}/s for {o.latency_s:.0f} s")
-        paced = produce_paced(
-            self.kconfig,
-            self.topic,
-            rate=rate,
-            seconds=o.latency_s,
-            first=first,
-            warm_up_topic=self.original_topic,  # (g)'s topic, done with by now
-        )
-        targets = end_offsets(self.kconfig, self.topic, o.partitions)
+        gateway = Gateway(
+            self.kconfig, topic=self.topic, warm_up_topic=self.original_topic
+        )  # (g)'s topic, done with by now
+        gateway.warm_up()
+        paced = gateway.paced(rate=rate, seconds=o.latency_s, first=first)
+        targets = list(end_offsets(self.kconfig, self.topic, o.partitions).values())
         self.watcher.wait_for(targets, timeout_s=MIN_PHASE_TIMEOUT_S, alive=self.tm.problem)
         series = self.watcher.commit_series(start=mark)
         latencies: list[float] = []
         unseen = 0
-        for partition, offset, created_ms in paced.delivered:
+        for _, partition, offset, created_ms in paced.delivered:
             seen = committed_at(series[partition], offset)
             if seen is None:
                 unseen += 1
@@ -539,14 +402,14 @@ class Run:
             f" by up to ~{COMMIT_POLL_S * 1000 + self.watcher.mean_look_ms():.0f} ms"
         )
         if not latencies:
-            raise BenchError("no latency measured")
+            raise HarnessError("no latency measured")
         if record:
             self.p99 = percentile(latencies, 99)
         self.report.figure(
             f"{label} latency p50 / p95 / p99 / max",
             " / ".join(f"{percentile(latencies, q):.1f}" for q in (50, 95, 99))
             + f" / {latencies[-1]:.1f} ms",
-            f"{paced.sent} `new` events at {paced.sent / paced.seconds:,.0f}/s ({what})"
+            f"{paced.count} `new` events at {paced.count / paced.seconds:,.0f}/s ({what})"
             f" for {paced.seconds:.1f} s; Kafka CreateTime -> commit seen; {resolution}",
         )
         self.report.check(
@@ -555,7 +418,7 @@ class Run:
         rows = query(self.tm_db, "SELECT count(*) FROM web_crawl_tasks")[0][0]
         self.report.check(
             f"{label} one more row per paced event",
-            rows == first + paced.sent,
+            rows == first + paced.count,
             f"{rows} rows",
         )
         self._check_dlq(label)
@@ -565,7 +428,8 @@ class Run:
             return
         tm, self.tm = self.tm, None
         timeout_s = self.settings.consumer.graceful_shutdown_timeout_ms / 1000 + 10
-        code, took, killed = tm.stop(timeout_s)
+        code = tm.stop(timeout_s)
+        took, killed = tm.stopped_in_s or 0.0, tm.killed
         self.report.check(
             "tm stopped by SIGTERM with exit status 0",
             code == 0 and not killed,
@@ -629,7 +493,7 @@ class Run:
         return messages / seconds, f"all committed at once; {seconds:.2f} s from the start"
 
     def _check_dlq(self, phase: str) -> None:
-        dead = sum(end_offsets(self.kconfig, self.dlq_topic, self.o.partitions))
+        dead = sum(end_offsets(self.kconfig, self.dlq_topic, self.o.partitions).values())
         self.report.check(f"{phase} nothing dead-lettered", dead == 0, f"{dead} dead letters")
 
     def _memory(self, label: str, what: str) -> None:
@@ -742,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.execute()
     except BaseException as exc:
-        report.error = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
+        report.error = str(exc) if isinstance(exc, HarnessError) else traceback.format_exc()
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             report.error = f"interrupted ({type(exc).__name__})"
     finally:

@@ -37,31 +37,24 @@ import tempfile
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 import tm
-from bench.e2e import (
-    PACED_PRODUCER,
-    PACED_TICK_S,
-    PRODUCE_FLUSH_TIMEOUT_S,
-    READY_TIMEOUT_S,
-    end_offsets,
-    note,
-    percentile,
-)
-from bench.probes import COMMIT_POLL_S, BenchError, CommitWatcher, GroupWatcher, TmProcess
-from bench.probes import committed_at as committed_wall
-from bench.stack import Stack, free_port, kafka_config, machine, query, stop_on_sigterm, unique
+from bench.e2e import READY_TIMEOUT_S
+from harness import HarnessError, free_port, stop_on_sigterm, unique
+from harness.kafka import COMMIT_POLL_S, CommitWatcher, Gateway, GroupWatcher, end_offsets
+from harness.kafka import committed_at as committed_wall
+from harness.procfs import busy_since, machine_busy
+from harness.report import Checks, machine, note, percentile
+from harness.stack import Fresh, kafka_config, query
+from harness.tm import TmProcess
 from tm import config
 from tm.config import Settings
-from tm.traffic import new_task_message
 
 DEFAULT_RATES = "200,1000,3000,6000"  # events/s; the last is about half of tm's maximum here
 DEFAULT_SECONDS = 15.0
@@ -100,7 +93,7 @@ class RequestReader(threading.Thread):
                 "log_level": 3,
             }
         )
-        self._consumer.assign([TopicPartition(topic, p, end) for p, end in enumerate(ends)])
+        self._consumer.assign([TopicPartition(topic, p, end) for p, end in ends.items()])
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
         self.seen: dict[str, float] = {}
@@ -115,7 +108,7 @@ class RequestReader(threading.Thread):
                 if message is None:
                     continue
                 if message.error() is not None:
-                    raise BenchError(f"reading crawl requests: {message.error()}")
+                    raise HarnessError(f"reading crawl requests: {message.error()}")
                 key: str | bytes | None = message.key()
                 if key is None:  # not tm's shape: fall back on the header
                     key = dict(message.headers() or []).get("task_id")
@@ -132,7 +125,7 @@ class RequestReader(threading.Thread):
 
     def check(self) -> None:
         if self.error is not None:
-            raise BenchError(f"crawl request reader failed: {self.error}")
+            raise HarnessError(f"crawl request reader failed: {self.error}")
 
     def count(self) -> int:
         with self._lock:
@@ -146,101 +139,12 @@ class RequestReader(threading.Thread):
             self.check()
             problem = alive()
             if problem:
-                raise BenchError(problem)
+                raise HarnessError(problem)
             time.sleep(WAIT_POLL_S)
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(10)
-
-
-@dataclass
-class Sent:
-    """One rate's paced events: ``delivered`` holds (task_id, partition, offset, CreateTime ms)."""
-
-    count: int
-    seconds: float
-    started_wall: float  # time.time() and time.monotonic() when the first event was due
-    started: float
-    delivered: list[tuple[str, int, int, int]]
-
-
-class Gateway:
-    """The paced gateway producer, with e2e's PACED_PRODUCER settings (small linger: each event
-    goes at once); one for the whole run, warmed up before every rate."""
-
-    def __init__(self, kconfig: dict[str, Any], *, topic: str, warm_up_topic: str) -> None:
-        self._producer = Producer({**kconfig, **PACED_PRODUCER})
-        self._topic = topic
-        self._warm_up_topic = warm_up_topic
-        self._delivered: list[tuple[str, int, int, int]] = []
-        self._failures: list[str] = []
-
-    def warm_up(self) -> None:
-        """Metadata, the idempotent producer id and the connections, so that the producer's
-        own start-up does not count as tm's latency."""
-        self._producer.list_topics(self._topic, timeout=PRODUCE_FLUSH_TIMEOUT_S)
-        self._producer.produce(self._warm_up_topic, value=b"warm-up")
-        if self._producer.flush(PRODUCE_FLUSH_TIMEOUT_S):
-            raise BenchError("paced producer: warm-up message not acknowledged")
-
-    def _on_delivery(self, task_id: str, error: Any, message: Any) -> None:
-        if error is not None:
-            self._failures.append(str(error))
-        else:
-            self._delivered.append(
-                (task_id, message.partition(), message.offset(), message.timestamp()[1])
-            )
-
-    def paced(self, *, rate: float, seconds: float, first: int) -> Sent:
-        """``rate`` events per second for ``seconds``: event n is due ``n / rate`` s after the
-        start; what is due goes out at once (sleeping at least PACED_TICK_S in between)."""
-        self._delivered, self._failures = [], []
-        total = max(1, int(rate * seconds))
-        sent = 0
-        started_wall, started = time.time(), time.monotonic()
-        while sent < total:
-            due = min(total, int((time.monotonic() - started) * rate) + 1)
-            while sent < due:
-                task_id = str(uuid.uuid4())
-                headers, value = new_task_message(first + sent)
-                headers.append(("task_id", task_id.encode()))
-                try:
-                    self._producer.produce(
-                        self._topic,
-                        value=value,
-                        headers=headers,
-                        on_delivery=partial(self._on_delivery, task_id),
-                    )
-                except BufferError:
-                    self._producer.poll(0.01)
-                    continue
-                sent += 1
-            self._producer.poll(0)
-            # Until the next event is due, and at least a tick: fewer wake-ups at low rates.
-            time.sleep(max(PACED_TICK_S, started + sent / rate - time.monotonic()))
-        elapsed = time.monotonic() - started
-        left = self._producer.flush(PRODUCE_FLUSH_TIMEOUT_S)
-        if left or self._failures:
-            raise BenchError(f"paced producer: {left} unacknowledged, {len(self._failures)} failed")
-        return Sent(sent, elapsed, started_wall, started, self._delivered)
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all cores so far, from /proc/stat (0, 0 when unreadable)."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return float(sum(fields) - idle), float(sum(fields))
-
-
-def busy_since(before: tuple[float, float]) -> float:
-    """The share of all cores busy since the ``machine_busy()`` reading ``before``."""
-    busy, total = (now - then for now, then in zip(machine_busy(), before, strict=True))
-    return busy / total if total else 0.0
 
 
 def tm_source() -> str:
@@ -339,13 +243,13 @@ class Options:
     log_level: str
 
 
-class Run:
+class Run(Checks):
     """The fresh stack, one tm, the probes, and one phase per rate."""
 
     def __init__(self, options: Options) -> None:
         self.o = options
         self.settings = config.load()
-        self.stack = Stack(self.settings)
+        self.stack = Fresh(self.settings)
         self.kconfig = kafka_config(self.settings)
         base = unique("bench-latency").replace("_", "-")
         self.topic = f"{base}-ts"
@@ -366,14 +270,6 @@ class Run:
         self.error: str | None = None
         self.tm_source = tm_source()
         self.busy_before: float | None = None
-
-    def check(self, what: str, ok: bool, detail: str) -> None:
-        self.checks.append((what, ok, detail))
-        note(f"check {'ok' if ok else 'FAILED'}: {what}: {detail}")
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and all(ok for _, ok, _ in self.checks)
 
     def execute(self) -> None:
         o = self.o
@@ -434,7 +330,7 @@ class Run:
         finally:
             watcher.stop()
         if watcher.settled_at is None:
-            raise BenchError(
+            raise HarnessError(
                 f"the group did not settle in {SETTLE_TIMEOUT_S:.0f} s: {watcher.last_seen}"
             )
         self.notes.append(
@@ -459,7 +355,7 @@ class Run:
             busy = busy_since(busy_before)
             self.produced += sent.count
             reader.wait_for(sent.count, timeout_s=SEEN_TIMEOUT_S, alive=self.tm.problem)
-            targets = end_offsets(self.kconfig, self.topic, o.partitions)
+            targets = list(end_offsets(self.kconfig, self.topic, o.partitions).values())
             self.watcher.wait_for(targets, timeout_s=SEEN_TIMEOUT_S, alive=self.tm.problem)
             ended = time.monotonic()
         finally:
@@ -483,7 +379,7 @@ class Run:
             if committed_at is not None:
                 committed.append((at_s, committed_at * 1000 - created_ms))
         if not readable or not committed:
-            raise BenchError(f"{rate:,.0f}/s: no latency measured after the warm-up")
+            raise HarnessError(f"{rate:,.0f}/s: no latency measured after the warm-up")
         began = sent.started
         spawn = self.tm.started
         rebalances = sum(
@@ -526,9 +422,9 @@ class Run:
         assert self.db is not None
         rows = query(self.db, "SELECT count(*) FROM web_crawl_tasks")[0][0]
         self.check("one row per event", rows == self.produced, f"{rows} rows, {self.produced} sent")
-        requests = sum(end_offsets(self.kconfig, self.requests_topic, self.o.partitions))
+        requests = sum(end_offsets(self.kconfig, self.requests_topic, self.o.partitions).values())
         self.check("one crawl request per event", requests == self.produced, f"{requests} requests")
-        dead = sum(end_offsets(self.kconfig, self.dlq_topic, self.o.partitions))
+        dead = sum(end_offsets(self.kconfig, self.dlq_topic, self.o.partitions).values())
         self.check("nothing dead-lettered", dead == 0, f"{dead} dead letters")
         self.stop_tm()
 
@@ -537,7 +433,8 @@ class Run:
             return
         process, self.tm = self.tm, None
         timeout_s = self.settings.consumer.graceful_shutdown_timeout_ms / 1000 + 10
-        code, took, killed = process.stop(timeout_s)
+        code = process.stop(timeout_s)
+        took, killed = process.stopped_in_s or 0.0, process.killed
         self.check(
             "tm stopped by SIGTERM with exit status 0",
             code == 0 and not killed,
@@ -736,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run.execute()
     except BaseException as exc:
-        run.error = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
+        run.error = str(exc) if isinstance(exc, HarnessError) else traceback.format_exc()
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             run.error = f"interrupted ({type(exc).__name__})"
     finally:

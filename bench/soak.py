@@ -25,7 +25,7 @@ over the run: under 5 % is "no leak" (DESIGN §8). Exit status 1 when a series g
 or a check failed. Everything created is removed at the end, even on failure.
 
 It lives in ``bench/`` because it is a measurement of tm on a stack of its own, built from the
-benchmark's pieces (``bench.stack.Stack``, ``bench.probes.TmProcess``, its /proc readers);
+harness the tests share (``harness.stack``, ``harness.tm``, ``harness.procfs``);
 ``loadtests/`` drives an already running tm through locust, which a 10-minute sampler of /proc
 and PostgreSQL does not need.
 """
@@ -53,18 +53,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench import leaks
 from bench.leaks import Series
-from bench.probes import BenchError, TmProcess, process_tree, pss_kib, status_kib
-from bench.stack import (
-    Stack,
-    free_port,
-    kafka_config,
-    machine,
-    query,
-    stop_on_sigterm,
-    unique,
-)
+from harness import HarnessError, free_port, report, stop_on_sigterm, unique
+from harness.kafka import OffsetReader, end_offsets
+from harness.procfs import open_fds, process_tree, pss_kib, status_kib
+from harness.report import machine
+from harness.stack import Fresh, Stack, kafka_config, query
+from harness.tm import TmProcess
 from tm import config
-from tm.config import Settings
 from tm.traffic import new_task_message, update_message
 
 DEFAULT_MINUTES = 10.0
@@ -99,21 +94,7 @@ _LAG = re.compile(r'^tm_consumer_lag_messages\{partition="\d+"\} (\S+)$', re.MUL
 
 
 def note(text: str) -> None:
-    print(f"[soak {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where the soak runs: settings pointing at its database, its topics and tm's group, and
-    the environment that points ``tm run`` at them."""
-
-    settings: Settings
-    topic: str
-    requests_topic: str
-    dlq_topic: str
-    group: str
-    partitions: int
-    env: dict[str, str]
+    report.note(text, who="soak")
 
 
 # -- traffic -----------------------------------------------------------------------------------
@@ -125,7 +106,7 @@ class Traffic(threading.Thread):
     second, half tasks and half updates; None floods: the gateway stays ``backlog`` tasks
     ahead of the crawl requests read."""
 
-    def __init__(self, target: Target, *, rate: float | None, backlog: int = FLOOD_BACKLOG):
+    def __init__(self, target: Stack, *, rate: float | None, backlog: int = FLOOD_BACKLOG):
         super().__init__(name="soak-traffic", daemon=True)
         self.target = target
         self.rate = rate
@@ -224,54 +205,6 @@ class Traffic(threading.Thread):
 # -- looking at tm -----------------------------------------------------------------------------
 
 
-class Offsets:
-    """The group's committed offsets and the topic's end offsets (one consumer that never
-    joins the group)."""
-
-    def __init__(self, target: Target) -> None:
-        self._consumer = Consumer(
-            {**kafka_config(target.settings), "group.id": target.group, "log_level": 3}
-        )
-        self._tps = [TopicPartition(target.topic, p) for p in range(target.partitions)]
-
-    def committed(self) -> int:
-        answer = self._consumer.committed(self._tps, timeout=KAFKA_TIMEOUT_S)
-        return sum(max(tp.offset, 0) for tp in answer)
-
-    def ends(self) -> int:
-        return sum(
-            self._consumer.get_watermark_offsets(tp, timeout=KAFKA_TIMEOUT_S)[1] for tp in self._tps
-        )
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
-def roles(tm: TmProcess) -> dict[int, str]:
-    """pid -> ``supervisor``, ``api`` or ``worker-<slot>``, from tm's ``spawned`` log lines
-    (a restarted child takes over its role's series)."""
-    found = {tm.pid: "supervisor"}
-    for _, line in list(tm.lines):
-        match = _SPAWNED.search(line)
-        if not match:
-            continue
-        pid = _PID.search(match.group(2))
-        if pid is None:
-            continue
-        slot = _SLOT.search(match.group(2))
-        role = "api" if match.group(1) == "api" else f"worker-{slot.group(1) if slot else '?'}"
-        found = {p: r for p, r in found.items() if r != role}
-        found[int(pid.group(1))] = role
-    return found
-
-
-def _fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
-
-
 def _directory(path: Path) -> tuple[float, int]:
     sizes = [f.stat().st_size for f in path.iterdir() if f.is_file()]
     return sum(sizes) / 1024, len(sizes)
@@ -308,7 +241,7 @@ class Sampler(threading.Thread):
     def __init__(
         self,
         tm: TmProcess,
-        target: Target,
+        target: Stack,
         *,
         every_s: float,
         metrics_dir: Path,
@@ -324,7 +257,7 @@ class Sampler(threading.Thread):
         self.rate = rate
         self.samples = Samples()
         self.error: BaseException | None = None
-        self._offsets = Offsets(target)
+        self._offsets = _offsets(target)
         self._stop_event = threading.Event()
         self._began = time.monotonic()
         self._last: tuple[float, int] | None = None
@@ -346,7 +279,7 @@ class Sampler(threading.Thread):
         add = self.samples.add
         tree = set(process_tree(self.tm.pid))
         rss_total = pss_total = 0.0
-        for pid, role in sorted(roles(self.tm).items(), key=lambda kv: kv[1]):
+        for pid, role in sorted(self.tm.roles().items(), key=lambda kv: kv[1]):
             if pid not in tree:
                 continue
             if self._pids.get(role, pid) != pid:
@@ -357,7 +290,7 @@ class Sampler(threading.Thread):
             pss_total += pss
             add(f"RSS {role}", "rss_mib", "MiB", t, rss)
             add(f"PSS {role}", "pss_mib", "MiB", t, pss)
-            add(f"fds {role}", "fds", "fds", t, _fds(pid))
+            add(f"fds {role}", "fds", "fds", t, open_fds(pid))
             add(f"threads {role}", "threads", "threads", t, status_kib(pid, "Threads:"))
         add("RSS total", "rss_mib", "MiB", t, rss_total)
         add("PSS total", "pss_mib", "MiB", t, pss_total)
@@ -379,8 +312,8 @@ class Sampler(threading.Thread):
         kib, files = _directory(self.metrics_dir)
         add("metric files size", "metric_kib", "KiB", t, kib)
         add("metric files", "metric_files", "files", t, files)
-        committed = self._offsets.committed()
-        lag = self._offsets.ends() - committed
+        committed = self._offsets.committed_total()
+        lag = self._offsets.ends_total() - committed
         add("consumer lag", "lag", "messages", t, lag, floor=max(self.rate, 1.0))
         scraped = _scrape_lag(self.port)
         if scraped is not None:
@@ -413,14 +346,14 @@ class Sampler(threading.Thread):
 # -- the run -----------------------------------------------------------------------------------
 
 
-def _tm_env(target: Target, *, port: int, metrics_dir: Path | None = None) -> dict[str, str]:
+def _tm_env(target: Stack, *, port: int, metrics_dir: Path | None = None) -> dict[str, str]:
     env = {**os.environ, **target.env, "APP_PORT": str(port)}
     if metrics_dir is not None:
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     return env
 
 
-def _start_tm(target: Target, log_path: Path, env: dict[str, str]) -> TmProcess:
+def _start_tm(target: Stack, log_path: Path, env: dict[str, str]) -> TmProcess:
     tm = TmProcess(env, log_path)
     try:
         tm.wait_ready(target.partitions, timeout_s=READY_TIMEOUT_S)
@@ -430,27 +363,28 @@ def _start_tm(target: Target, log_path: Path, env: dict[str, str]) -> TmProcess:
     return tm
 
 
-def _drain(target: Target, traffic: Traffic, tm: TmProcess) -> float:
+def _drain(target: Stack, traffic: Traffic, tm: TmProcess) -> float:
     """Stop the gateway, keep the crawler answering until every crawl request is answered and
     every message committed; return how long it took."""
     began = time.monotonic()
     traffic.rate = 0.0  # no more tasks; the crawler goes on
     traffic.backlog = 0
-    offsets = Offsets(target)
+    offsets = _offsets(target)
     try:
         while True:
             if traffic.error is not None:
-                raise BenchError(f"the traffic failed: {traffic.error}")
+                raise HarnessError(f"the traffic failed: {traffic.error}")
             problem = tm.problem()
             if problem:
-                raise BenchError(problem)
+                raise HarnessError(problem)
             answered = traffic.updates >= traffic.tasks
-            if answered and offsets.committed() >= offsets.ends():
+            if answered and offsets.committed_total() >= offsets.ends_total():
                 return time.monotonic() - began
             if time.monotonic() - began > DRAIN_TIMEOUT_S:
-                raise BenchError(
+                raise HarnessError(
                     f"not drained after {DRAIN_TIMEOUT_S:.0f} s: {traffic.updates} of"
-                    f" {traffic.tasks} tasks answered, lag {offsets.ends() - offsets.committed()}"
+                    f" {traffic.tasks} tasks answered,"
+                    f" lag {offsets.ends_total() - offsets.committed_total()}"
                 )
             time.sleep(0.5)
     finally:
@@ -458,26 +392,26 @@ def _drain(target: Target, traffic: Traffic, tm: TmProcess) -> float:
         offsets.close()
 
 
-def measure_max(target: Target, log_dir: Path) -> tuple[float, str]:
+def measure_max(target: Stack, log_dir: Path) -> tuple[float, str]:
     """tm's committed rate under the soak's traffic with the gateway flooding; returns
     (messages a second, how it was measured)."""
     tm = _start_tm(target, log_dir / "tm-max.log", _tm_env(target, port=free_port()))
     traffic = Traffic(target, rate=None)
-    offsets = Offsets(target)
+    offsets = _offsets(target)
     try:
         traffic.start()
         time.sleep(FLOOD_SETTLE_S)
-        t0, c0 = time.monotonic(), offsets.committed()
+        t0, c0 = time.monotonic(), offsets.committed_total()
         time.sleep(FLOOD_S - FLOOD_SETTLE_S)
-        t1, c1 = time.monotonic(), offsets.committed()
+        t1, c1 = time.monotonic(), offsets.committed_total()
         if traffic.error is not None:
-            raise BenchError(f"the traffic failed: {traffic.error}")
+            raise HarnessError(f"the traffic failed: {traffic.error}")
         rate = (c1 - c0) / (t1 - t0)
         drained = _drain(target, traffic, tm)
     finally:
         traffic.stop()
         offsets.close()
-        code, _, _ = tm.stop(40)
+        code = tm.stop(40)
     how = (
         f"committed offsets over {t1 - t0:.0f} s of a {FLOOD_S:.0f} s flood (gateway kept"
         f" {FLOOD_BACKLOG:,} tasks ahead of the crawler, every crawl request answered), on the"
@@ -512,7 +446,7 @@ class SoakResult:
 
 
 def run_soak(
-    target: Target,
+    target: Stack,
     *,
     seconds: float,
     rate: float,
@@ -537,17 +471,17 @@ def run_soak(
         while time.monotonic() < deadline:
             for failed in (traffic.error, sampler.error):
                 if failed is not None:
-                    raise BenchError(f"{failed!r}")
+                    raise HarnessError(f"{failed!r}")
             problem = tm.problem()
             if problem:
-                raise BenchError(problem)
+                raise HarnessError(problem)
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         sampler.stop()
         if sampler.error is not None:
-            raise BenchError(f"sampling failed: {sampler.error!r}")
+            raise HarnessError(f"sampling failed: {sampler.error!r}")
         result.drained_s = _drain(target, traffic, tm)
     except BaseException as exc:
-        result.error = str(exc) if isinstance(exc, BenchError) else traceback.format_exc()
+        result.error = str(exc) if isinstance(exc, HarnessError) else traceback.format_exc()
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             result.error = f"interrupted ({type(exc).__name__})"
     finally:
@@ -556,7 +490,8 @@ def run_soak(
         result.tasks, result.updates = traffic.tasks, traffic.updates
         result.repeated, result.produce_failures = traffic.repeated, traffic.failed
         timeout_s = target.settings.consumer.graceful_shutdown_timeout_ms / 1000 + 10
-        result.tm_exit, _, result.tm_killed = tm.stop(timeout_s)
+        result.tm_exit = tm.stop(timeout_s)
+        result.tm_killed = tm.killed
         result.worker_deaths = sum(1 for _, line in tm.lines if "worker died" in line)
         for path in metrics_dir.iterdir():
             path.unlink()
@@ -566,15 +501,14 @@ def run_soak(
     return result
 
 
-def _count(target: Target, topic: str) -> int:
-    consumer = Consumer({**kafka_config(target.settings), "group.id": unique("soak-reader")})
-    try:
-        return sum(
-            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=KAFKA_TIMEOUT_S)[1]
-            for p in range(target.partitions)
-        )
-    finally:
-        consumer.close()
+def _offsets(target: Stack) -> OffsetReader:
+    return OffsetReader(
+        target.kafka_config, group=target.group, topic=target.topic, partitions=target.partitions
+    )
+
+
+def _count(target: Stack, topic: str) -> int:
+    return sum(end_offsets(target.kafka_config, topic, target.partitions).values())
 
 
 def _checks(r: SoakResult) -> None:
@@ -752,29 +686,10 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
 
     settings = config.load()
-    stack = Stack(settings)
-    base = unique("soak").replace("_", "-")
+    stack = Fresh(settings)
     try:
-        db = stack.database("soak")
-        target = Target(
-            settings=db,
-            topic=f"{base}-task-status",
-            requests_topic=f"{base}-requests",
-            dlq_topic=f"{base}.dlq",
-            group=f"{base}-group",
-            partitions=PARTITIONS,
-            env={
-                "POSTGRES_DB": db.postgres.database,
-                "TASK_STATUS_TOPIC": f"{base}-task-status",
-                "WEB_CRAWL_REQUEST_TOPIC": f"{base}-requests",
-                "DLQ_TOPIC": f"{base}.dlq",
-                "KAFKA_GROUP_ID": f"{base}-group",
-            },
-        )
-        stack.create_topics(
-            [target.topic, target.requests_topic, target.dlq_topic], partitions=PARTITIONS
-        )
-        facts = machine(db)
+        target = stack.stack("soak", partitions=PARTITIONS)
+        facts = machine(target.settings)
         if args.rate is None:
             note(f"measuring the maximum rate ({FLOOD_S:.0f} s flood)")
             top, how = measure_max(target, out)

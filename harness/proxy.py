@@ -206,3 +206,8 @@ class TcpProxy:
             for sock in (client, server):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+def via(proxy: TcpProxy) -> dict[str, str]:
+    """The settings that send tm's PostgreSQL connections through ``proxy``."""
+    return {"POSTGRES_HOST": proxy.host, "POSTGRES_PORT": str(proxy.port)}

@@ -1,57 +1,34 @@
-"""The benchmark's own fresh stack: migrated databases and uuid-named topics, created at the
-start and dropped at the end (even on failure), plus the facts about the machine that the report
-prints, and the small helpers every bench and the tests' harness share (unique names, a free
-port, SIGTERM as an exit). Nothing here comes from ``tests/``: the benchmark runs from a
-checkout without them.
+"""Fresh databases (migrated) and uuid-named topics on the running local stack, created for one
+test or one bench and dropped afterwards (even on failure).
+
+:class:`Fresh` records what it creates and :meth:`Fresh.cleanup` removes it; :class:`Stack` is
+one tm's world (a database, its three topics and its group) with ways to look at the outcome;
+:func:`make_stack` makes one for a fixture.
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
-import os
-import platform
-import re
-import signal
-import socket
-import sys
-import uuid
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import confluent_kafka
 import msgspec
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from harness import kafka as kafka_io
+from harness import unique
 from tm.adapters import kafka, migrations, postgres
 from tm.config import Settings
 
 ADMIN_TIMEOUT_S = 30.0  # topic creation/deletion and DDL; generous for a busy broker
 MAINTENANCE_DB = "postgres"  # where CREATE/DROP DATABASE run from
-_KAFKA_JAR_RE = re.compile(r"kafka(?:-server|_2\.\d+|-clients)-(\d+\.\d+\.\d+[\w.-]*)\.jar$")
 
 
-def unique(prefix: str) -> str:
-    """A name nobody else uses (other engineers run tests on the same servers)."""
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (for a tm's API, so that runs can overlap)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def stop_on_sigterm() -> None:
-    """A SIGTERM unwinds like Ctrl-C does, through the finally blocks: the cleanup runs."""
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-
-
-def _raise_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+# -- PostgreSQL --------------------------------------------------------------------------------
 
 
 def with_database(settings: Settings, name: str) -> Settings:
@@ -61,6 +38,7 @@ def with_database(settings: Settings, name: str) -> Settings:
 
 
 def kafka_config(settings: Settings) -> dict[str, Any]:
+    """The librdkafka configuration of ``settings`` (the secured listeners' too)."""
     return kafka.client_config(settings.kafka)
 
 
@@ -73,7 +51,9 @@ async def _admin_connect(settings: Settings) -> asyncpg.Connection:
         return await asyncpg.connect(**postgres.connect_kwargs(settings.postgres))
 
 
-def _admin_execute(settings: Settings, sql: str) -> None:
+def admin_sql(settings: Settings, sql: str) -> None:
+    """Run one statement from the maintenance database (CREATE/DROP DATABASE, ALTER SYSTEM)."""
+
     async def run() -> None:
         conn = await _admin_connect(settings)
         try:
@@ -97,8 +77,8 @@ def query(settings: Settings, sql: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(run())
 
 
-class Stack:
-    """Everything the benchmark creates; :meth:`cleanup` removes it and never raises."""
+class Fresh:
+    """Everything a test or a bench creates; :meth:`cleanup` removes it and never raises."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -108,7 +88,7 @@ class Stack:
     def database(self, prefix: str) -> Settings:
         """Create and migrate a fresh database; return settings pointing at it."""
         name = unique(prefix)
-        _admin_execute(self.settings, f'CREATE DATABASE "{name}"')
+        admin_sql(self.settings, f'CREATE DATABASE "{name}"')
         self.databases.append(name)
         target = with_database(self.settings, name)
 
@@ -128,12 +108,32 @@ class Stack:
             self.settings.kafka, names, partitions=partitions, timeout_s=ADMIN_TIMEOUT_S
         )
 
+    def stack(self, prefix: str, *, partitions: int) -> Stack:
+        """A migrated database and a task-status, a requests and a dead-letter topic, one
+        name for all of them: a world for one tm."""
+        settings = self.database(prefix)
+        name = settings.postgres.database
+        topic = name.replace("_", "-")
+        stack = Stack(
+            settings=settings,
+            database=name,
+            topic=topic,
+            requests_topic=f"{topic}-requests",
+            dlq_topic=f"{topic}.dlq",
+            group=f"{topic}-group",
+            partitions=partitions,
+        )
+        self.create_topics(
+            [stack.topic, stack.requests_topic, stack.dlq_topic], partitions=partitions
+        )
+        return stack
+
     def cleanup(self) -> list[str]:
         """Drop the databases and delete the topics; return what could not be removed."""
         problems: list[str] = []
         for name in self.databases:
             try:
-                _admin_execute(self.settings, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                admin_sql(self.settings, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             except Exception as exc:  # keep cleaning up the rest
                 problems.append(f"database {name}: {exc}")
         self.databases.clear()
@@ -154,76 +154,99 @@ class Stack:
         return problems
 
 
-# -- the machine -----------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
+@contextmanager
+def make_stack(
+    settings: Settings, *, partitions: int = 6, prefix: str = "tm_e2e"
+) -> Iterator[Stack]:
+    """A :class:`Stack` for the length of a ``with`` block (a fixture's ``yield``)."""
+    fresh = Fresh(settings)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        yield fresh.stack(prefix, partitions=partitions)
+    finally:
+        problems = fresh.cleanup()
+        assert not problems, problems
 
 
-def _memory_gib() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    except OSError:
-        pass
-    return "unknown"
+@dataclass
+class Stack:
+    """A fresh database (migrated) and fresh topics; ``env`` points tm at them."""
 
+    settings: Settings  # pointing at ``database``
+    database: str
+    topic: str
+    requests_topic: str
+    dlq_topic: str
+    group: str
+    partitions: int
+    env: dict[str, str] = field(default_factory=dict)  # added to (and over) tm's own
 
-def kafka_broker_version() -> str:
-    """The broker's version, read from the jars of a local ``kafka.Kafka`` process (librdkafka
-    does not expose the broker version). ``unknown`` when the broker is not on this machine."""
-    for cmdline_path in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            argv = Path(cmdline_path).read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kafka.Kafka" not in argv:
-            continue
-        args = [a.decode(errors="replace") for a in argv]
-        for flag in ("-cp", "-classpath", "--class-path"):
-            if flag in args[:-1]:
-                for entry in args[args.index(flag) + 1].split(":"):
-                    candidates = glob.glob(entry) if "*" in entry else [entry]
-                    for jar in sorted(candidates):
-                        match = _KAFKA_JAR_RE.search(jar)
-                        if match:
-                            return f"Apache Kafka {match.group(1)} (local broker, from its jars)"
-        return "unknown (local broker found, no versioned jar on its class path)"
-    return "unknown (broker not on this machine)"
+    def __post_init__(self) -> None:
+        self.env = {
+            "POSTGRES_DB": self.database,
+            "TASK_STATUS_TOPIC": self.topic,
+            "WEB_CRAWL_REQUEST_TOPIC": self.requests_topic,
+            "DLQ_TOPIC": self.dlq_topic,
+            "KAFKA_GROUP_ID": self.group,
+            "TM_TOPIC_PARTITIONS": str(self.partitions),
+            **self.env,
+        }
 
+    @property
+    def kafka_config(self) -> dict[str, Any]:
+        return kafka_config(self.settings)
 
-def machine(settings: Settings) -> dict[str, str]:
-    """What the report says about where it ran."""
-    facts = {
-        "nproc": f"{os.cpu_count()} (usable by this process: {len(os.sched_getaffinity(0))})",
-        "cpu": _cpu_model(),
-        "memory": _memory_gib(),
-        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
-        "confluent-kafka / librdkafka": (
-            f"{confluent_kafka.version()[0]} / {confluent_kafka.libversion()[0]}"
-        ),
-        "asyncpg": asyncpg.__version__,
-        "kafka": kafka_broker_version(),
-    }
-    rows = query(
-        settings,
-        "SELECT current_setting('server_version'), current_setting('shared_buffers'),"
-        " current_setting('synchronous_commit'), current_setting('fsync'),"
-        " current_setting('max_wal_size')",
-    )
-    version, shared_buffers, sync_commit, fsync, max_wal = rows[0]
-    facts["postgresql"] = (
-        f"{version} (shared_buffers={shared_buffers}, synchronous_commit={sync_commit},"
-        f" fsync={fsync}, max_wal_size={max_wal})"
-    )
-    return facts
+    # -- Kafka -------------------------------------------------------------------------------
+
+    def produce(
+        self,
+        messages: Sequence[tuple[bytes | None, kafka_io.AnyHeaders, bytes | None]],
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+    ) -> None:
+        """Produce (key, headers, value) messages and wait for their acknowledgements."""
+        kafka_io.produce(self.kafka_config, topic or self.topic, messages, partition=partition)
+
+    def feed(
+        self, *, count: int, rate: float, start: int = 0, completed_lag: int = 0
+    ) -> kafka_io.Feeder:
+        """A :class:`~harness.kafka.Feeder` into the task-status topic, started."""
+        return kafka_io.Feeder(
+            self.kafka_config,
+            self.topic,
+            partitions=self.partitions,
+            count=count,
+            rate=rate,
+            start=start,
+            completed_lag=completed_lag,
+        )
+
+    def read_topic(self, topic: str, *, timeout_s: float = 10.0) -> list[Any]:
+        """Every message currently in ``topic`` (all partitions, from the beginning)."""
+        return kafka_io.read_topic(self.kafka_config, topic, timeout_s=timeout_s)
+
+    def committed(self) -> dict[int, int]:
+        """The group's committed offsets per partition (negative: none)."""
+        return kafka_io.committed(self.kafka_config, self.group, self.topic, self.partitions)
+
+    def end_offsets(self) -> dict[int, int]:
+        return kafka_io.end_offsets(self.kafka_config, self.topic, self.partitions)
+
+    def group_assigned(self) -> int:
+        """How many partitions of the topic the group coordinator has assigned to members of
+        a stable group (0 while it rebalances)."""
+        return kafka_io.group_assigned(self.kafka_config, self.group, self.topic)
+
+    def all_committed(self) -> bool:
+        """True when the group has committed every message currently in the topic."""
+        ends = self.end_offsets()
+        committed = self.committed()
+        return all(committed.get(p, -1) >= end for p, end in ends.items() if end > 0)
+
+    # -- PostgreSQL --------------------------------------------------------------------------
+
+    def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return query(with_database(self.settings, self.database), sql, *args)
+
+    def count(self, where: str = "true") -> int:
+        return int(self.query(f"SELECT count(*) FROM web_crawl_tasks WHERE {where}")[0][0])

@@ -1,11 +1,11 @@
-"""What the benchmark watches from the outside, each in a thread of its own: the consumer
-group's committed offsets (:class:`CommitWatcher`), the resident memory of tm's process tree
-(:class:`RssSampler`), and ``tm run`` itself with its log lines (:class:`TmProcess`).
+"""``python -m tm run`` as the tests and the benches run it: a process in a session of its own
+(so that a signal reaches the supervisor only, as Kubernetes sends it), its output read line by
+line by a thread that timestamps each line and copies it to a log file, and what its API says
+about its workers (``/api/health/service``).
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import re
@@ -14,318 +14,48 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from confluent_kafka import Consumer, ConsumerGroupState, TopicPartition
-from confluent_kafka.admin import AdminClient
+import orjson
 
-COMMIT_POLL_S = 0.010  # how often the committed offsets are read: the latency resolution
-COMMITTED_TIMEOUT_S = 5.0  # one OffsetFetch; the broker answers in about a millisecond
-RSS_SAMPLE_S = 0.1  # memory sampling period
-GROUP_POLL_S = 0.05  # how often the group is described while waiting for it to settle
-_PARTITIONS_RE = re.compile(r"partitions=\[([0-9, ]*)\]")
+from harness import HarnessError, free_port, unique, wait_for
+from harness.kafka import group_assigned
+from harness.stack import Stack
 
-
-class BenchError(Exception):
-    """The benchmark cannot go on (tm died, a deadline passed, a check failed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """The committed offsets as one look saw them: ``monotonic``/``wall`` are taken when the
-    answer arrived, so they are upper bounds of when the commits happened."""
-
-    monotonic: float
-    wall: float
-    offsets: tuple[int, ...]  # next offset per partition; 0 when nothing is committed
-
-    @property
-    def total(self) -> int:
-        return sum(self.offsets)
-
-
-class CommitWatcher(threading.Thread):
-    """Reads the group's committed offsets every :data:`COMMIT_POLL_S` with
-    ``Consumer.committed`` (which never joins the group) and keeps every change."""
-
-    def __init__(self, config: dict[str, Any], *, group: str, topic: str, partitions: int) -> None:
-        super().__init__(name="bench-commit-watcher", daemon=True)
-        self._consumer = Consumer(
-            {**config, "group.id": group, "enable.auto.commit": False, "log_level": 3}
-        )
-        self._tps = [TopicPartition(topic, p) for p in range(partitions)]
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self.changes: list[Observation] = []
-        self.looks = 0
-        self.look_s_total = 0.0
-        self.look_s_max = 0.0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self._stop_event.is_set():
-                began = time.monotonic()
-                answer = self._consumer.committed(self._tps, timeout=COMMITTED_TIMEOUT_S)
-                now, wall = time.monotonic(), time.time()
-                offsets = tuple(max(tp.offset, 0) for tp in answer)
-                took = now - began
-                with self._lock:
-                    self.looks += 1
-                    self.look_s_total += took
-                    self.look_s_max = max(self.look_s_max, took)
-                    if not self.changes or self.changes[-1].offsets != offsets:
-                        self.changes.append(Observation(now, wall, offsets))
-                self._stop_event.wait(max(0.0, COMMIT_POLL_S - took))
-        except BaseException as exc:  # reported by wait_for, in the main thread
-            self.error = exc
-        finally:
-            self._consumer.close()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(10)
-
-    @property
-    def mark(self) -> int:
-        """Where the next phase's observations start."""
-        with self._lock:
-            return len(self.changes)
-
-    def latest(self) -> Observation | None:
-        with self._lock:
-            return self.changes[-1] if self.changes else None
-
-    def mean_look_ms(self) -> float:
-        with self._lock:
-            return 1000 * self.look_s_total / self.looks if self.looks else 0.0
-
-    def wait_for(
-        self, targets: list[int], *, timeout_s: float, alive: Callable[[], str | None]
-    ) -> Observation:
-        """Block until every partition's committed offset reaches its target; raise
-        BenchError at the deadline or as soon as ``alive()`` returns a reason to stop."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.error is not None:
-                raise BenchError(f"reading committed offsets failed: {self.error}")
-            seen = self.latest()
-            if seen is not None and all(o >= t for o, t in zip(seen.offsets, targets, strict=True)):
-                return seen
-            problem = alive()
-            if problem:
-                raise BenchError(problem)
-            if time.monotonic() > deadline:
-                got = seen.total if seen else 0
-                raise BenchError(
-                    f"only {got} of {sum(targets)} offsets committed after {timeout_s:.0f} s"
-                )
-            time.sleep(COMMIT_POLL_S)
-
-    def phase(self, start: int, targets: list[int]) -> tuple[Observation, Observation]:
-        """The first observation of the phase that started at ``start`` with a new commit, and
-        the first at which every target was reached."""
-        with self._lock:
-            seen = self.changes[start:]
-            before = self.changes[start - 1].total if start > 0 else 0
-        first = next(o for o in seen if o.total > before)
-        last = next(o for o in seen if all(c >= t for c, t in zip(o.offsets, targets, strict=True)))
-        return first, last
-
-    def commit_series(self, *, start: int) -> list[tuple[list[float], list[int]]]:
-        """Per partition, the wall times at which its committed offset was seen to rise and the
-        offsets seen then (from observation ``start`` on). A message at ``offset`` was
-        committed at ``walls[bisect_right(offsets, offset)]``."""
-        with self._lock:
-            seen = self.changes[start:]
-        series: list[tuple[list[float], list[int]]] = [([], []) for _ in self._tps]
-        for o in seen:
-            for partition, value in enumerate(o.offsets):
-                walls, offsets = series[partition]
-                if offsets and value <= offsets[-1]:
-                    continue  # a rewind would go backwards; the first time counts
-                walls.append(o.wall)
-                offsets.append(value)
-        return series
-
-
-def committed_at(series: tuple[list[float], list[int]], offset: int) -> float | None:
-    """Wall time at which ``offset`` was first seen committed in one partition's series."""
-    walls, offsets = series
-    index = bisect.bisect_right(offsets, offset)
-    return walls[index] if index < len(walls) else None
-
-
-class GroupWatcher(threading.Thread):
-    """Describes the consumer group (the broker's view) until it is stable with ``workers``
-    members that each own at least one partition and all ``partitions`` owned: DESIGN §8's
-    "all workers assigned". ``settled_at`` is then the monotonic time of that description."""
-
-    def __init__(
-        self, config: dict[str, Any], *, group: str, workers: int, partitions: int
-    ) -> None:
-        super().__init__(name="bench-group-watcher", daemon=True)
-        self._admin = AdminClient({**config, "log_level": 3})
-        self._group = group
-        self._workers = workers
-        self._partitions = partitions
-        self._stop_event = threading.Event()
-        self.settled_at: float | None = None
-        self.last_seen = "not described yet"
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                future = self._admin.describe_consumer_groups([self._group], request_timeout=5)
-                description = future[self._group].result()
-            except Exception as exc:  # a group not yet known, a slow broker: look again
-                self.last_seen = f"describe failed: {exc}"
-                self._stop_event.wait(GROUP_POLL_S)
-                continue
-            now = time.monotonic()
-            owned = [
-                {tp.partition for tp in m.assignment.topic_partitions} for m in description.members
-            ]
-            everyone = set().union(*owned) if owned else set()
-            self.last_seen = (
-                f"state {description.state.name}, {len(owned)} members owning"
-                f" {[sorted(o) for o in owned]}"
-            )
-            if (
-                description.state == ConsumerGroupState.STABLE
-                and len(owned) == self._workers
-                and sum(1 for o in owned if o) == min(self._workers, self._partitions)
-                and len(everyone) == self._partitions
-            ):
-                self.settled_at = now
-                return
-            self._stop_event.wait(GROUP_POLL_S)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(10)
-
-
-# -- memory ----------------------------------------------------------------------------------
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for tid in tasks:
-        with contextlib.suppress(OSError, ValueError):
-            found.extend(
-                int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-            )
-    return found
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants."""
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(_children(pid))
-    return tree
-
-
-def status_kib(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-@dataclass
-class MemoryPeak:
-    rss_kib: int = 0
-    pss_kib: int = 0
-    processes: int = 0
-    samples: int = 0
-
-
-class RssSampler(threading.Thread):
-    """Sums VmRSS (and PSS, which counts pages shared after fork once) over tm's process tree
-    every :data:`RSS_SAMPLE_S`, keeping the peak of each labelled phase."""
-
-    def __init__(self, root: int) -> None:
-        super().__init__(name="bench-rss", daemon=True)
-        self._root = root
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._label: str | None = None
-        self.peaks: dict[str, MemoryPeak] = {}
-
-    def label(self, name: str | None) -> None:
-        with self._lock:
-            self._label = name
-            if name is not None:
-                self.peaks.setdefault(name, MemoryPeak())
-
-    def run(self) -> None:
-        while not self._stop_event.wait(RSS_SAMPLE_S):
-            with self._lock:
-                label = self._label
-            if label is None:
-                continue
-            pids = process_tree(self._root)
-            rss = sum(status_kib(pid, "VmRSS:") for pid in pids)
-            pss = sum(pss_kib(pid) for pid in pids)
-            with self._lock:
-                peak = self.peaks[label]
-                peak.samples += 1
-                if rss > peak.rss_kib:
-                    peak.rss_kib, peak.processes = rss, len(pids)
-                peak.pss_kib = max(peak.pss_kib, pss)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(5)
-
-
-# -- tm run ----------------------------------------------------------------------------------
+READY_POLL_S = 0.010  # how often the log is read while waiting for every partition
+API_TIMEOUT_S = 2.0  # one request to tm's own API on this machine
+KILL_WAIT_S = 10.0  # after SIGKILL: the session is gone by then
+# A worker's "partitions assigned partitions=[0, 1]" and "partitions revoked ..." log lines.
+PARTITIONS = re.compile(r"partitions (assigned|revoked) partitions=\[([\d, ]*)\]")
 
 
 class TmProcess:
-    """``python -m tm run`` in a session of its own; its output (stdout and stderr) is read
-    line by line by a thread that timestamps each line and copies it to ``log_path``."""
+    """``python -m tm run`` with the environment ``env`` (complete: nothing is inherited),
+    under the command line ``wrap`` if given (``unshare ...``, ``taskset ...``)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, wrap: Sequence[str] = ()) -> None:
         self.log_path = log_path
+        self.port = int(env.get("APP_PORT", "0"))
         self.lines: list[tuple[float, str]] = []
         self._lock = threading.Lock()
         self._log: IO[str] = log_path.open("w")
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tm", "run"],
-            env=env,
+            [*wrap, sys.executable, "-m", "tm", "run"],
+            env=dict(env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._read, name="bench-tm-log", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="harness-tm-log", daemon=True)
         self._reader.start()
+        self.stopped_in_s: float | None = None  # how long stop() took
+        self.killed = False  # stop() had to SIGKILL the session
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -341,40 +71,106 @@ class TmProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def problem(self) -> str | None:
-        """Why the benchmark cannot go on with this tm, or None."""
-        code = self.process.poll()
-        if code is not None:
-            return f"tm exited with status {code}; last lines:\n{self.tail()}"
-        return None
+    def output(self) -> str:
+        """Everything tm has written so far."""
+        with self._lock:
+            return "\n".join(line for _, line in self.lines)
 
     def tail(self, n: int = 15) -> str:
         with self._lock:
             return "\n".join(line for _, line in self.lines[-n:])
 
+    def problem(self) -> str | None:
+        """Why a run cannot go on with this tm, or None."""
+        code = self.process.poll()
+        if code is not None:
+            return f"tm exited with status {code}; last lines:\n{self.tail()}"
+        return None
+
+    # -- what the API says ---------------------------------------------------------------------
+
+    def service(self) -> dict[str, Any] | None:
+        """The details of ``/api/health/service`` (the supervisor's view of its workers), or
+        None while the API does not answer."""
+        url = f"http://127.0.0.1:{self.port}/api/health/service"
+        try:
+            with urllib.request.urlopen(url, timeout=API_TIMEOUT_S) as reply:
+                body = orjson.loads(reply.read())
+        except OSError as exc:
+            if isinstance(exc, urllib.error.HTTPError):  # 503 while not every check is up
+                body = orjson.loads(exc.read())
+            else:
+                return None
+        details: dict[str, Any] = body.get("details") or {}
+        return details or None
+
+    def workers(self) -> dict[int, int]:
+        """slot -> pid of the workers running now (none while the API does not answer)."""
+        details = self.service()
+        if details is None:
+            return {}
+        return {w["slot"]: w["pid"] for w in details["workers"] if w["pid"]}
+
+    def worker_pids(self) -> list[int]:
+        return sorted(self.workers().values())
+
+    def worker(self, slot: int, *, not_pid: int = 0, joined: bool = False) -> int:
+        """The pid of the worker running in ``slot`` if it is not ``not_pid`` (a restart's new
+        worker) and, with ``joined``, has joined the group (it has booted); else 0."""
+        details = self.service()
+        for w in details["workers"] if details else ():
+            if w["slot"] == slot and w["pid"] not in (0, not_pid) and (w["joined"] or not joined):
+                return int(w["pid"])
+        return 0
+
+    def wait_worker(
+        self, slot: int, *, not_pid: int = 0, joined: bool = False, timeout_s: float = 30.0
+    ) -> int:
+        """Wait for :meth:`worker`; return the worker's pid."""
+        return wait_for(
+            lambda: self.worker(slot, not_pid=not_pid, joined=joined),
+            timeout_s=timeout_s,
+            what=f"a worker in slot {slot}"
+            + (f" other than {not_pid}" if not_pid else "")
+            + (" joined" if joined else ""),
+        )
+
+    def roles(self) -> dict[int, str]:
+        """pid -> ``supervisor``, ``api`` or ``worker-<slot>`` for tm's processes now."""
+        details = self.service()
+        if details is None:
+            return {self.pid: "supervisor"}
+        found = {details["supervisorPid"]: "supervisor", details["pid"]: "api"}
+        for w in details["workers"]:
+            if w["pid"]:
+                found[w["pid"]] = f"worker-{w['slot']}"
+        return found
+
+    # -- what the log says: when, and which partitions -------------------------------------------
+
     def rebalance_events(self) -> list[tuple[float, str, list[int]]]:
-        """``(seconds since spawn, "assigned" | "revoked", partitions)`` from tm's log lines."""
-        events = []
+        """``(seconds since spawn, "assigned" | "revoked", partitions)`` from the workers' log
+        lines: the API serves how many partitions a worker owns, the log which and when."""
         with self._lock:
             lines = list(self.lines)
+        events = []
         for at, line in lines:
-            kind = (
-                "assigned"
-                if "partitions assigned" in line
-                else "revoked"
-                if "partitions revoked" in line
-                else None
-            )
-            if kind is None:
-                continue
-            match = _PARTITIONS_RE.search(line)
-            parts = [int(p) for p in match.group(1).split(",") if p.strip()] if match else []
-            events.append((at - self.started, kind, parts))
+            match = PARTITIONS.search(line)
+            if match:
+                parts = [int(p) for p in match.group(2).split(",") if p.strip()]
+                events.append((at - self.started, match.group(1), parts))
         return events
 
+    def owned(self) -> set[int]:
+        """The partitions this tm's workers own now, net of revocations."""
+        owners: Counter[int] = Counter()
+        for _, kind, parts in self.rebalance_events():
+            for p in parts:
+                owners[p] += 1 if kind == "assigned" else -1
+        return {p for p, n in owners.items() if n > 0}
+
     def ready_after(self, partitions: int) -> float | None:
-        """Seconds from spawn until every partition was owned by some worker (net of
-        revocations), from the ``partitions assigned``/``revoked`` log lines."""
+        """Seconds from spawn until every partition was owned by some worker."""
         owners: Counter[int] = Counter()
         for at, kind, parts in self.rebalance_events():
             for p in parts:
@@ -383,9 +179,8 @@ class TmProcess:
                 return at
         return None
 
-    def wait_ready(
-        self, partitions: int, *, timeout_s: float, poll_s: float = COMMIT_POLL_S
-    ) -> float:
+    def wait_ready(self, partitions: int, *, timeout_s: float) -> float:
+        """Wait until every partition is owned; return :meth:`ready_after`."""
         deadline = time.monotonic() + timeout_s
         while True:
             ready = self.ready_after(partitions)
@@ -393,32 +188,77 @@ class TmProcess:
                 return ready
             problem = self.problem()
             if problem:
-                raise BenchError(problem)
+                raise HarnessError(problem)
             if time.monotonic() > deadline:
-                raise BenchError(
+                raise HarnessError(
                     f"not all {partitions} partitions assigned after {timeout_s:.0f} s; "
                     f"last lines:\n{self.tail()}"
                 )
-            time.sleep(poll_s)
+            time.sleep(READY_POLL_S)
 
-    def stop(self, timeout_s: float) -> tuple[int, float, bool]:
-        """SIGTERM the supervisor only (as Kubernetes does) and wait; SIGKILL the whole session
-        at the deadline. Returns (exit status, seconds it took, whether it had to be killed)."""
+    # -- the end ---------------------------------------------------------------------------------
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout_s: float = 40.0) -> int:
+        """SIGTERM the supervisor only and wait; SIGKILL the whole session at the deadline.
+        Returns the exit status; :attr:`stopped_in_s` and :attr:`killed` say how it went."""
         began = time.monotonic()
-        killed = False
         try:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
             try:
-                code = self.process.wait(timeout_s)
+                return self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                killed = True
+                self.killed = True
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
-                code = self.process.wait(10)
+                return self.process.wait(KILL_WAIT_S)
         finally:
-            self._reader.join(5)
-            if self.process.stdout is not None:
-                self.process.stdout.close()
-            self._log.close()
-        return code, time.monotonic() - began, killed
+            self.stopped_in_s = time.monotonic() - began
+            self.close()
+
+    def close(self) -> None:
+        """SIGKILL whatever is left of the session; stop reading."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(KILL_WAIT_S)
+        self._reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log.close()
+
+
+class TmRun(TmProcess):
+    """tm pointed at a test's :class:`~harness.stack.Stack`, on a free API port, with short
+    batch linger; ``extra_env`` overrides any of it."""
+
+    def __init__(
+        self, stack: Stack, tmp_path: Path, *, wrap: Sequence[str] = (), **extra_env: str
+    ) -> None:
+        self.stack = stack
+        env = {
+            **os.environ,
+            **stack.env,
+            "TM_BATCH_LINGER_MS": "5",
+            "APP_PORT": str(free_port()),
+            **extra_env,
+        }
+        super().__init__(env, tmp_path / f"tm-{unique('run')}.log", wrap=wrap)
+
+    def wait_assigned(self, partitions: int, timeout_s: float = 30.0) -> None:
+        """Wait until this tm's workers own ``partitions`` partitions in all, as its API says
+        and as the group coordinator says (the group is stable with them assigned)."""
+
+        def assigned() -> bool:
+            details = self.service()
+            return (
+                details is not None
+                and details["partitionsOwned"] >= partitions
+                and group_assigned(self.stack.kafka_config, self.stack.group, self.stack.topic)
+                >= partitions
+            )
+
+        wait_for(assigned, timeout_s=timeout_s, what=f"{partitions} partitions assigned")

@@ -18,10 +18,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.probes import TmProcess
+from harness import report
+from harness.tm import TmProcess
 from loadtests.options import LoadOptions, refuse_non_local
 from loadtests.run import (
     CSV_PREFIX,
@@ -42,7 +42,7 @@ DEFAULT_RATE = 100.0  # `new` tasks a second: 10 gateway users at LOAD_USER_RATE
 
 
 def note(text: str) -> None:
-    print(f"[load {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+    report.note(text, who="load")
 
 
 def _env_number(name: str, default: float) -> float:
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             run_locust(command, env, timeout_s=limit)
     finally:
         if tm is not None:
-            code, took, killed = tm.stop(settings.consumer.graceful_shutdown_timeout_ms / 1000)
+            code = tm.stop(settings.consumer.graceful_shutdown_timeout_ms / 1000)
+            took, killed = tm.stopped_in_s or 0.0, tm.killed
             note(
                 f"tm stopped: exit status {code} after {took:.1f} s"
                 + (" (killed at the deadline)" if killed else "")

@@ -6,13 +6,12 @@ answer they fail with one line saying so; they never skip.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
-from bench.stack import unique
+from harness import answers, unique
 from tm import config
 from tm.adapters import migrations, postgres
 from tm.config import Settings
@@ -21,15 +20,6 @@ from tm.config import Settings
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return config.load()
-
-
-def answers(host: str, port: int) -> bool:
-    """Something listens on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")

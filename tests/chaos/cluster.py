@@ -24,8 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.stack import free_port
-from tests.conftest import answers
+from harness import answers, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_LIBS = REPO / ".stack" / "kafka" / "libs"

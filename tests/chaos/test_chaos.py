@@ -29,11 +29,13 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from bench.stack import free_port, unique
+from harness import answers, free_port, unique, wait_for
+from harness.kafka import KafkaHeaders
+from harness.procfs import alive, process_tree
+from harness.proxy import TcpProxy
+from harness.stack import Stack, make_stack
+from harness.tm import TmRun
 from tests.chaos.cluster import Kafka, Postgres, remove, scratch_dir
-from tests.conftest import answers
-from tests.e2e.harness import KafkaHeaders, Stack, TmRun, make_stack, wait_for
-from tests.e2e.proxy import TcpProxy
 from tm import config
 from tm.config import Settings
 from tm.traffic import new_task_message
@@ -149,8 +151,7 @@ def world(tmp_path: Path, pg_up: None, kafka_up: None) -> Iterator[World]:
             "KAFKA_BROKERS": kafka.bootstrap,
         }
         settings = config.load(env)
-        stacks = make_stack(settings)
-        stack = next(stacks)
+        stack = cleanup.enter_context(make_stack(settings))  # dropped after the finally below
         stack.env["POSTGRES_USER"] = "postgres"
         world = World(settings, stack, pg, kafka, pg_proxy, kafka_proxy, tmp_path)
         try:
@@ -162,7 +163,6 @@ def world(tmp_path: Path, pg_up: None, kafka_up: None) -> Iterator[World]:
                 kafka.start()
             if not answers("127.0.0.1", pg.port):
                 pg.start()
-            next(stacks, None)  # drops the database and the topics
 
 
 # -- gateway and crawlers --------------------------------------------------------------------
@@ -326,18 +326,18 @@ def inflict(world: World, fault: Fault, rng: random.Random, log: list[str]) -> N
     """Do ``fault`` (and undo it after its duration); append what happened to ``log``."""
     tm, kind, hold = world.tm, fault.kind, fault.duration_s
     if kind == "kill_worker":
-        alive = [pid for pid in tm.worker_pids() if _alive(pid)]
-        if alive:
-            victim = rng.choice(alive)
+        living = [pid for pid in tm.worker_pids() if alive(pid)]
+        if living:
+            victim = rng.choice(living)
             os.kill(victim, signal.SIGKILL)
             log.append(f"kill -9 worker {victim}")
     elif kind == "kill_tm":
-        processes = _descendants(tm.process.pid)
+        processes = process_tree(tm.process.pid)[1:]
         os.killpg(tm.process.pid, signal.SIGKILL)
         tm.process.wait(10)
         log.append(f"kill -9 of tm's process group {tm.process.pid}")
         # Its children end too (the group's kill, or PDEATHSIG): a new tm starts after them.
-        wait_for(lambda: not any(_alive(p) for p in processes), what="tm's processes gone")
+        wait_for(lambda: not any(alive(p) for p in processes), what="tm's processes gone")
         world.start_tm()
     elif kind == "terminate_backends":
         rows = world.stack.query(
@@ -367,26 +367,6 @@ def inflict(world: World, fault: Fault, rng: random.Random, log: list[str]) -> N
         time.sleep(hold)
         proxy.restore()
         log.append(f"{target} proxy {mode} for {hold:.1f} s")
-
-
-def _descendants(pid: int) -> list[int]:
-    found, pending = [], [pid]
-    while pending:
-        parent = pending.pop()
-        with contextlib.suppress(FileNotFoundError):
-            for task in os.listdir(f"/proc/{parent}/task"):
-                with open(f"/proc/{parent}/task/{task}/children") as f:
-                    pending += [int(child) for child in f.read().split()]
-        found.append(parent)
-    return found[1:]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # -- the test --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import Stack, make_stack
+from harness.stack import Stack, make_stack
 from tm.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,4 +84,5 @@ def podman(request: pytest.FixtureRequest) -> Podman:
 
 @pytest.fixture
 def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
-    yield from make_stack(settings)
+    with make_stack(settings) as made:
+        yield made

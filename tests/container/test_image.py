@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.stack import free_port, unique
+from harness import free_port, unique, wait_for
+from harness.stack import Stack
 from tests.container.conftest import Podman
-from tests.e2e.harness import Stack, wait_for
 from tm import traffic
 from tm.config import Settings
 

@@ -6,15 +6,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.stack import unique
-from tests.e2e.harness import Stack, admin_sql, make_stack
-from tests.e2e.proxy import TcpProxy
+from harness import unique
+from harness.proxy import TcpProxy
+from harness.stack import Stack, admin_sql, make_stack
 from tm.config import Settings
 
 
 @pytest.fixture
 def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
-    yield from make_stack(settings)
+    with make_stack(settings) as made:
+        yield made
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from bench.stack import free_port
-from tests.e2e.harness import wait_for
+from harness import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "stack" / "otelcol" / "build.sh"

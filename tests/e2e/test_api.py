@@ -17,8 +17,10 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.e2e.harness import Stack, TmRun, wait_for
-from tests.e2e.proxy import TcpProxy
+from harness import wait_for
+from harness.proxy import TcpProxy
+from harness.stack import Stack
+from harness.tm import TmRun
 from tm.traffic import new_task_message
 
 pytestmark = pytest.mark.e2e

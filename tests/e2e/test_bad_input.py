@@ -26,9 +26,11 @@ from confluent_kafka import Producer
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
+from harness.kafka import KafkaHeaders
+from harness.stack import Stack
+from harness.tm import TmRun
 from tests.e2e import bad_input
 from tests.e2e.bad_input import RESULT_LIMIT, Item, Sent, expect, lay_out
-from tests.e2e.harness import KafkaHeaders, Stack, TmRun
 from tm.adapters import kafka
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ every task is applied exactly once and the group has committed to the end (DESIG
 
 Tasks are told apart by their unique ``user_email`` (``new_task_message(n)``), so "exactly once"
 is ``count(*) == N`` and ``count(DISTINCT user_email) == N``. Network faults go through
-:class:`tests.e2e.proxy.TcpProxy` (STYLE §5).
+:class:`harness.proxy.TcpProxy` (STYLE §5).
 """
 
 from __future__ import annotations
@@ -13,234 +13,38 @@ import asyncio
 import os
 import re
 import signal
-import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import asyncpg
-import orjson
 import pytest
-from confluent_kafka import Producer
 
-from bench.stack import unique
-from tests.e2e.harness import Stack, TmRun, wait_for
-from tests.e2e.proxy import TcpProxy
-from tm.adapters import kafka, postgres
+from harness import unique, wait_for
+from harness.kafka import Feeder
+from harness.outcomes import (
+    FAST,
+    RETRYING,
+    SHORT_SESSION,
+    assert_committed_prefixes_applied,
+    produce_new,
+    snapshot,
+    terminate_backends,
+    wait_all_applied,
+)
+from harness.procfs import alive
+from harness.proxy import TcpProxy, via
+from harness.stack import Stack
+from harness.tm import TmRun
+from tm.adapters import postgres
 from tm.config import Settings
-from tm.supervisor import PREFLIGHT_TIMEOUT_S
-from tm.traffic import new_task_message, update_message
+from tm.preflight import PREFLIGHT_TIMEOUT_S
 from tm.worker.threads import REVOKE_BUDGET_S
 
 pytestmark = pytest.mark.e2e
 
-SPAWNED = re.compile(r"worker spawned.* slot=(\d+) pid=(\d+)")
-STARTED = re.compile(r"worker started.* slot=(\d+) pid=(\d+)")
+# The supervisor's line for a dead worker, with the back-off it chose.
 DIED = re.compile(r"worker died; restarting.* slot=(\d+) .*restart_in_s=([\d.]+)")
-RETRYING = "batch failed; nothing committed, retrying"
-
-# Fast retries and short timeouts so that a fault and its recovery fit in a few seconds.
-FAST = {
-    "TM_RETRY_BACKOFF_INITIAL_MS": "100",
-    "TM_RETRY_BACKOFF_MAX_MS": "1000",
-    "POSTGRES_QUERY_TIMEOUT": "2000",
-    "POSTGRES_CONNECTION_TIMEOUT": "2000",
-}
-# A killed worker's group membership expires after the session timeout; keep it short.
-SHORT_SESSION = {"KAFKA_SESSION_TIMEOUT": "6000", "KAFKA_HEARTBEAT_INTERVAL": "1000"}
-
-
-# -- helpers -----------------------------------------------------------------------------------
-
-
-class Feeder:
-    """Produces ``new_task_message(n)`` for n in [start, start + count) at ``rate`` messages per
-    second from a thread, so that tm is busy when a fault happens.
-
-    With ``completed_lag`` > 0, each `new` event carries a task_id header and goes to partition
-    ``n % partitions``, followed on that partition by a `completed` update of task ``n - lag``:
-    tm's batches then hold new tasks and updates together, applied in one transaction."""
-
-    def __init__(
-        self, stack: Stack, *, count: int, rate: float, start: int = 0, completed_lag: int = 0
-    ) -> None:
-        self.expected = {f"user{n}@example.com" for n in range(start, start + count)}
-        self.completed = max(count - completed_lag, 0) if completed_lag else 0
-        self._stack, self._start, self._count, self._rate = stack, start, count, rate
-        self._lag = completed_lag
-        self._failures: list[str] = []
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            config = kafka.client_config(self._stack.settings.kafka)
-            config.update({"enable.idempotence": True, "acks": "all", "linger.ms": 5})
-            producer = Producer(config)
-
-            def on_delivery(error: Any, _message: Any) -> None:
-                if error is not None:
-                    self._failures.append(str(error))
-
-            began = time.monotonic()
-            for i in range(self._count):
-                ahead = began + i / self._rate - time.monotonic()
-                if ahead > 0 and self._stop.wait(ahead):  # pacing, not waiting for an outcome
-                    break
-                for partition, headers, value in self._messages(self._start + i):
-                    while True:
-                        try:
-                            producer.produce(
-                                self._stack.topic,
-                                value=value,
-                                headers=headers,
-                                on_delivery=on_delivery,
-                                partition=partition,
-                            )
-                            break
-                        except BufferError:
-                            producer.poll(0.05)
-                producer.poll(0)
-            if producer.flush(30):
-                self._failures.append("messages left unacknowledged")
-        except BaseException as exc:  # reported by join()
-            self._error = exc
-
-    def _messages(self, n: int) -> list[tuple[int, Any, bytes]]:
-        """(partition, headers, value) of what the n-th step produces; partition -1: the
-        producer's partitioner chooses."""
-        headers, value = new_task_message(n)
-        if not self._lag:
-            return [(-1, headers, value)]
-        partitions = self._stack.partitions
-        headers = [*headers, ("task_id", str(feeder_task_id(n)).encode())]
-        out = [(n % partitions, headers, value)]
-        if n - self._lag >= self._start:
-            before = n - self._lag
-            update_headers, update = update_message(feeder_task_id(before), failed=False)
-            out.append((before % partitions, update_headers, update))
-        return out
-
-    def join(self) -> None:
-        self._thread.join(60)
-        assert not self._thread.is_alive(), "the feeder did not finish"
-        if self._error is not None:
-            raise self._error
-        assert self._failures == []
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(60)
-
-
-def feeder_task_id(n: int) -> uuid.UUID:
-    """The task_id header Feeder gives task n when it also sends updates."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"tm-e2e-feeder/{n}")
-
-
-def produce_new(stack: Stack, numbers: range, *, partition: int | None = None) -> set[str]:
-    messages = []
-    for n in numbers:
-        headers, value = new_task_message(n)
-        messages.append((None, headers, value))
-    stack.produce(messages, partition=partition)
-    return {f"user{n}@example.com" for n in numbers}
-
-
-def emails(stack: Stack) -> set[str]:
-    return {row[0] for row in stack.query("SELECT user_email FROM web_crawl_tasks")}
-
-
-def assert_exactly_once(stack: Stack, expected: set[str]) -> None:
-    total, distinct = stack.query(
-        "SELECT count(*), count(DISTINCT user_email) FROM web_crawl_tasks"
-    )[0]
-    applied = emails(stack)
-    assert not expected - applied, f"{len(expected - applied)} task(s) missing"
-    assert not applied - expected, f"{len(applied - expected)} unexpected task(s)"
-    assert (total, distinct) == (len(expected), len(expected)), "a task was applied twice"
-
-
-def wait_all_applied(stack: Stack, expected: set[str], timeout_s: float = 30.0) -> None:
-    wait_for(lambda: stack.count() >= len(expected), timeout_s=timeout_s, what="every task")
-    wait_for(stack.all_committed, timeout_s=timeout_s, what="offsets committed to the end")
-    assert_exactly_once(stack, expected)
-
-
-@dataclass
-class Snapshot:
-    """The group's committed offsets, and the tasks in the table read right after them."""
-
-    committed: dict[int, int]
-    applied: set[str]
-
-
-def snapshot(stack: Stack) -> Snapshot:
-    committed = stack.committed()
-    return Snapshot(committed, emails(stack))  # rows are never deleted: read after the offsets
-
-
-def assert_committed_prefixes_applied(stack: Stack, snapshots: list[Snapshot]) -> None:
-    """Every message below a committed offset was in the table when that offset was seen."""
-    where = {}  # (partition, offset) -> user_email
-    for message in stack.read_topic(stack.topic, timeout_s=30):
-        email = orjson.loads(message.value())["user_email"]
-        where[(message.partition(), message.offset())] = email
-    for i, shot in enumerate(snapshots):
-        unapplied = sorted(
-            (p, o)
-            for (p, o), email in where.items()
-            if o < shot.committed.get(p, -1) and email not in shot.applied
-        )
-        assert not unapplied, (
-            f"snapshot {i}: committed {shot.committed} passes {len(unapplied)} message(s) not"
-            f" in the table, first {unapplied[:5]}"
-        )
-
-
-def spawned(tm: TmRun) -> list[tuple[int, int]]:
-    """(slot, pid) of every "worker spawned" line, in order."""
-    return [(int(s), int(p)) for s, p in SPAWNED.findall(tm.output())]
-
-
-def started_pids(tm: TmRun) -> set[int]:
-    """Pids of the workers that logged "worker started" (they have booted)."""
-    return {int(p) for _, p in STARTED.findall(tm.output())}
-
-
-def owned(tm: TmRun) -> set[int]:
-    """The partitions a TmRun's workers own now, from their assigned/revoked lines."""
-    return tm.owned()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie nobody reaped yet is dead too
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def terminate_backends(stack: Stack) -> int:
-    rows = stack.query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE application_name = 'tm' AND datname = $1 AND pid <> pg_backend_pid()",
-        stack.database,
-    )
-    return sum(1 for row in rows if row[0])
-
-
-def via(proxy: TcpProxy) -> dict[str, str]:
-    return {"POSTGRES_HOST": proxy.host, "POSTGRES_PORT": str(proxy.port)}
 
 
 # -- 1. the database goes away -------------------------------------------------------------------
@@ -253,7 +57,7 @@ def test_database_cut_mid_stream_commits_nothing_unapplied(
     feeder: Feeder | None = None
     try:
         tm.wait_assigned(6)
-        feeder = Feeder(stack, count=10_000, rate=1000)
+        feeder = stack.feed(count=10_000, rate=1000)
         wait_for(lambda: stack.count() > 1500, what="tm busy")
         before = snapshot(stack)
 
@@ -292,7 +96,7 @@ def test_database_backends_terminated_under_load_are_retried_and_every_task_appl
     feeder: Feeder | None = None
     try:
         tm.wait_assigned(6)
-        feeder = Feeder(stack, count=10_000, rate=1000)
+        feeder = stack.feed(count=10_000, rate=1000)
         snapshots = []
         terminated = 0
         for round_ in range(4):
@@ -333,7 +137,7 @@ def test_connection_freeze_before_commit_does_not_hold_rows_hostage(
     feeder: Feeder | None = None
     try:
         tm.wait_assigned(6)
-        feeder = Feeder(stack, count=5000, rate=500, completed_lag=50)
+        feeder = stack.feed(count=5000, rate=500, completed_lag=50)
         wait_for(lambda: stack.count() > 500, what="tm busy")
         proxy.freeze_on(b"COMMIT")  # the first batch holding both new tasks and updates
         wait_for(lambda: proxy.frozen > 0, what="a connection frozen before its COMMIT")
@@ -364,14 +168,11 @@ def test_killed_worker_is_restarted_and_nothing_is_lost(stack: Stack, tmp_path: 
     feeder: Feeder | None = None
     try:
         tm.wait_assigned(6)
-        feeder = Feeder(stack, count=10_000, rate=1000)
+        feeder = stack.feed(count=10_000, rate=1000)
         wait_for(lambda: stack.count() > 2000, what="tm busy")
-        slot, victim = spawned(tm)[0]
+        slot, victim = min(tm.workers().items())
         os.kill(victim, signal.SIGKILL)
-        wait_for(
-            lambda: [s for s, _ in spawned(tm)].count(slot) == 2,
-            what=f"slot {slot} respawned",
-        )
+        replacement = tm.wait_worker(slot, not_pid=victim)
         feeder.join()
         wait_all_applied(stack, feeder.expected)
     finally:
@@ -385,7 +186,7 @@ def test_killed_worker_is_restarted_and_nothing_is_lost(stack: Stack, tmp_path: 
     assert f"code={-signal.SIGKILL}" in next(
         line for line in output.splitlines() if "worker died" in line
     )
-    assert victim not in [pid for _, pid in spawned(tm)[2:]]
+    assert replacement != victim and not alive(victim)
 
 
 # -- 3. a rebalance: one member leaves, the other takes over ------------------------------------
@@ -397,20 +198,20 @@ def test_survivor_takes_over_the_partitions_of_a_member_that_left(
     first = TmRun(stack, tmp_path, TM_WORKERS="1")
     second: TmRun | None = None
     try:
-        wait_for(lambda: len(owned(first)) == 6, what="the first member owns 6 partitions")
+        wait_for(lambda: len(first.owned()) == 6, what="the first member owns 6 partitions")
         second = TmRun(stack, tmp_path, TM_WORKERS="1")
         wait_for(
-            lambda: len(owned(first)) == 3 and len(owned(second)) == 3,
+            lambda: len(first.owned()) == 3 and len(second.owned()) == 3,
             what="3 partitions each",
         )
-        assert owned(first) | owned(second) == set(range(6))
+        assert first.owned() | second.owned() == set(range(6))
         expected = set()
         for p in range(6):
             expected |= produce_new(stack, range(p * 100, p * 100 + 100), partition=p)
         wait_all_applied(stack, expected)
 
         assert first.stop() == 0, first.output()
-        wait_for(lambda: len(owned(second)) == 6, what="the survivor owns 6 partitions")
+        wait_for(lambda: len(second.owned()) == 6, what="the survivor owns 6 partitions")
         for p in range(6):
             expected |= produce_new(stack, range(1000 + p * 100, 1000 + p * 100 + 100), partition=p)
         wait_all_applied(stack, expected)
@@ -430,13 +231,13 @@ def test_member_joining_under_load_gets_its_partitions_without_waiting_the_revok
     second: TmRun | None = None
     feeder: Feeder | None = None
     try:
-        wait_for(lambda: len(owned(first)) == 6, what="the first member owns 6 partitions")
-        feeder = Feeder(stack, count=15_000, rate=1500)
+        wait_for(lambda: len(first.owned()) == 6, what="the first member owns 6 partitions")
+        feeder = stack.feed(count=15_000, rate=1500)
         wait_for(lambda: stack.count() > 2000, what="tm busy")
         second = TmRun(stack, tmp_path, TM_WORKERS="1")
         wait_for(lambda: "partitions assigned" in second.output(), what="the second member in")
         wait_for(
-            lambda: len(owned(first)) == 3 and len(owned(second)) == 3,
+            lambda: len(first.owned()) == 3 and len(second.owned()) == 3,
             timeout_s=REVOKE_BUDGET_S / 2,
             what="3 partitions each (the revoke callback waits out its budget?)",
         )
@@ -465,7 +266,7 @@ def test_sigterm_under_load_then_restart_loses_and_doubles_nothing(
     feeder: Feeder | None = None
     try:
         tm.wait_assigned(6)
-        feeder = Feeder(stack, count=12_000, rate=1500)
+        feeder = stack.feed(count=12_000, rate=1500)
         wait_for(lambda: stack.count() > 3000, what="tm busy")
         tm.signal(signal.SIGTERM)
         code = tm.process.wait(timeout=grace_s)
@@ -498,11 +299,11 @@ def test_second_signal_during_a_stuck_drain_exits_at_once(
     feeder: Feeder | None = None
     try:
         tm.wait_assigned(6)
-        feeder = Feeder(stack, count=5000, rate=1000)
+        feeder = stack.feed(count=5000, rate=1000)
         wait_for(lambda: stack.count() > 500, what="tm busy")
         proxy.blackhole()
         wait_for(lambda: proxy.stuck() >= 1, what="a query stuck in the database")
-        workers = [pid for _, pid in spawned(tm)]
+        workers = tm.worker_pids()
         tm.signal(signal.SIGTERM)
         wait_for(
             lambda: "stopping: finishing the in-flight batch" in tm.output(),
@@ -601,15 +402,12 @@ def test_silent_worker_is_killed_and_restarted(stack: Stack, tmp_path: Path) -> 
         tm.wait_assigned(6)
         expected = produce_new(stack, range(1000))
         wait_all_applied(stack, expected)
-        slot, victim = spawned(tm)[0]
+        slot, victim = min(tm.workers().items())
         os.kill(victim, signal.SIGSTOP)
         wait_for(
             lambda: "worker stopped sending heartbeats" in tm.output(), what="heartbeat timeout"
         )
-        wait_for(
-            lambda: [s for s, _ in spawned(tm)].count(slot) == 2,
-            what=f"slot {slot} respawned",
-        )
+        tm.wait_worker(slot, not_pid=victim)
         expected |= produce_new(stack, range(1000, 3000))
         wait_all_applied(stack, expected)
     finally:
@@ -631,21 +429,11 @@ def test_worker_crashing_after_boot_is_restarted_with_backoff(stack: Stack, tmp_
     tm = TmRun(stack, tmp_path, TM_WORKERS="2", **SHORT_SESSION)
     try:
         tm.wait_assigned(6)
-        slot = 0
-        for crash in range(4):
-            pids = [pid for s, pid in spawned(tm) if s == slot]
-            assert len(pids) == crash + 1
-
-            def booted(pid: int = pids[-1]) -> bool:
-                return pid in started_pids(tm)
-
-            wait_for(booted, what="the worker booted")
-            os.kill(pids[-1], signal.SIGKILL)
-
-            def respawned(n: int = crash + 2) -> bool:
-                return [s for s, _ in spawned(tm)].count(slot) == n
-
-            wait_for(respawned, what=f"slot {slot} respawned")
+        slot, pid = 0, 0
+        for _ in range(4):
+            pid = tm.wait_worker(slot, not_pid=pid, joined=True)  # a new worker, booted
+            os.kill(pid, signal.SIGKILL)
+        tm.wait_worker(slot, not_pid=pid)
         assert tm.process.poll() is None, tm.output()
         expected = produce_new(stack, range(2000))
         wait_all_applied(stack, expected)

@@ -23,7 +23,10 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from tests.e2e.harness import Headers, KafkaHeaders, Stack, TmRun, wait_for
+from harness import wait_for
+from harness.kafka import Headers, KafkaHeaders
+from harness.stack import Stack
+from harness.tm import TmRun
 from tm.adapters import kafka
 
 pytestmark = pytest.mark.e2e

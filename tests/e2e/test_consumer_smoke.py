@@ -11,7 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.e2e.harness import Stack, TmRun, make_stack, wait_for
+from harness import wait_for
+from harness.stack import Stack, make_stack
+from harness.tm import TmRun
 from tm.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -92,7 +94,8 @@ def test_default_worker_count_follows_the_cpus_tm_may_use(
 
 @pytest.fixture
 def one_partition(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
-    yield from make_stack(settings, partitions=1)
+    with make_stack(settings, partitions=1) as made:
+        yield made
 
 
 def test_default_worker_count_is_never_above_the_partitions(

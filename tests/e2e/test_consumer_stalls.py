@@ -3,7 +3,7 @@ with a partition left paused by a backoff, during a database failover, on a sign
 workers start, and with the supervisor killed under its children.
 
 Each test runs ``tm run`` as a real process tree against the real broker and database; network
-faults go through :class:`tests.e2e.proxy.TcpProxy`.
+faults go through :class:`harness.proxy.TcpProxy`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.stack import free_port
-from tests.e2e.harness import Stack, TmRun, admin_sql, wait_for
-from tests.e2e.proxy import TcpProxy
-from tests.e2e.test_consumer_faults import (
-    FAST,
-    RETRYING,
-    SHORT_SESSION,
-    Feeder,
-    alive,
-    produce_new,
-    spawned,
-    via,
-    wait_all_applied,
-)
+from harness import free_port, wait_for
+from harness.kafka import Feeder
+from harness.outcomes import FAST, RETRYING, SHORT_SESSION, produce_new, wait_all_applied
+from harness.procfs import alive
+from harness.proxy import TcpProxy, via
+from harness.stack import Stack, admin_sql
+from harness.tm import TmRun
 
 pytestmark = pytest.mark.e2e
 
@@ -203,14 +196,12 @@ def test_database_failover_with_a_worker_restarting_does_not_halt(
     feeder: Feeder | None = None
     try:
         tm.wait_assigned(6)
-        feeder = Feeder(stack, count=6000, rate=500)
+        feeder = stack.feed(count=6000, rate=500)
         wait_for(lambda: stack.count() > 1000, what="tm busy")
         proxy.cut()
-        slot, victim = spawned(tm)[0]
+        slot, victim = min(tm.workers().items())
         os.kill(victim, signal.SIGKILL)  # its restart cannot open its pool
-        wait_for(
-            lambda: [s for s, _ in spawned(tm)].count(slot) >= 2, what=f"slot {slot} respawned"
-        )
+        tm.wait_worker(slot, not_pid=victim)
         time.sleep(10)  # the outage: a deliberately timed window
         assert tm.process.poll() is None, tm.output()
         proxy.restore()
@@ -266,11 +257,7 @@ def test_api_process_goes_with_a_killed_supervisor_and_the_next_start_binds_its_
     try:
         tm.wait_assigned(6)
         wait_for(lambda: "api listening" in tm.output(), what="the API process listening")
-        children = [
-            int(line.split("pid=")[1].split()[0])
-            for line in tm.output().splitlines()
-            if " spawned" in line
-        ]
+        children = [pid for pid in tm.roles() if pid != tm.pid]
         tm.process.kill()  # SIGKILL of the supervisor alone: no drain, no forwarding
         tm.process.wait(10)
         wait_for(

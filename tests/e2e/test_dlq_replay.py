@@ -11,7 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.e2e.harness import Stack, TmRun, wait_for
+from harness import wait_for
+from harness.stack import Stack
+from harness.tm import TmRun
 
 pytestmark = pytest.mark.e2e
 

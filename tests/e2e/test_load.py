@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.stack import Stack
+from harness.tm import TmRun
 from loadtests.options import STAGES
 from loadtests.run import CSV_PREFIX, locust_command, problems, read_stats, render, run_locust
-from tests.e2e.harness import Stack, TmRun
 
 pytestmark = pytest.mark.e2e
 

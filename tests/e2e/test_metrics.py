@@ -25,8 +25,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.stack import free_port
-from tests.e2e.harness import Headers, Stack, TmRun, wait_for
+from harness import free_port, wait_for
+from harness.kafka import Headers
+from harness.stack import Stack
+from harness.tm import TmRun
 
 pytestmark = pytest.mark.e2e
 
@@ -234,24 +236,23 @@ def test_killed_worker_is_counted_and_its_live_series_go(stack: Stack, tmp_path:
         tm.wait_assigned(stack.partitions)
         stack.produce([new(uuid.uuid4()) for _ in range(n)])
         wait_for(stack.all_committed, what="the messages committed")
-        first = tm.worker_pids()
+        first = tm.workers()
         scrape_when(
             tm,
             lambda s: (
-                worker_memory_pids(s) == set(first)
+                worker_memory_pids(s) == set(first.values())
                 and value(s, "tm_messages_applied_total", outcome="created") == n
             ),
             what="both workers' memory and every message counted",
         )
 
-        victim = first[0]
+        victim, survivor = first[0], first[1]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(tm.worker_pids()) == 3, what="the killed worker respawned")
-        replacement = tm.worker_pids()[2]
+        replacement = tm.wait_worker(0, not_pid=victim)
         samples = scrape_when(
             tm,
             lambda s: (
-                worker_memory_pids(s) == {first[1], replacement}
+                worker_memory_pids(s) == {survivor, replacement}
                 and value(s, "tm_workers_running") == 2
                 and value(s, "tm_worker_restarts_total", role="worker") == 1
             ),

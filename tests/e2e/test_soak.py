@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import leaks, soak
-from bench.stack import with_database
-from tests.e2e.harness import Stack
+from harness.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -25,18 +24,8 @@ WARMUP_S = 15.0
 def test_a_minute_under_load_leaks_no_descriptors_connections_or_metric_files(
     stack: Stack, tmp_path: Path
 ) -> None:
-    target = soak.Target(
-        settings=with_database(stack.settings, stack.database),
-        topic=stack.topic,
-        requests_topic=stack.requests_topic,
-        dlq_topic=stack.dlq_topic,
-        group=stack.group,
-        partitions=stack.partitions,
-        env=stack.env,
-    )
-
     result = soak.run_soak(
-        target, seconds=SECONDS, rate=RATE, sample_s=SAMPLE_S, warmup_s=WARMUP_S, log_dir=tmp_path
+        stack, seconds=SECONDS, rate=RATE, sample_s=SAMPLE_S, warmup_s=WARMUP_S, log_dir=tmp_path
     )
     report = soak.render(result, command="tests/e2e/test_soak.py", facts={}, how_rate="fixed")
     print(report)

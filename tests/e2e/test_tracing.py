@@ -11,8 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench.stack import free_port
-from tests.e2e.harness import Stack, TmRun, wait_for
+from harness import free_port, wait_for
+from harness.stack import Stack
+from harness.tm import TmRun
 from tests.e2e.otelcol import Collector, build
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Stack
+from harness.stack import Stack
 from tm.adapters import migrations
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bench.stack import unique
+from harness import unique
 from tm.adapters import kafka
 from tm.config import Settings
 from tm.errors import KafkaUnavailableError

@@ -33,8 +33,8 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient
 
-from bench.stack import free_port
-from tests.e2e.harness import Stack, admin_sql, make_stack, wait_for
+from harness import free_port, wait_for
+from harness.stack import Stack, admin_sql, make_stack
 from tests.k8s.conftest import ROOT, Obj, build, one, secret_data
 from tm import traffic
 from tm.adapters import kafka
@@ -99,7 +99,7 @@ def podman() -> Podman:
 @pytest.fixture
 def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
     """Fresh topics, and a fresh database left empty: the pod's init container migrates it."""
-    for made in make_stack(settings):
+    with make_stack(settings) as made:
         database = f"{made.database}_pod"
         admin_sql(settings, f'CREATE DATABASE "{database}"')
         try:

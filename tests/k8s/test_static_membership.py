@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import PARTITIONS, Stack, TmRun, make_stack, wait_for
+from harness import wait_for
+from harness.stack import Stack, make_stack
+from harness.tm import TmRun
 from tests.k8s.conftest import build, one
 from tm.config import Settings
 
@@ -22,12 +24,13 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
-    yield from make_stack(settings, partitions=6)
+    with make_stack(settings, partitions=6) as made:
+        yield made
 
 
 def _restart_tm_1(
     stack: Stack, tmp_path: Path, env: dict[str, str], static: bool
-) -> list[tuple[str, str]]:
+) -> list[tuple[str, list[int]]]:
     """Start tm-0 and tm-1 (2 workers each), restart tm-1; tm-0's assign/revoke lines after."""
     ids = {"tm-0": {"KAFKA_GROUP_INSTANCE_ID": "tm-0"}, "tm-1": {"KAFKA_GROUP_INSTANCE_ID": "tm-1"}}
     if not static:
@@ -41,7 +44,7 @@ def _restart_tm_1(
             return bool(mine and theirs) and len(mine | theirs) == 6 == stack.group_assigned()
 
         wait_for(settled, timeout_s=60, what="6 partitions over the 4 workers")
-        before = PARTITIONS.findall(tm0.output())
+        before = len(tm0.rebalance_events())
         owned = tm1.owned()
         assert tm1.stop() == 0
         tm1 = TmRun(stack, tmp_path, **env, **ids["tm-1"])
@@ -50,7 +53,7 @@ def _restart_tm_1(
             wait_for(lambda: tm1.owned() == owned, timeout_s=30, what=f"tm-1 owning {owned}")
         else:
             wait_for(lambda: tm1.owned(), timeout_s=30, what="tm-1 owning partitions")
-        return PARTITIONS.findall(tm0.output())[len(before) :]
+        return [(kind, parts) for _, kind, parts in tm0.rebalance_events()[before:]]
     finally:
         tm1.stop()
         tm0.stop()

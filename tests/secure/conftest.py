@@ -20,8 +20,8 @@ from urllib.parse import parse_qs
 
 import pytest
 
+from harness.stack import Stack, make_stack
 from stack import certs
-from tests.e2e.harness import Stack, make_stack
 from tm import config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,7 +209,7 @@ def secured_stack(kafka_env: dict[str, str], postgres_env: dict[str, str]) -> It
     all, so that a `tm run` of the test connects as they say."""
     env = {**kafka_env, **postgres_env}
     settings = config.load(env)
-    for stack in make_stack(settings, partitions=3):
+    with make_stack(settings, partitions=3) as stack:
         stack.env = {**env, **stack.env}  # the stack's own database and topics
         yield stack
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.stack import free_port, unique
+from harness import free_port, unique, wait_for
+from harness.stack import Stack
 from tests.container.conftest import PODMAN, Podman
-from tests.e2e.harness import Stack, wait_for
 from tests.secure.conftest import Secure, secured_stack
 from tests.secure.test_secured import get
 from tm import traffic

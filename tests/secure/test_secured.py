@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from bench.stack import unique
-from tests.e2e.harness import Stack, TmRun, wait_for
+from harness import unique, wait_for
+from harness.stack import Stack
+from harness.tm import TmRun
 from tests.secure.conftest import Secure, TokenEndpoint, secured_stack
 from tm.traffic import new_task_message
 
