@@ -11,7 +11,7 @@ from typing import Any
 from tm.core.decode import RawMessage
 from tm.core.messages import NewTask, Outcome, StatusUpdate, TaskStatus, update_outcome
 from tm.errors import KafkaUnavailableError, RowRejectedError, TransientError
-from tm.pipeline import BatchRecord, Pipeline
+from tm.pipeline import BatchRecord, Pipeline, TransactionOffsets
 
 
 @dataclass
@@ -94,9 +94,15 @@ class FakeDatabase:
 
 @dataclass
 class FakeSink:
+    """The producer; with ``transactional``, its flushes are transactions: ``committed`` holds
+    each one's messages and offsets, ``aborted`` the messages of each aborted one."""
+
     produced: list[dict[str, Any]] = field(default_factory=list)
     acknowledged: list[dict[str, Any]] = field(default_factory=list)
     fail_flush: bool = False
+    transactional: bool = False
+    committed: list[tuple[list[dict[str, Any]], dict[int, int]]] = field(default_factory=list)
+    aborted: list[list[dict[str, Any]]] = field(default_factory=list)
 
     def produce(
         self,
@@ -109,11 +115,24 @@ class FakeSink:
     ) -> None:
         self.produced.append({"topic": topic, "key": key, "value": value, "headers": dict(headers)})
 
-    def flush(self) -> None:
-        pending, self.produced = self.produced, []
+    def flush(self, offsets: TransactionOffsets | None = None) -> None:
         if self.fail_flush:
+            if self.transactional:
+                self.abort()
+            else:
+                self.produced = []
             raise KafkaUnavailableError("1 message(s) not delivered: _MSG_TIMED_OUT")
+        pending, self.produced = self.produced, []
         self.acknowledged.extend(pending)
+        if self.transactional:
+            self.committed.append((pending, offsets.next_offsets if offsets else {}))
+
+    def abort(self) -> bool:
+        if not self.transactional or not self.produced:
+            return False
+        self.aborted.append(self.produced)
+        self.produced = []
+        return True
 
 
 async def run_stages(pipeline: Pipeline, messages: Sequence[RawMessage]) -> BatchRecord:

@@ -17,6 +17,7 @@ import signal
 from tm.config import Settings
 from tm.observability import metricfiles
 from tm.processes import Processes
+from tm.protocol import EXIT_FENCED
 from tm.slots import ApiSlot, Slot, WorkerSlot
 
 log = logging.getLogger("tm.supervisor")
@@ -87,7 +88,10 @@ class Children:
 
     def restart(self, slot: Slot, code: int, now: float) -> str | None:
         """Schedule the restart of ``slot``, whose child exited with ``code``; or, when it
-        failed before it booted too many times in a row, return why the service must halt."""
+        failed before it booted too many times in a row, or was fenced, return why the service
+        must halt."""
+        if code == EXIT_FENCED:
+            return f"{slot.who} was fenced: {slot.last_error or 'by another process'}"
         if not slot.booted:
             slot.boot_failures += 1
             if slot.boot_failures >= MAX_BOOT_FAILURES:

@@ -27,6 +27,8 @@ from tm.errors import ConfigError
 LOG_FORMATS = ("simple", "structured", "otel")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 ENVIRONMENTS = ("development", "production", "test")
+AT_LEAST_ONCE, EXACTLY_ONCE = "at-least-once", "exactly-once"
+DELIVERY_MODES = (AT_LEAST_ONCE, EXACTLY_ONCE)
 
 
 class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,6 +41,13 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_result_chars: int
     heartbeat_timeout_ms: int
     graceful_shutdown_timeout_ms: int
+    # TM_DELIVERY: at-least-once (offsets committed after the outputs are acknowledged) or
+    # exactly-once (outputs and offsets in one Kafka transaction per batch).
+    delivery: str = AT_LEAST_ONCE
+
+    @property
+    def is_exactly_once(self) -> bool:
+        return self.delivery == EXACTLY_ONCE
 
 
 class LogSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,6 +150,7 @@ def _consumer(env: Environ) -> ConsumerSettings:
         graceful_shutdown_timeout_ms=env.integer(
             "GRACEFUL_SHUTDOWN_TIMEOUT", 30000, lo=1000, hi=3_600_000
         ),
+        delivery=env.choice("TM_DELIVERY", AT_LEAST_ONCE, DELIVERY_MODES),
     )
 
 

@@ -49,6 +49,9 @@ class KafkaSettings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval_ms: int
     retry_backoff_ms: int
     max_retry_attempts: int
+    # Exactly-once: how long the broker lets a transaction stay open before it aborts it (a
+    # worker gone for good; a restarted one aborts its predecessor's at once).
+    transaction_timeout_ms: int = 60000
 
     @property
     def uses_ssl(self) -> bool:
@@ -135,6 +138,7 @@ def kafka(env: Environ) -> KafkaSettings:
         raise ConfigError(
             "KAFKA_SECURITY_PROTOCOL", protocol, "ssl or sasl_ssl when TLS files are given"
         )
+    request_timeout_ms = env.integer("KAFKA_REQUEST_TIMEOUT", 30000, lo=1, hi=600_000)
     return KafkaSettings(
         brokers=env.brokers("KAFKA_BROKERS", "localhost:9092"),
         client_id=env.text("KAFKA_CLIENT_ID", "task-manager"),
@@ -160,14 +164,28 @@ def kafka(env: Environ) -> KafkaSettings:
         oauthbearer_scope=env.optional("KAFKA_SASL_OAUTHBEARER_SCOPE"),
         oauthbearer_ca_location=env.file("KAFKA_SASL_OAUTHBEARER_CA_LOCATION"),
         connection_timeout_ms=env.integer("KAFKA_CONNECTION_TIMEOUT", 3000, lo=1, hi=600_000),
-        request_timeout_ms=env.integer("KAFKA_REQUEST_TIMEOUT", 30000, lo=1, hi=600_000),
+        request_timeout_ms=request_timeout_ms,
         session_timeout_ms=env.integer("KAFKA_SESSION_TIMEOUT", 30000, lo=1000, hi=3_600_000),
         # 1 s, not the 3 s the original declared (and never used): a cooperative rebalance
         # takes two rounds, each waiting for a heartbeat, and start-to-ready must stay < 5 s.
         heartbeat_interval_ms=env.integer("KAFKA_HEARTBEAT_INTERVAL", 1000, lo=100, hi=3_600_000),
         retry_backoff_ms=env.integer("KAFKA_RETRY_BACKOFF", 100, lo=1, hi=600_000),
         max_retry_attempts=env.integer("KAFKA_MAX_RETRY_ATTEMPTS", 3, lo=0, hi=1000),
+        transaction_timeout_ms=_transaction_timeout_ms(env, request_timeout_ms),
     )
+
+
+def _transaction_timeout_ms(env: Environ, request_timeout_ms: int) -> int:
+    """KAFKA_TRANSACTION_TIMEOUT: at least KAFKA_REQUEST_TIMEOUT, which bounds a message's
+    delivery (librdkafka refuses a message timeout above the transaction timeout)."""
+    timeout_ms = env.integer("KAFKA_TRANSACTION_TIMEOUT", 60000, lo=1000, hi=900_000)
+    if timeout_ms < request_timeout_ms:
+        raise ConfigError(
+            "KAFKA_TRANSACTION_TIMEOUT",
+            str(timeout_ms),
+            f">= KAFKA_REQUEST_TIMEOUT ({request_timeout_ms})",
+        )
+    return timeout_ms
 
 
 def _sslmode(env: Environ, root_cert: str | None) -> str:

@@ -85,5 +85,10 @@ class FatalError(TmError):
     """A broken invariant or a bad deploy (for example SQLSTATE 42xxx): the worker exits."""
 
 
+class FencedError(FatalError):
+    """Another process took this worker's identity (its static group instance id): this one
+    must stop for good, not restart and fence the other back."""
+
+
 class MigrationError(FatalError):
     """The migrations on disk and the ledger in the database disagree."""

@@ -21,10 +21,11 @@ counts as a sign of life. The lines:
 A child never blocks on its pipe: a line is dropped when the pipe is full (the supervisor
 only needs the latest state, and the next heartbeat comes a second later).
 
-The exit statuses (:data:`EXIT_OK`, :data:`EXIT_CRASH`, :data:`EXIT_FATAL`) tell the operator,
-in the supervisor's log, how a child ended. The supervisor restarts any child that exits on its
-own, whatever the status, with the same backoff; what halts the service is a slot failing
-before it boots, again and again (tm.supervisor).
+The exit statuses (:data:`EXIT_OK`, :data:`EXIT_CRASH`, :data:`EXIT_FATAL`,
+:data:`EXIT_FENCED`) tell the operator, in the supervisor's log, how a child ended. The
+supervisor restarts any child that exits on its own with the same backoff, but one that was
+fenced; what halts the service is a slot failing before it boots, again and again, or a worker
+fenced by another process with its static group instance id (tm.supervisor).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from enum import StrEnum
 EXIT_OK = 0  # stopped when asked, after draining
 EXIT_CRASH = 1  # an unexpected exception, or a TmError that is not fatal
 EXIT_FATAL = 3  # a FatalError: a broken invariant or a bad deploy (its reason is on the F line)
+EXIT_FENCED = 4  # another process took the worker's identity: tm stops rather than fence it back
 
 
 class Code(StrEnum):

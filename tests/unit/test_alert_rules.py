@@ -48,6 +48,6 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     )
     fired = {name for name, rest in checks if not rest.strip().startswith("[]")}
     quiet = {name for name, rest in checks if rest.strip().startswith("[]")}
-    assert len(alerts) == 9
+    assert len(alerts) == 10
     assert fired == alerts
     assert quiet == alerts

@@ -43,6 +43,8 @@ def test_defaults_follow_the_original_service() -> None:
     assert s.consumer.is_workers_default is True
     assert s.consumer.graceful_shutdown_timeout_ms == 30000
     assert s.consumer.max_result_chars == 1_048_576
+    assert s.consumer.delivery == "at-least-once"
+    assert s.kafka.transaction_timeout_ms == 60000
 
 
 def test_settings_are_frozen() -> None:
@@ -442,3 +444,18 @@ def test_a_bad_redis_url_is_refused_without_showing_its_password(url: str, shown
     assert str(raised.value) == (
         f"REDIS_URL={shown!r} is invalid: expected redis://[user:password@]host[:port][/db]"
     )
+
+
+def test_the_delivery_mode_is_one_of_two() -> None:
+    assert config.load({"TM_DELIVERY": "exactly-once"}).consumer.is_exactly_once
+    assert not config.load({"TM_DELIVERY": "at-least-once"}).consumer.is_exactly_once
+    with pytest.raises(ConfigError) as info:
+        config.load({"TM_DELIVERY": "exactly_once"})
+    assert str(info.value).startswith("TM_DELIVERY=")
+    assert "at-least-once" in str(info.value) and "exactly-once" in str(info.value)
+
+
+def test_a_transaction_timeout_below_the_request_timeout_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load({"KAFKA_TRANSACTION_TIMEOUT": "10000", "KAFKA_REQUEST_TIMEOUT": "20000"})
+    assert str(info.value).startswith("KAFKA_TRANSACTION_TIMEOUT='10000' is invalid")

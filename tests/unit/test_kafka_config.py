@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tm import config
-from tm.adapters.kafka import client_config, consumer_config, producer_config
+from tm.adapters.kafka import client_config, consumer_config, producer_config, transactional_id
+from tm.adapters.kafka.clients import transactional_producer_config
 
 
 def test_consumer_commits_by_hand_from_the_earliest_offset_with_cooperative_rebalancing() -> None:
@@ -106,3 +107,21 @@ def test_oauthbearer_reaches_librdkafka_as_oidc_client_credentials(tmp_path: Pat
     assert props["sasl.oauthbearer.scope"] == "kafka"
     assert props["https.ca.location"] == str(tmp_path / "idp-ca.pem")
     assert "sasl.username" not in props
+
+
+def test_a_transactional_id_is_stable_per_slot_and_follows_the_pod_when_static() -> None:
+    plain = config.load({}).kafka
+    assert transactional_id(plain, slot=2, process="host-41") == "tm.task-manager-group.host-41.2"
+    static = config.load({"KAFKA_GROUP_INSTANCE_ID": "tm-3"}).kafka
+    assert transactional_id(static, slot=0, process="host-41") == "tm.task-manager-group.tm-3.0"
+
+
+def test_the_transactional_producer_carries_its_id_and_the_transaction_timeout() -> None:
+    settings = config.load({"KAFKA_TRANSACTION_TIMEOUT": "45000"}).kafka
+    props = transactional_producer_config(
+        settings, max_message_bytes=100_000, transactional_id="tm.g.tm-0.1"
+    )
+    assert props["transactional.id"] == "tm.g.tm-0.1"
+    assert props["transaction.timeout.ms"] == 45000
+    assert props["message.timeout.ms"] <= props["transaction.timeout.ms"]
+    assert props["enable.idempotence"] is True

@@ -54,6 +54,7 @@ def test_every_metric_follows_the_naming_rules() -> None:
         "tm_worker_restarts_total",
         "tm_batch_size_messages",
         "tm_stage_duration_seconds",
+        "tm_transactions_total",
         "tm_end_to_end_latency_seconds",
         "tm_db_pool_connections",
         "tm_startup_seconds",

@@ -117,3 +117,15 @@ def test_a_revoke_commits_every_owned_offset_again_sent_or_not() -> None:
     state.forget({1})
     assert state.take_all() == {0: 10}
     assert state.take_commit() == {}
+
+
+def test_the_next_offsets_of_batches_in_flight_are_those_of_owned_partitions_the_latest_last() -> (
+    None
+):
+    offsets = Offsets()
+    offsets.assigned({0, 1, 2})
+    first = offsets.admit({0: 10, 1: 5}, {0: 12, 1: 6})
+    second = offsets.admit({0: 12, 2: 7}, {0: 15, 2: 8})
+    offsets.forget({2})  # revoked: never in a transaction of this worker again
+    assert offsets.next_offsets({first}) == {0: 12, 1: 6}
+    assert offsets.next_offsets({first, second}) == {0: 15, 1: 6}

@@ -23,7 +23,7 @@ from tm import config
 from tm.children import MAX_BOOT_FAILURES
 from tm.observability import metricfiles
 from tm.processes import ChildMain, Spawned
-from tm.protocol import EXIT_CRASH, EXIT_FATAL, EXIT_OK, Reporter
+from tm.protocol import EXIT_CRASH, EXIT_FATAL, EXIT_FENCED, EXIT_OK, Reporter
 from tm.slots import RESTART_BACKOFF_S, STABLE_AFTER_S
 from tm.supervisor import Supervisor
 
@@ -231,6 +231,29 @@ def test_a_worker_that_fails_three_times_before_booting_halts_the_service_with_i
     assert f"halting: {halt}" in caplog.messages
     assert capsys.readouterr().err == f"tm: {halt}\n"
     assert len(processes.workers()) == 1 + MAX_BOOT_FAILURES  # no fourth start of worker 1
+
+
+def test_a_worker_fenced_by_another_process_halts_the_service_instead_of_fencing_it_back(
+    make: Make,
+    processes: FakeProcesses,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    supervisor = make(**QUIET_HEARTBEATS)
+    fenced, other = processes.workers()
+    boot(supervisor, fenced)
+    boot(supervisor, other)
+    reason = "consumer: FENCED_INSTANCE_ID: Broker: Static consumer fenced by other consumer"
+    fenced.reporter.failed(reason)
+    processes.exit(fenced, EXIT_FENCED)
+    assert turn(supervisor) is None
+    (api,) = processes.apis()
+    assert processes.signals_to(other) == processes.signals_to(api) == [signal.SIGTERM]
+    processes.exit(other, EXIT_OK)
+    processes.exit(api, EXIT_OK)
+    assert turn(supervisor) == 1
+    assert capsys.readouterr().err == f"tm: worker 0 was fenced: {reason}\n"
+    assert len(processes.workers()) == 2  # never restarted
 
 
 def test_a_boot_in_between_resets_the_count_of_failures_before_boot(

@@ -13,11 +13,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import orjson
 import pytest
 
 from tests.fakes import FakeDatabase, FakeMessage, FakeSink
-from tm.config import Settings
+from tm.config import EXACTLY_ONCE, Settings
 from tm.core.decode import RawMessage
 from tm.errors import DatabaseUnavailableError
 from tm.pipeline import Pipeline
@@ -94,6 +95,9 @@ class FakeSource:
 
     def resume(self, partitions: list[int]) -> None:
         self.calls.append(("resume", partitions))
+
+    def group_metadata(self) -> object:
+        return "generation-1"
 
 
 def new(offset: int, partition: int = 0) -> FakeMessage:
@@ -190,6 +194,63 @@ async def test_a_failed_batch_rewinds_its_partitions_pauses_and_commits_nothing(
     assert not any(call == "commit" or call == "commit async" for call, _ in source.calls)
     assert consumption.state.paused
     assert "R 1" in pipe.read()  # readiness reports the retry
+
+
+@pytest.fixture
+def exactly_once(settings: Settings, pipe: Pipe) -> Iterator[Worker]:
+    consumer = msgspec.structs.replace(settings.consumer, delivery=EXACTLY_ONCE)
+    w = Worker(msgspec.structs.replace(settings, consumer=consumer), slot=0, reporter=pipe.reporter)
+    yield w
+    w.threads.shutdown()
+
+
+async def test_exactly_once_commits_the_offsets_in_the_transaction_of_the_outputs_only(
+    exactly_once: Worker, settings: Settings
+) -> None:
+    worker = exactly_once
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0, 1]))  # type: ignore[arg-type]
+    source = FakeSource(polls=[[new(7), new(8), new(3, 1)]])
+    sink = FakeSink(transactional=True)
+    pipeline = Pipeline(
+        settings=settings,
+        database=FakeDatabase(),
+        sink=sink,
+        run_io=functools.partial(worker.threads.run, "io"),
+    )
+    running = asyncio.create_task(consumption.run(source, pipeline))
+    await asyncio.to_thread(source.after_first_poll.wait, 10)
+    worker._stopping.set()
+    await running
+    await asyncio.to_thread(consumption.on_revoke, [0, 1])
+    # One transaction: the batch's three crawl requests and its offsets...
+    assert [(len(messages), offsets) for messages, offsets in sink.committed] == [(3, {0: 9, 1: 4})]
+    # ...and the consumer commits nothing, neither with a poll nor on the revoke.
+    assert source.calls == []
+
+
+async def test_exactly_once_an_aborted_transaction_rewinds_and_commits_nothing(
+    exactly_once: Worker, settings: Settings, pipe: Pipe
+) -> None:
+    worker = exactly_once
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0]))  # type: ignore[arg-type]
+    source = FakeSource(polls=[[new(3), new(4)], []])
+    sink = FakeSink(transactional=True, fail_flush=True)
+    pipeline = Pipeline(
+        settings=settings,
+        database=FakeDatabase(),
+        sink=sink,
+        run_io=functools.partial(worker.threads.run, "io"),
+    )
+    running = asyncio.create_task(consumption.run(source, pipeline))
+    await asyncio.to_thread(source.after_pause.wait, 10)
+    worker._stopping.set()
+    await running
+    assert [len(messages) for messages in sink.aborted] == [2]
+    assert sink.committed == []
+    assert source.calls[:2] == [("rewind", {0: 3}), ("pause", [0])]
+    assert "R 1" in pipe.read()
 
 
 def test_a_thread_is_stuck_only_past_its_bound() -> None:

@@ -67,6 +67,15 @@ class Offsets:
     def in_flight(self) -> int:
         return len(self._flight)
 
+    def next_offsets(self, seqs: set[int]) -> dict[int, int]:
+        """The next offsets of the batches ``seqs`` in flight, per owned partition: what a
+        transaction holding their outputs commits (exactly-once)."""
+        merged: dict[int, int] = {}
+        for batch in self._flight:
+            if batch.seq in seqs:
+                merged.update(batch.next)  # in poll order: a later batch's offsets are higher
+        return merged
+
     def acked(self, seq: int) -> None:
         """Batch ``seq`` reached its end; the done prefix of the flight becomes committable."""
         for batch in self._flight:

@@ -46,7 +46,7 @@ STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
 
-STAGES = ("decode", "db", "publish", "commit")
+STAGES = ("decode", "db", "publish", "commit", "transaction")
 REBALANCE_KINDS = ("assign", "revoke", "lost")
 RESTARTED_ROLES = ("worker", "api")
 
@@ -83,9 +83,16 @@ batch_size = Histogram(
 stage_duration = Histogram(
     "tm_stage_duration_seconds",
     "Time per batch spent in a stage: decode, db (the set-based calls), publish (until "
-    "acknowledged), commit",
+    "acknowledged), commit (at-least-once: the consumer's commit), transaction (exactly-once: "
+    "the commit of the transaction holding the batch's outputs and offsets)",
     ["stage"],
     buckets=STAGE_BUCKETS_S,
+)
+transactions = Counter(
+    "tm_transactions_total",
+    "Exactly-once: Kafka transactions by outcome (committed, aborted) and, when aborted, by "
+    "cause (the Kafka error's name, or batch_failed: the batch failed before its commit)",
+    ["outcome", "cause"],
 )
 end_to_end_latency = Histogram(
     "tm_end_to_end_latency_seconds",
@@ -119,6 +126,7 @@ for _kind in REBALANCE_KINDS:
     rebalances.labels(_kind)
 for _stage in STAGES:
     stage_duration.labels(_stage)
+transactions.labels("committed", "")
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 

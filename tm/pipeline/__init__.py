@@ -2,7 +2,7 @@
 drive (:mod:`.ports`), what they hand each other and record (:mod:`.record`), what a batch
 produces (:mod:`.publish`)."""
 
-from tm.pipeline.ports import Database, Sink, TaskEventSink
+from tm.pipeline.ports import Database, Sink, TaskEventSink, TransactionOffsets
 from tm.pipeline.record import NO_TRACE, NO_TRACER, BatchRecord, Decoded, Trace, Tracer
 from tm.pipeline.stages import DEAD_LETTER_MAX_BYTES, Applied, Pipeline, Published, RunIo
 
@@ -21,4 +21,5 @@ __all__ = [
     "TaskEventSink",
     "Trace",
     "Tracer",
+    "TransactionOffsets",
 ]

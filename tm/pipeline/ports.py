@@ -4,15 +4,27 @@ of a batch is in :mod:`tm.pipeline.record`, beside the record it reads."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from tm.core.messages import NewTask, StatusUpdate, TaskEvent
+
+
+class TransactionOffsets(NamedTuple):
+    """Exactly-once: what a batch's transaction commits besides its outputs: the consumer's next
+    offsets per partition, and the member's group metadata taken with them (the broker refuses
+    them once the member has left that generation)."""
+
+    next_offsets: dict[int, int]
+    group_metadata: object
 
 
 class Sink(Protocol):
     """The producer. ``produce`` only enqueues and never blocks for long; ``flush`` blocks
     until every message produced since the last flush is acknowledged and raises
-    KafkaUnavailableError when any was not (run it in a thread)."""
+    KafkaUnavailableError when any was not (run it in a thread). A transactional sink
+    (exactly-once) commits there its transaction, with ``offsets``, the consumer's offsets of
+    the same batches; ``abort`` (blocks too) drops what was produced since the last flush where
+    it can (a transaction: it returns True) and does nothing where it cannot."""
 
     def produce(
         self,
@@ -24,7 +36,9 @@ class Sink(Protocol):
         timestamp_ms: int = 0,
     ) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, offsets: TransactionOffsets | None = None) -> None: ...
+
+    def abort(self) -> bool: ...
 
 
 class TaskEventSink(Protocol):

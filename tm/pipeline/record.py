@@ -60,6 +60,7 @@ class BatchRecord:
         "size",
         "timestamps_ms",
         "trace",
+        "transaction_s",
         "updated",
     )
 
@@ -80,7 +81,9 @@ class BatchRecord:
         self.dead_lettered: list[tuple[int, Reason]] = []  # (message ref, reason)
         # Stage durations in seconds. publish_s runs from the end of the database call to the
         # acknowledgement of everything the batch produced (the wait for the batch before it
-        # included).
+        # included). transaction_s (exactly-once): the commit of the batch's transaction, its
+        # offsets sent and its outputs acknowledged; None in at-least-once mode.
+        self.transaction_s: float | None = None
         self.db_s = self.publish_s = 0.0
         self.db_started = self.applied_at = self.publishing_at = 0.0
 

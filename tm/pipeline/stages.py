@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from tm.config import Settings
 from tm.core.batch import Batch
@@ -25,16 +26,16 @@ from tm.core.decode import DecodeStats, RawMessage, decode_poll
 from tm.core.events import transitions
 from tm.core.policy import RowRejectionLimit, halves
 from tm.errors import RowRejectedError
-from tm.pipeline.ports import Database, Sink, TaskEventSink
+from tm.pipeline.ports import Database, Sink, TaskEventSink, TransactionOffsets
 from tm.pipeline.publish import Publisher
 from tm.pipeline.record import NO_TRACER, BatchRecord, Decoded, Tracer
 
 # Largest dead letter when the caller does not say: librdkafka's default message.max.bytes. The
 # worker passes its producer's (which fits the DLQ topic's max.message.bytes).
 DEAD_LETTER_MAX_BYTES = 1_000_000
-# Runs a blocking call in the worker's io thread (tm.worker.threads.ClientThreads.run, which
-# times it for the heartbeat).
-RunIo = Callable[[Callable[[], None]], Awaitable[None]]
+# ``run_io(call, *args)``: runs a blocking call in the worker's io thread
+# (tm.worker.threads.ClientThreads.run, which times it for the heartbeat); returns its result.
+RunIo = Callable[..., Awaitable[Any]]
 
 
 class Applied:
@@ -140,13 +141,17 @@ class Pipeline:
                 raise
         return Applied(record, decoded, refused, self._publisher)
 
-    async def acknowledge(self, published: Sequence[Published]) -> list[BatchRecord]:
+    async def acknowledge(
+        self, published: Sequence[Published], offsets: TransactionOffsets | None = None
+    ) -> list[BatchRecord]:
         """Wait until everything produced so far is acknowledged, which covers the ``published``
         batches (and nothing more if no batch was published meanwhile): they may then be
-        committed; their records are returned, in order. Raises KafkaUnavailableError (none of
-        them may be committed) or FatalError."""
+        committed; their records are returned, in order. ``offsets`` (exactly-once): the
+        batches' next offsets, committed in one transaction with their outputs. Raises
+        KafkaUnavailableError (none of them may be committed) or FatalError."""
+        started = time.perf_counter()
         try:
-            await self._run_io(self._sink.flush)
+            await self._run_io(self._sink.flush, offsets)
         except BaseException as exc:
             for batch in published:
                 batch.fail(exc)
@@ -156,9 +161,16 @@ class Pipeline:
         for batch in published:
             record = batch.record
             record.publish_s = acknowledged - record.applied_at
+            if offsets is not None:
+                record.transaction_s = acknowledged - started
             record.trace.end(record)
             records.append(record)
         return records
+
+    async def abandon(self) -> bool:
+        """The batches produced since the last acknowledgement will be retried: drop their
+        outputs where the sink can (exactly-once: abort the transaction; True if it did)."""
+        return bool(await self._run_io(self._sink.abort))
 
     async def _apply(
         self, batch: Batch

@@ -1,7 +1,8 @@
 """The last stage of the consume loop: what becomes of the offsets of acknowledged batches. A
-replaceable step (:class:`Commit`): :class:`PollCommit` sends them with the next poll, from the
-poll thread, asynchronously, and synchronously on a revoke; a transactional one would commit
-them inside a Kafka transaction instead.
+replaceable step (:class:`Commit`): :class:`PollCommit` (at-least-once) sends them with the next
+poll, from the poll thread, asynchronously, and synchronously on a revoke;
+:class:`TransactionCommit` (exactly-once) hands them to the sink, which commits them in the
+transaction that holds the batches' outputs, and the consumer commits nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 from tm.core.offsets import Offsets
 from tm.errors import TmError
 from tm.observability import metrics
-from tm.pipeline import BatchRecord
+from tm.pipeline import BatchRecord, TransactionOffsets
 
 log = logging.getLogger("tm.worker")
 
@@ -23,12 +24,19 @@ COMMITS_TIMED = 64  # commits awaiting their answer, kept for the commit-stage m
 
 
 class Committer(Protocol):
-    """The consumer's synchronous commit (tm.adapters.kafka.KafkaSource.commit)."""
+    """The consumer (tm.adapters.kafka.KafkaSource): its synchronous commit, and its group
+    metadata (which a transaction's offsets carry)."""
 
     def commit(self, committable: dict[int, int]) -> None: ...
+    def group_metadata(self) -> object: ...
 
 
 class Commit(Protocol):
+    def with_outputs(self, seqs: set[int], source: Committer) -> TransactionOffsets | None:
+        """The offsets to commit together with the outputs of the batches ``seqs`` (in their
+        transaction), or None when offsets are committed on their own."""
+        ...
+
     def done(self, records: Sequence[BatchRecord]) -> bool:
         """The batches reached their end (acknowledged), in poll order; True when they are the
         first to go through after a failure."""
@@ -56,6 +64,9 @@ class PollCommit:
         self._state = state
         self._lock = lock  # the consume loop's: the state is shared with the poll thread
         self._sent: dict[tuple[tuple[int, int], ...], float] = {}  # for the commit metric
+
+    def with_outputs(self, seqs: set[int], source: Committer) -> TransactionOffsets | None:
+        return None
 
     def done(self, records: Sequence[BatchRecord]) -> bool:
         with self._lock:
@@ -95,6 +106,41 @@ class PollCommit:
                 source.commit(committable)  # inside the callback: still our partitions
             except TmError as exc:
                 log.warning("commit on revoke failed", extra={"fields": {"error": str(exc)}})
+
+
+class TransactionCommit:
+    """Exactly-once: a batch's offsets go in the transaction of its outputs
+    (:meth:`with_outputs`), committed by the sink when it is acknowledged; nothing is committed
+    through the consumer, not even on a revoke (the revoke waits for the transactions in flight
+    instead, and the broker refuses the offsets of a member that has left the generation)."""
+
+    def __init__(self, state: Offsets, lock: threading.Lock) -> None:
+        self._state = state
+        self._lock = lock
+
+    def with_outputs(self, seqs: set[int], source: Committer) -> TransactionOffsets:
+        # The group metadata with the offsets, not when the transaction commits: if the member
+        # leaves this generation meanwhile (a revoke that outlasts its budget), the broker
+        # refuses these offsets, and the transaction aborts, instead of committing offsets of
+        # partitions another member owns now.
+        with self._lock:
+            return TransactionOffsets(self._state.next_offsets(seqs), source.group_metadata())
+
+    def done(self, records: Sequence[BatchRecord]) -> bool:
+        with self._lock:
+            for record in records:
+                self._state.acked(record.seq)
+            self._state.take_all()  # committed with the transaction
+            return self._state.went_through()
+
+    def due(self) -> dict[int, int] | None:
+        return None
+
+    def on_commit(self, offsets: dict[int, int], error: str | None, rebalancing: bool) -> None:
+        """Never called: the consumer sends no commit."""
+
+    def before_revoke(self, source: Committer) -> None:
+        """Nothing to send: what reached its end was committed in its transaction."""
 
 
 def _key(offsets: dict[int, int]) -> tuple[tuple[int, int], ...]:

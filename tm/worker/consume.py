@@ -41,7 +41,7 @@ from tm.core.offsets import Offsets
 from tm.core.policy import backoff_s
 from tm.errors import TmError, TransientError
 from tm.observability import metrics
-from tm.pipeline import Applied, BatchRecord, Decoded, Published
+from tm.pipeline import Applied, BatchRecord, Decoded, Published, TransactionOffsets
 from tm.protocol import Reporter
 from tm.worker import report
 from tm.worker.commit import Commit, PollCommit
@@ -57,12 +57,14 @@ IDLE_POLL_S = 0.05  # nothing in flight: what a stop or a backoff's end may wait
 
 
 class Source(Protocol):
-    """The consumer (tm.adapters.kafka.KafkaSource); every call blocks (the poll thread)."""
+    """The consumer (tm.adapters.kafka.KafkaSource); every call blocks (the poll thread) but
+    ``group_metadata``, a local read."""
 
     def poll(
         self, max_messages: int, timeout_s: float, commit: dict[int, int] | None, linger_s: float
     ) -> Sequence[RawMessage]: ...
     def commit(self, committable: dict[int, int]) -> None: ...
+    def group_metadata(self) -> object: ...
     def rewind(self, first_offsets: dict[int, int]) -> None: ...
     def pause(self, partitions: list[int]) -> None: ...
     def resume(self, partitions: list[int]) -> None: ...
@@ -73,7 +75,10 @@ class Stages(Protocol):
 
     def decode(self, messages: Sequence[RawMessage]) -> Decoded: ...
     async def apply(self, decoded: Decoded, seq: int) -> Applied: ...
-    async def acknowledge(self, published: Sequence[Published]) -> list[BatchRecord]: ...
+    async def acknowledge(
+        self, published: Sequence[Published], offsets: TransactionOffsets | None
+    ) -> list[BatchRecord]: ...
+    async def abandon(self) -> bool: ...
 
 
 class Consumption:
@@ -102,6 +107,7 @@ class Consumption:
         self._to_ack = asyncio.Event()
         self._flushing = asyncio.Lock()  # held while a flush waits for acknowledgements
         self._acked = asyncio.Event()  # set when a flush ends
+        self._acker: asyncio.Task[None] | None = None  # _acknowledge, while run() runs
         self._ack_failure: TransientError | None = None  # for the loop to back off
         self.applied_messages = 0
 
@@ -117,7 +123,7 @@ class Consumption:
         max_messages = consumer.batch_max_messages
         linger_s = consumer.batch_linger_ms / 1000
         state = self.state
-        acker = asyncio.create_task(self._acknowledge(pipeline))
+        self._acker = acker = asyncio.create_task(self._acknowledge(source, pipeline))
         try:
             while not self._stopping.is_set():
                 if state.resume_due(loop.time()):
@@ -145,11 +151,12 @@ class Consumption:
 
                 # One batch in the database at a time, in poll order.
                 failure = await self._staged()
-                if failure is None and acker.done():
-                    acker.result()  # a fatal error in the acknowledgements: raise it
+                if acker.done():
+                    acker.result()  # a fatal error in the acknowledgements wins: raise it
                 failure = failure or self._ack_failure
                 if failure is not None:
-                    await self._back_off(source, failure, decoded.batch if decoded else None)
+                    polled_batch = decoded.batch if decoded else None
+                    await self._back_off(source, pipeline, failure, polled_batch)
                     continue
                 if decoded is not None:
                     batch = decoded.batch
@@ -200,10 +207,11 @@ class Consumption:
             return exc
         return None
 
-    async def _acknowledge(self, pipeline: Stages) -> None:
+    async def _acknowledge(self, source: Source, pipeline: Stages) -> None:
         """Forever: wait for published batches, wait for the acknowledgement of what they
-        produced (one flush), hand them to the commit step in poll order. A transient failure
-        is left in ``_ack_failure`` for the loop to back off."""
+        produced (one flush; exactly-once: the commit of their transaction, their offsets in
+        it), hand them to the commit step in poll order. A transient failure is left in
+        ``_ack_failure`` for the loop to back off."""
         while True:
             await self._to_ack.wait()
             self._to_ack.clear()
@@ -211,15 +219,23 @@ class Consumption:
                 continue
             records: list[BatchRecord] = []
             recovered = False
-            async with self._flushing:  # a backoff waits for it: these batches are done first
-                published, self._unacked = self._unacked, []
-                try:
-                    records = await pipeline.acknowledge(published)
-                except TransientError as exc:
-                    self._ack_failure = exc
-                else:
-                    recovered = self._commit.done(records)
-            self._acked.set()  # after the lock: a batch waiting to publish may go now
+            try:
+                async with self._flushing:  # a backoff waits for it: these batches go first
+                    published, self._unacked = self._unacked, []
+                    seqs = {batch.record.seq for batch in published}
+                    offsets = self._commit.with_outputs(seqs, source)
+                    try:
+                        records = await pipeline.acknowledge(published, offsets)
+                    except TransientError as exc:
+                        self._ack_failure = exc
+                        if offsets is not None:
+                            report.transaction(aborted_by=getattr(exc, "cause", "batch_failed"))
+                    else:
+                        recovered = self._commit.done(records)
+                        if offsets is not None:
+                            report.transaction(committed=1)
+            finally:  # after the lock: a batch waiting to publish may go now (or learn why not)
+                self._acked.set()
             if recovered:
                 self._reporter.retrying(False)  # a batch went through again
             for record in records:
@@ -227,21 +243,29 @@ class Consumption:
                 report.record(record)
 
     async def _drained(self) -> TransientError | None:
-        """Wait until every staged batch is acknowledged (or failed); the failure, or None."""
+        """Wait until every staged batch is acknowledged (or failed); the transient failure,
+        or None. A fatal one, which ended the acknowledgements, raises."""
         while (self._unacked or self._flushing.locked()) and self._ack_failure is None:
+            if self._acker is not None and self._acker.done():
+                self._acker.result()
             self._acked.clear()
             await self._acked.wait()
         return self._ack_failure
 
-    async def _back_off(self, source: Source, failure: TmError, polled: Batch | None) -> None:
-        """Abandon every batch in flight: rewind the owned partitions to their first offsets
-        (and those of the batch just polled), pause everything, and set the time to resume."""
+    async def _back_off(
+        self, source: Source, pipeline: Stages, failure: TmError, polled: Batch | None
+    ) -> None:
+        """Abandon every batch in flight: drop their outputs where the sink can (exactly-once:
+        abort the open transaction), rewind the owned partitions to their first offsets (and
+        those of the batch just polled), pause everything, and set the time to resume."""
         consumer = self._settings
         async with self._flushing:  # a flush under way ends first (its batches may commit)
             for published in self._unacked:
                 published.fail(failure)
             self._unacked = []
             self._ack_failure = None
+            if await pipeline.abandon():
+                report.transaction(aborted_by="batch_failed")
             delay = backoff_s(
                 self.state.attempt,
                 initial_s=consumer.retry_backoff_initial_ms / 1000,
@@ -322,7 +346,8 @@ class Consumption:
     async def _settled(self) -> None:
         """On revoke: wait (up to the budget) until the batch being applied and every published
         batch have reached their end, or one failed (the loop then rewinds what is still ours)."""
-        with contextlib.suppress(TimeoutError):
+        # A fatal error is the loop's to raise: here the partitions just go.
+        with contextlib.suppress(TimeoutError, TmError):
             async with asyncio.timeout(REVOKE_BUDGET_S):
                 staging = self._staging
                 if staging is not None:

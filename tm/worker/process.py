@@ -23,20 +23,22 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING
 
 import uvloop
 
 from tm.adapters import kafka
-from tm.adapters.kafka import KafkaSink, KafkaSource
+from tm.adapters.kafka import KafkaSink, KafkaSource, TransactionalSink
 from tm.adapters.postgres import Database
 from tm.config import Settings
 from tm.core.policy import backoff_s
-from tm.errors import FatalError, TmError, TransientError
+from tm.errors import FatalError, FencedError, TmError, TransientError
 from tm.observability import metrics, trace_export
 from tm.pipeline import NO_TRACER, Pipeline
-from tm.protocol import EXIT_CRASH, EXIT_FATAL, EXIT_OK, Reporter
+from tm.protocol import EXIT_CRASH, EXIT_FATAL, EXIT_FENCED, EXIT_OK, Reporter
+from tm.worker.commit import PollCommit, TransactionCommit
 from tm.worker.consume import Consumption
 from tm.worker.threads import ClientThreads
 
@@ -57,11 +59,22 @@ class Worker:
         self._slot = slot
         self._reporter = reporter
         self._stopping = asyncio.Event()
+        exactly_once = settings.consumer.is_exactly_once
+        kafka_settings = settings.kafka
         self.threads = ClientThreads(
-            slot=slot, request_timeout_ms=settings.kafka.request_timeout_ms
+            slot=slot,
+            io_bound_ms=(
+                kafka_settings.transaction_timeout_ms
+                if exactly_once
+                else kafka_settings.request_timeout_ms
+            ),
         )
         self.consumption = Consumption(
-            settings.consumer, reporter=reporter, threads=self.threads, stopping=self._stopping
+            settings.consumer,
+            reporter=reporter,
+            threads=self.threads,
+            stopping=self._stopping,
+            commit=TransactionCommit if exactly_once else PollCommit,
         )
         self._database: Database | None = None
 
@@ -79,11 +92,11 @@ class Worker:
             heartbeat.cancel()
         return EXIT_OK
 
-    async def _connect(self) -> tuple[Database, int] | None:
-        """Open the pool and read the largest record the producer may send (the topics'
-        limits), retrying with backoff while the database is unreachable or read-only (a
-        failover) or the broker does not answer; None if a stop came first. A configuration
-        error raises."""
+    async def _connect(self) -> tuple[Database, KafkaSink] | None:
+        """Open the pool, read the largest record the producer may send (the topics' limits)
+        and make the producer, retrying with backoff while the database is unreachable or
+        read-only (a failover) or the broker does not answer; None if a stop came first. A
+        configuration error raises."""
         settings = self._settings
         consumer = settings.consumer
         attempt = 0
@@ -91,6 +104,11 @@ class Worker:
             try:
                 produce_limit = await asyncio.to_thread(kafka.produce_limit, settings.kafka)
                 database = await Database.open(settings.postgres, max_size=POOL_SIZE)
+                try:
+                    sink = await self._sink(produce_limit)
+                except BaseException:
+                    await database.close(5.0)
+                    raise
             except TransientError as exc:
                 delay = backoff_s(
                     attempt,
@@ -118,12 +136,11 @@ class Worker:
             if attempt:
                 self._reporter.retrying(False)
             self._database = database
-            return database, produce_limit
+            return database, sink
 
-    async def _serve(self, database: Database, produce_limit: int) -> None:
+    async def _serve(self, database: Database, sink: KafkaSink) -> None:
         settings = self._settings
         consumption = self.consumption
-        sink = KafkaSink(settings.kafka, max_message_bytes=produce_limit, logger=kafka_log)
         source = KafkaSource(
             settings.kafka,
             slot=self._slot,
@@ -161,6 +178,24 @@ class Worker:
             if events is not None:
                 await events.close(EVENTS_CLOSE_BUDGET_S)
             traces.close()  # the queued spans, within tracing.SHUTDOWN_BUDGET_S
+
+    async def _sink(self, produce_limit: int) -> KafkaSink:
+        """The producer: exactly-once, a transactional one, registered (which fences the
+        producer of this slot's previous worker and aborts what it left open)."""
+        settings = self._settings
+        if not settings.consumer.is_exactly_once:
+            return KafkaSink(settings.kafka, max_message_bytes=produce_limit, logger=kafka_log)
+        sink = TransactionalSink(
+            settings.kafka,
+            max_message_bytes=produce_limit,
+            transactional_id=kafka.transactional_id(
+                settings.kafka, slot=self._slot, process=f"{socket.gethostname()}-{os.getppid()}"
+            ),
+            logger=kafka_log,
+        )
+        await self.threads.run("io", sink.start)
+        log.info("transactional producer ready", extra={"fields": {"id": sink.transactional_id}})
+        return sink
 
     def _on_signal(self) -> None:
         # Only the first SIGTERM counts: a signal sent to the whole process group (a terminal,
@@ -238,6 +273,10 @@ def main(settings: Settings, *, slot: int, report_fd: int | None) -> int:
     started = time.monotonic()
     try:
         return uvloop.run(Worker(settings, slot=slot, reporter=reporter).run())
+    except FencedError as exc:
+        reporter.failed(str(exc))
+        log.error("worker stopped: fenced", extra={"fields": {"error": str(exc)}})
+        return EXIT_FENCED
     except FatalError as exc:
         reporter.failed(str(exc))
         log.error("worker stopped: fatal error", extra={"fields": {"error": str(exc)}})

@@ -12,6 +12,15 @@ from tm.pipeline import BatchRecord
 log = logging.getLogger("tm.worker")
 
 
+def transaction(*, committed: int = 0, aborted_by: str | None = None) -> None:
+    """Exactly-once: ``committed`` transactions went through, or one was aborted by the Kafka
+    error named ``aborted_by`` (or ``batch_failed``: the batch's own failure)."""
+    if committed:
+        metrics.transactions.labels("committed", "").inc(committed)
+    if aborted_by is not None:
+        metrics.transactions.labels("aborted", aborted_by).inc()
+
+
 def record(batch: BatchRecord) -> None:
     metrics.messages_consumed.inc(batch.size)
     metrics.batch_size.observe(batch.size)
@@ -25,6 +34,8 @@ def record(batch: BatchRecord) -> None:
         ("publish", batch.publish_s),
     ):
         metrics.stage_duration.labels(stage).observe(seconds)
+    if batch.transaction_s is not None:
+        metrics.stage_duration.labels("transaction").observe(batch.transaction_s)
     now_ms = time.time() * 1000
     metrics.observe_latencies((now_ms - ts) / 1000 for ts in batch.timestamps_ms)
     if batch.invalid_trace_contexts:

@@ -20,13 +20,16 @@ Thread = Literal["poll", "io"]
 REVOKE_BUDGET_S = 20.0  # time given to the in-flight batches on revoke; < session timeout
 # A poll returns within its timeout unless a rebalance callback runs inside it, which may wait
 # REVOKE_BUDGET_S for the batches in flight and then commit; io calls (flush, commit) are
-# bounded by the Kafka request timeout.
+# bounded by the Kafka request timeout, a transaction's commit or abort by the transaction
+# timeout (exactly-once).
 POLL_STUCK_AFTER_S = REVOKE_BUDGET_S + 40.0
 IO_STUCK_MARGIN_S = 30.0  # added to the producer's flush bound for the io thread
 
 
 class ClientThreads:
-    def __init__(self, *, slot: int, request_timeout_ms: int) -> None:
+    def __init__(self, *, slot: int, io_bound_ms: int) -> None:
+        """``io_bound_ms``: the longest an io call may take (the Kafka request timeout, or the
+        transaction timeout in exactly-once mode)."""
         self._executors: dict[Thread, ThreadPoolExecutor] = {
             "poll": ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}"),
             "io": ThreadPoolExecutor(1, thread_name_prefix=f"tm-io-{slot}"),
@@ -35,7 +38,7 @@ class ClientThreads:
         self.busy_since: dict[str, float | None] = {"poll": None, "io": None}
         self.stuck_after_s = {
             "poll": POLL_STUCK_AFTER_S,
-            "io": request_timeout_ms / 1000 + 5 + IO_STUCK_MARGIN_S,
+            "io": io_bound_ms / 1000 + 5 + IO_STUCK_MARGIN_S,
         }
 
     async def run(self, thread: Thread, call: Callable[..., T], *args: Any) -> T:

@@ -118,3 +118,25 @@ def producer_config(
         }
     )
     return config
+
+
+def transactional_id(settings: KafkaSettings, *, slot: int, process: str) -> str:
+    """Exactly-once: the worker's transactional.id, the same for every restart of its slot so
+    that a new worker fences its predecessor and aborts the transaction it left open. From the
+    group, the static instance id (the pod's name) when set, else ``process`` (the host and
+    the supervisor's pid: two tm on one host never share one), and the slot."""
+    instance = settings.group_instance_id or process
+    return f"tm.{settings.group_id}.{instance}.{slot}"
+
+
+def transactional_producer_config(
+    settings: KafkaSettings, *, max_message_bytes: int, transactional_id: str
+) -> dict[str, Any]:
+    config = producer_config(settings, max_message_bytes=max_message_bytes)
+    config.update(
+        {
+            "transactional.id": transactional_id,
+            "transaction.timeout.ms": settings.transaction_timeout_ms,
+        }
+    )
+    return config

@@ -15,7 +15,13 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from tm.adapters.kafka.clients import consumer_config
-from tm.adapters.kafka.errors import check_event, is_fatal, is_rebalancing, text, translated
+from tm.adapters.kafka.errors import (
+    check_event,
+    consumer_translated,
+    is_fatal,
+    is_rebalancing,
+    text,
+)
 from tm.connections import KafkaSettings
 
 log = logging.getLogger("tm.kafka")
@@ -40,7 +46,7 @@ class Assignment:
         self._tps = tps
         self.partitions = [tp.partition for tp in tps]
 
-    @translated
+    @consumer_translated
     def take(self, *, paused: bool) -> None:
         self._consumer.incremental_assign(self._tps)
         if paused:
@@ -80,7 +86,7 @@ class KafkaSource:
             [self.topic], on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lose
         )
 
-    @translated
+    @consumer_translated
     def poll(
         self,
         max_messages: int,
@@ -109,7 +115,7 @@ class KafkaSource:
             return polled
         return [m for m in polled if _usable(m)]
 
-    @translated
+    @consumer_translated
     def commit(self, committable: dict[int, int]) -> None:
         """Commit synchronously (from the revoke callback, or with the thread that polls);
         raises CommitDeferredError when a rebalance refuses it."""
@@ -117,23 +123,30 @@ class KafkaSource:
             offsets = [TopicPartition(self.topic, p, o) for p, o in committable.items()]
             self._consumer.commit(offsets=offsets, asynchronous=False)
 
-    @translated
+    @consumer_translated
     def rewind(self, first_offsets: dict[int, int]) -> None:
         """Seek each partition back so that its next fetch starts at the given offset."""
         for partition, offset in first_offsets.items():
             self._consumer.seek(TopicPartition(self.topic, partition, offset))
 
-    @translated
+    @consumer_translated
     def pause(self, partitions: list[int]) -> None:
         if partitions:
             self._consumer.pause([TopicPartition(self.topic, p) for p in partitions])
 
-    @translated
+    @consumer_translated
     def resume(self, partitions: list[int]) -> None:
         if partitions:
             self._consumer.resume([TopicPartition(self.topic, p) for p in partitions])
 
-    @translated
+    @consumer_translated
+    def group_metadata(self) -> object:
+        """The member's group metadata now (group, generation, member id), which a
+        transaction's offsets carry so that the broker refuses them from a member that is no
+        longer in this generation (KIP-447). A local call: any thread."""
+        return self._consumer.consumer_group_metadata()
+
+    @consumer_translated
     def close(self) -> None:
         """Leave the group (runs the revoke callback) and free the client."""
         self._consumer.close()
@@ -152,7 +165,7 @@ class KafkaSource:
         self._release(consumer, tps)
 
     @staticmethod
-    @translated
+    @consumer_translated
     def _release(consumer: Consumer, tps: list[TopicPartition]) -> None:
         """Clear the pause flag of partitions that go, so that they are fetched again if they
         come back (librdkafka keeps it across a revoke and a later assignment)."""

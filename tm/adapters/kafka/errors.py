@@ -10,7 +10,7 @@ from types import TracebackType
 from confluent_kafka import KafkaError, KafkaException
 
 from tm.connections import KafkaSettings
-from tm.errors import CommitDeferredError, FatalError, KafkaUnavailableError, TmError
+from tm.errors import CommitDeferredError, FatalError, FencedError, KafkaUnavailableError, TmError
 
 _FATAL_CODES = frozenset(
     {
@@ -23,6 +23,13 @@ _FATAL_CODES = frozenset(
         KafkaError._INVALID_ARG,  # noqa: SLF001
     }
 )
+# Another process has this member's static group instance id: the broker's code, and the one a
+# consumer reports it with (librdkafka: a consumer's only fatal error is this one, _FATAL on
+# every call from then on). A producer fenced by a newer one with its transactional id is only
+# fatal: the broker also fences a producer whose transaction outlived the transaction timeout,
+# and a restarted worker is then the cure.
+_FENCED_CODES = frozenset({KafkaError.FENCED_INSTANCE_ID})
+_CONSUMER_FENCED_CODES = frozenset({KafkaError.FENCED_INSTANCE_ID, KafkaError._FATAL})  # noqa: SLF001
 # A commit refused because the group moved to a new generation while we were not polling.
 _REBALANCING_CODES = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS})
 
@@ -38,6 +45,17 @@ def is_fatal(error: KafkaError) -> bool:
     return bool(error.fatal()) or error.code() in _FATAL_CODES
 
 
+def is_fenced(error: KafkaError, *, consumer: bool = False) -> bool:
+    """Another process took the static instance id (``consumer``: the error is a consumer's)."""
+    return error.code() in (_CONSUMER_FENCED_CODES if consumer else _FENCED_CODES)
+
+
+def fatal(error: KafkaError, context: str = "", *, consumer: bool = False) -> FatalError:
+    """The FatalError for ``error`` (FencedError when another process took the identity)."""
+    message = f"{context}: {text(error)}" if context else text(error)
+    return FencedError(message) if is_fenced(error, consumer=consumer) else FatalError(message)
+
+
 def is_rebalancing(error: KafkaError) -> bool:
     """A commit refused by a rebalance: the offsets can be sent again later."""
     return error.code() in _REBALANCING_CODES
@@ -49,14 +67,25 @@ def kafka_error(exc: KafkaException) -> KafkaError | None:
     return error if isinstance(error, KafkaError) else None
 
 
-def translate(exc: KafkaException) -> TmError:
-    """Fatal (see :func:`is_fatal`) or else KafkaUnavailableError; a refused commit is
-    CommitDeferredError."""
+def kafka_exception(exc: BaseException | None) -> KafkaException | None:
+    """``exc`` if it is a KafkaException, or the one it was raised from when it is the
+    SystemError confluent-kafka raises when a callback of ours runs while its own error is
+    already set (a flush of a fenced producer serving a delivery report)."""
+    if isinstance(exc, KafkaException):
+        return exc
+    if isinstance(exc, SystemError) and isinstance(exc.__cause__, KafkaException):
+        return exc.__cause__
+    return None
+
+
+def translate(exc: KafkaException, *, consumer: bool = False) -> TmError:
+    """Fatal (see :func:`is_fatal`; fenced, see :func:`is_fenced`) or else
+    KafkaUnavailableError; a refused commit is CommitDeferredError."""
     error = kafka_error(exc)
     if error is None:
         return KafkaUnavailableError(str(exc))
-    if is_fatal(error):
-        return FatalError(text(error))
+    if is_fatal(error) or is_fenced(error, consumer=consumer):
+        return fatal(error, consumer=consumer)
     if is_rebalancing(error):
         return CommitDeferredError(text(error))
     return KafkaUnavailableError(text(error))
@@ -94,13 +123,21 @@ def check_event(error: KafkaError) -> None:
     """An error event the consumer polled instead of a message: raise FatalError when it means
     the worker cannot go on (see :func:`is_fatal`, or its topic is gone); else it is passing
     (a broker went away, a fetch failed) and the caller logs it."""
-    if is_fatal(error) or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-        raise FatalError(f"consumer: {text(error)}")
+    if (
+        is_fatal(error)
+        or is_fenced(error, consumer=True)
+        or error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+    ):
+        raise fatal(error, "consumer", consumer=True)
 
 
 class _Translated(contextlib.ContextDecorator):
     """A KafkaException that leaves the block or the function leaves as tm's error
-    (:func:`translate`). Stateless, so one instance serves every use, nested or not."""
+    (:func:`translate`; ``consumer``: the consumer's calls, whose _FATAL means fenced).
+    Stateless, so one instance serves every use, nested or not."""
+
+    def __init__(self, *, consumer: bool = False) -> None:
+        self._consumer = consumer
 
     def __enter__(self) -> None:
         return None
@@ -111,10 +148,13 @@ class _Translated(contextlib.ContextDecorator):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if isinstance(exc, KafkaException):
-            raise translate(exc) from exc
+        cause = kafka_exception(exc)
+        if cause is not None:
+            raise translate(cause, consumer=self._consumer) from exc
 
 
 # The one way a call of this package's clients is guarded: ``@translated`` on a function, or
-# ``with translated:`` around a block (a generator's body, a hot loop, a callback).
+# ``with translated:`` around a block (a generator's body, a hot loop, a callback); the worker's
+# consumer uses ``consumer_translated``.
 translated = _Translated()
+consumer_translated = _Translated(consumer=True)

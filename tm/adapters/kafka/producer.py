@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
@@ -11,6 +11,9 @@ from tm.adapters.kafka.clients import producer_config
 from tm.adapters.kafka.errors import is_fatal, text, translated
 from tm.connections import KafkaSettings
 from tm.errors import FatalError, KafkaUnavailableError
+
+if TYPE_CHECKING:
+    from tm.pipeline.ports import TransactionOffsets
 
 BUFFER_WAIT_S = 0.05  # the local queue is full: serve acknowledgements this long, then retry
 
@@ -71,16 +74,21 @@ class KafkaSink(BufferedProducer):
         *,
         max_message_bytes: int,
         logger: logging.Logger | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
+        """``config``: the producer's, when not :func:`producer_config`'s (a transactional
+        sink's)."""
         self.max_message_bytes = max_message_bytes
         self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
         super().__init__(
-            producer_config(settings, max_message_bytes=max_message_bytes), logger=logger
+            config or producer_config(settings, max_message_bytes=max_message_bytes),
+            logger=logger,
         )
 
-    def flush(self) -> None:
+    def flush(self, offsets: TransactionOffsets | None = None) -> None:
         """Wait for the acknowledgement of everything produced since the last flush; raise
-        KafkaUnavailableError if any message was not delivered (FatalError if it never will)."""
+        KafkaUnavailableError if any message was not delivered (FatalError if it never will).
+        ``offsets``: the consumer's, which this sink does not commit (the consumer does)."""
         remaining, failures = self._flush(self._flush_timeout_s)
         if remaining:
             raise KafkaUnavailableError(f"{remaining} message(s) not acknowledged in time")
@@ -89,6 +97,11 @@ class KafkaSink(BufferedProducer):
             if any(is_fatal(f) for f in failures):
                 raise FatalError(summary)
             raise KafkaUnavailableError(summary)
+
+    def abort(self) -> bool:
+        """What was produced since the last flush will not be committed: nothing to undo here
+        (a message produced is on its way)."""
+        return False
 
     def close(self, timeout_s: float) -> int:
         """Flush what is queued; return how many messages were left undelivered."""

@@ -1,0 +1,210 @@
+"""Exactly-once: the worker's transactional producer.
+
+Every message produced between two flushes belongs to one Kafka transaction, begun by the first
+of them; :meth:`TransactionalSink.flush` adds the consumer's offsets of the same batches to it
+(``send_offsets_to_transaction``, with the member's group metadata) and commits it. A crawler
+reading with ``isolation.level=read_committed`` sees the batch's crawl requests and dead letters
+if and only if the batch's offsets are committed: once, whatever fails.
+
+Errors as librdkafka sorts them: retriable (the call is made again: the commit and the abort
+of a transaction until they are done, since a commit that timed out goes on in the background
+and must not be taken for failed; if the broker stays away the worker's heartbeats stop and the
+supervisor restarts it, and its successor's producer settles the transaction);
+abortable (the transaction is aborted and :class:`TransactionAbortedError` raised: the caller
+rewinds and retries the batch, whose database step is idempotent); fatal, and anything neither
+retriable nor abortable (FatalError: the worker exits, and the supervisor starts a new one,
+whose producer fences this one's id and aborts what it left open).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from tm.adapters.kafka.clients import transactional_producer_config
+from tm.adapters.kafka.errors import fatal, is_fenced, kafka_error, kafka_exception, text
+from tm.adapters.kafka.producer import KafkaSink
+from tm.connections import KafkaSettings
+from tm.errors import FatalError, KafkaUnavailableError
+
+if TYPE_CHECKING:
+    from tm.pipeline.ports import TransactionOffsets
+
+log = logging.getLogger("tm.kafka")
+
+RETRY_PAUSE_S = 0.1  # between two attempts of a call that failed with a retriable error
+
+
+class TransactionAbortedError(KafkaUnavailableError):
+    """The batch's transaction was aborted: nothing of it is visible; retry the batch."""
+
+    def __init__(self, cause: str, error: str) -> None:
+        super().__init__(f"transaction aborted: {error}")
+        self.cause = cause  # the Kafka error's name, for the metric
+
+
+class _Abortable(Exception):
+    def __init__(self, name: str, error: str) -> None:
+        super().__init__(error)
+        self.name = name
+
+
+class TransactionalSink(KafkaSink):
+    """A :class:`~tm.adapters.kafka.KafkaSink` whose flushes commit transactions. Call
+    :meth:`start` once, from a thread, before producing."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        max_message_bytes: int,
+        transactional_id: str,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        config = transactional_producer_config(
+            settings, max_message_bytes=max_message_bytes, transactional_id=transactional_id
+        )
+        super().__init__(
+            settings, max_message_bytes=max_message_bytes, logger=logger, config=config
+        )
+        self.transactional_id = transactional_id
+        self._topic = settings.task_status_topic
+        self._call_timeout_s = settings.request_timeout_ms / 1000
+        self._transaction_timeout_s = settings.transaction_timeout_ms / 1000
+        self._open = False  # a transaction has begun and is neither committed nor aborted
+
+    def start(self) -> None:
+        """Register the transactional id with its coordinator: a producer of a previous
+        worker with the same id is fenced, and its open transaction aborted. Blocks, at most
+        about the request timeout."""
+        deadline = time.monotonic() + self._call_timeout_s
+        try:
+            self._call(deadline, self._producer.init_transactions, self._call_timeout_s)
+        except _Abortable as exc:  # no coordinator in time: the worker connects again later
+            raise KafkaUnavailableError(f"init_transactions: {exc}") from None
+
+    def produce(
+        self,
+        topic: str,
+        *,
+        key: bytes | str | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | str | None]],
+        timestamp_ms: int = 0,
+    ) -> None:
+        if not self._open:
+            self._begin()
+        super().produce(topic, key=key, value=value, headers=headers, timestamp_ms=timestamp_ms)
+
+    def flush(self, offsets: TransactionOffsets | None = None) -> None:
+        """Commit the transaction: what was produced since the last flush, and ``offsets``
+        (the next offsets of the task-status topic's partitions, with the group metadata
+        taken when they were). Blocks; raises TransactionAbortedError (the transaction was
+        aborted) or FatalError."""
+        if not self._open:
+            self._begin()  # a batch without outputs still commits its offsets
+        deadline = time.monotonic() + self._transaction_timeout_s
+        try:
+            if offsets is not None and offsets.next_offsets:
+                positions = [
+                    TopicPartition(self._topic, p, o) for p, o in offsets.next_offsets.items()
+                ]
+                self._call(
+                    deadline,
+                    self._producer.send_offsets_to_transaction,
+                    positions,
+                    offsets.group_metadata,
+                    self._call_timeout_s,
+                )
+            self._call(math.inf, self._producer.commit_transaction, self._call_timeout_s)
+        except _Abortable as exc:
+            self._abort(deadline)
+            raise TransactionAbortedError(exc.name, str(exc)) from None
+        self._open = False
+        self._failures = []  # what failed, failed the commit: nothing left to report
+
+    def abort(self) -> bool:
+        """Abort the transaction in flight, if any (True): none of its messages or offsets will
+        be seen by a read_committed reader. Blocks, at most the transaction timeout."""
+        if not self._open:
+            return False
+        self._abort(time.monotonic() + self._transaction_timeout_s)
+        return True
+
+    def _abort(self, deadline: float) -> None:
+        # Let the transaction's produce requests finish first (their AddPartitionsToTxn
+        # included): an abort while the first produce is in flight can fail fatally
+        # (librdkafka issue 4849). Failed or not, they are aborted below.
+        try:
+            self._producer.flush(min(self._call_timeout_s, self._remaining(deadline)))
+        except (KafkaException, SystemError) as exc:  # a fatal state (fenced): no abort now
+            cause = kafka_exception(exc)
+            error = kafka_error(cause) if cause is not None else None
+            if error is None:
+                raise FatalError(f"abort_transaction: {exc}") from None
+            raise fatal(error, "abort_transaction") from None
+        try:
+            self._call(math.inf, self._producer.abort_transaction, self._call_timeout_s)
+        except _Abortable as exc:  # an abort that must be aborted: give the producer up
+            raise FatalError(f"abort_transaction: {exc}") from None
+        self._open = False
+        self._failures = []
+        log.info("transaction aborted", extra={"fields": {"id": self.transactional_id}})
+
+    def close(self, timeout_s: float) -> int:
+        """Abort a transaction left open (nothing was committed of it), then flush. A fenced
+        producer has nothing left to do: it is closed as it is."""
+        try:
+            self.abort()
+            return super().close(timeout_s)
+        except FatalError as exc:
+            log.warning("transactional producer closed", extra={"fields": {"error": str(exc)}})
+            return 0
+
+    def _begin(self) -> None:
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            error = kafka_error(exc)
+            if error is None:
+                raise FatalError(f"begin_transaction: {exc}") from None
+            raise fatal(error, "begin_transaction") from None
+        self._open = True
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        return max(deadline - time.monotonic(), 1.0)
+
+    def _call(self, deadline: float, call: Callable[..., Any], *args: Any) -> None:
+        """``call(*args)``, made again while it fails with a retriable error, until
+        ``deadline`` (then as abortable); an abortable error raises _Abortable, any other
+        FatalError."""
+        retries = 0
+        while True:
+            try:
+                call(*args)
+                return
+            except KafkaException as exc:
+                error = kafka_error(exc)
+                if error is None:
+                    raise FatalError(f"{call.__name__}: {exc}") from None
+                if error.fatal() or is_fenced(error):
+                    raise fatal(error, call.__name__) from None
+                if error.txn_requires_abort():
+                    raise _Abortable(error.name(), text(error)) from None
+                if not error.retriable():
+                    raise FatalError(f"{call.__name__}: {text(error)}") from None
+                if time.monotonic() >= deadline:  # not sent: aborting is safe
+                    raise _Abortable(error.name(), text(error)) from None
+                if retries == 0:  # once per call: an outage must not flood the log
+                    log.info(
+                        "transactional call failed; retrying",
+                        extra={"fields": {"call": call.__name__, "error": text(error)}},
+                    )
+                retries += 1
+                time.sleep(RETRY_PAUSE_S)
