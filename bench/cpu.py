@@ -110,6 +110,7 @@ class Bench:
             "DLQ_TOPIC": dlq,
             "KAFKA_GROUP_ID": group,
             "TM_WORKERS": str(a.workers),
+            "TM_DELIVERY": a.delivery,
             "LOG_FORMAT": "simple",
             "LOG_LEVEL": "info",
             "LOG_COLORS": "false",
@@ -294,7 +295,7 @@ def render(
 ) -> tuple[str, dict[str, Any]]:
     flags = (
         f"--messages {args.messages} --workers {args.workers} --instances {args.instances}"
-        f" --partitions {args.partitions} --rounds {args.rounds}"
+        f" --partitions {args.partitions} --rounds {args.rounds} --delivery {args.delivery}"
     )
     if args.redis_url:
         flags += f" --redis-url {args.redis_url}"
@@ -325,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--delivery",
+        choices=("at-least-once", "exactly-once"),
+        default="at-least-once",
+        help="tm's TM_DELIVERY (at-least-once)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     feed = parser.add_mutually_exclusive_group()
     feed.add_argument("--redis-url", default=None, help="set REDIS_URL (the task-event feed)")

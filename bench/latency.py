@@ -241,6 +241,7 @@ class Options:
     partitions: int
     json_path: Path | None
     log_level: str
+    delivery: str
 
 
 class Run(Checks):
@@ -300,6 +301,7 @@ class Run(Checks):
             "DLQ_TOPIC": self.dlq_topic,
             "KAFKA_GROUP_ID": self.group,
             "TM_WORKERS": str(o.workers),
+            "TM_DELIVERY": o.delivery,
             "APP_PORT": str(free_port()),
             "LOG_FORMAT": "simple",  # the rebalance and batch lines are parsed
             "LOG_LEVEL": o.log_level,
@@ -611,6 +613,12 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--log-level", choices=("info", "debug"), default="info", help="tm's LOG_LEVEL (info)"
     )
+    parser.add_argument(
+        "--delivery",
+        choices=("at-least-once", "exactly-once"),
+        default="at-least-once",
+        help="tm's TM_DELIVERY (at-least-once)",
+    )
     args = parser.parse_args(argv)
     try:
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
@@ -622,7 +630,15 @@ def _parse(argv: list[str] | None) -> Options:
         parser.error(f"--seconds must be more than {WARM_UP_S + 1:.0f} (the warm-up is left out)")
     if args.workers < 1 or args.partitions < 1:
         parser.error("--workers and --partitions must be positive")
-    return Options(rates, args.seconds, args.workers, args.partitions, args.json, args.log_level)
+    return Options(
+        rates,
+        args.seconds,
+        args.workers,
+        args.partitions,
+        args.json,
+        args.log_level,
+        args.delivery,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,9 +98,20 @@ def produce(
     return time.monotonic() - started
 
 
-def read_topic(config: dict[str, Any], topic: str, *, timeout_s: float = 10.0) -> list[Any]:
-    """Every message currently in ``topic`` (all partitions, from the beginning)."""
-    consumer = Consumer({**config, "group.id": unique("reader"), "enable.auto.commit": False})
+def read_topic(
+    config: dict[str, Any], topic: str, *, timeout_s: float = 10.0, uncommitted: bool = False
+) -> list[Any]:
+    """Every message currently in ``topic`` (all partitions, from the beginning), as a reader
+    with ``isolation.level=read_committed`` sees them (librdkafka's default: nothing of an
+    aborted or open transaction), or every record written with ``uncommitted``."""
+    consumer = Consumer(
+        {
+            **config,
+            "group.id": unique("reader"),
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted" if uncommitted else "read_committed",
+        }
+    )
     try:
         meta = consumer.list_topics(topic, timeout=timeout_s)
         ends = {}
@@ -109,16 +120,15 @@ def read_topic(config: dict[str, Any], topic: str, *, timeout_s: float = 10.0) -
             if high > low:
                 ends[p] = high
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        seen: dict[int, int] = dict.fromkeys(ends, -1)
         out: list[Any] = []
         deadline = time.monotonic() + timeout_s
-        while any(seen[p] + 1 < ends[p] for p in ends) and time.monotonic() < deadline:
-            for message in consumer.consume(500, 0.2):
-                if message.error() is None:
-                    out.append(message)
-                    partition, offset = message.partition(), message.offset()
-                    assert partition is not None and offset is not None  # not an error
-                    seen[partition] = offset
+        while time.monotonic() < deadline:
+            out.extend(m for m in consumer.consume(500, 0.2) if m.error() is None)
+            # The position passes what a read_committed reader skips (aborted records and
+            # transaction markers) too.
+            positions = consumer.position([TopicPartition(topic, p) for p in ends])
+            if all(tp.offset >= ends[tp.partition] for tp in positions):
+                break
         return out
     finally:
         consumer.close()

@@ -221,9 +221,14 @@ class Stack:
             completed_lag=completed_lag,
         )
 
-    def read_topic(self, topic: str, *, timeout_s: float = 10.0) -> list[Any]:
-        """Every message currently in ``topic`` (all partitions, from the beginning)."""
-        return kafka_io.read_topic(self.kafka_config, topic, timeout_s=timeout_s)
+    def read_topic(
+        self, topic: str, *, timeout_s: float = 10.0, uncommitted: bool = False
+    ) -> list[Any]:
+        """Every message currently in ``topic`` (all partitions, from the beginning), as a
+        read_committed reader sees them, or every record written (``uncommitted``)."""
+        return kafka_io.read_topic(
+            self.kafka_config, topic, timeout_s=timeout_s, uncommitted=uncommitted
+        )
 
     def committed(self) -> dict[int, int]:
         """The group's committed offsets per partition (negative: none)."""

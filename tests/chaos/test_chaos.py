@@ -1,14 +1,17 @@
-"""Chaos with an exact oracle: a gateway produces unique tasks, crawlers answer each crawl
-request once, and a seeded schedule of faults hits tm meanwhile: kill -9 of a worker and of the
-whole process tree, terminated backends, a PostgreSQL crash-restart, a broker kill -9, and a
-proxy in front of PostgreSQL and of Kafka that delays, blackholes or resets connections.
+"""Chaos with an exact oracle, in both delivery modes: a gateway produces unique tasks (and,
+now and then, a malformed one), crawlers reading with ``isolation.level=read_committed`` answer
+each crawl request once, and a seeded schedule of faults hits tm meanwhile: kill -9 of a worker
+and of the whole process tree, terminated backends, a PostgreSQL crash-restart, a broker kill
+-9, a proxy in front of PostgreSQL and of Kafka that delays, blackholes or resets connections,
+and a second member that joins under load and leaves.
 
 Then the oracle, after a clean stop: every task exactly once in the table, in the state its
-crawler chose with its result; every task got a crawl request; no dead letters; the committed
-offsets equal the end offsets; tm exited 0. Duplicate crawl requests (allowed: at-least-once)
-are counted and printed. A failure prints the seed and the schedule:
+crawler chose with its result; every task got a crawl request; every malformed task is a dead
+letter; the committed offsets equal the end offsets; tm exited 0. Outputs: in exactly-once mode
+each crawl request and each dead letter is read exactly once; in at-least-once mode the
+duplicates are counted and printed, not asserted. A failure prints the seed and the schedule:
 ``CHAOS_SEED=<seed> pytest tests/chaos`` replays it. ``CHAOS_MINUTES`` makes a longer run
-(``make chaos``); inside ``make test`` it takes about 3 minutes.
+(``make chaos``); inside ``make test`` each mode takes about 3 minutes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +58,12 @@ FAULTS = (
     "kafka_delay",
     "kafka_blackhole",
     "kafka_reset",
+    "member_join_leave",
 )
 GAP_S = (6.0, 10.0)  # quiet time after each fault's end, so that tm gets going again
 DURATION_S = (2.0, 6.0)  # how long a fault with a duration lasts
 RATE = 150.0  # gateway tasks per second
+MALFORMED_EVERY = 50  # one gateway event in this many is malformed: a dead letter
 # tm tuned for quick recovery; the faults are short.
 TM_ENV = {
     "TM_WORKERS": "2",
@@ -70,6 +76,10 @@ TM_ENV = {
     "KAFKA_REQUEST_TIMEOUT": "10000",
     "GRACEFUL_SHUTDOWN_TIMEOUT": "30000",
 }
+# Exactly-once as Kubernetes runs it: a static instance id per tm (its pod's name), so that a tm
+# started after a kill -9 takes over its predecessor's transactional ids and aborts what it left
+# open at once.
+EXACTLY_ONCE_ENV = {"TM_DELIVERY": "exactly-once"}
 
 
 @dataclass(frozen=True)
@@ -106,26 +116,34 @@ class World:
     pg_proxy: TcpProxy
     kafka_proxy: TcpProxy
     tmp_path: Path
+    delivery: str
     runs: list[TmRun] = field(default_factory=list)
 
     @property
     def tm(self) -> TmRun:
         return self.runs[-1]
 
-    def start_tm(self) -> TmRun:
+    def start_tm(self, *, member: str = "tm-0", keep: bool = True) -> TmRun:
+        """A tm; ``member``: its static instance id in exactly-once mode. Not ``keep``: an
+        extra member, not the tm the faults aim at."""
         env = {
             **TM_ENV,
             "POSTGRES_HOST": "127.0.0.1",
             "POSTGRES_PORT": str(self.pg_proxy.port),
             "KAFKA_BROKERS": f"127.0.0.1:{self.kafka_proxy.port}",
         }
+        if self.delivery == "exactly-once":
+            env |= {**EXACTLY_ONCE_ENV, "KAFKA_GROUP_INSTANCE_ID": member}
         run = TmRun(self.stack, self.tmp_path, **env)
-        self.runs.append(run)
+        if keep:
+            self.runs.append(run)
         return run
 
 
-@pytest.fixture
-def world(tmp_path: Path, pg_up: None, kafka_up: None) -> Iterator[World]:
+@pytest.fixture(params=["exactly-once", "at-least-once"])
+def world(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_up: None, kafka_up: None
+) -> Iterator[World]:
     """A private PostgreSQL and broker (the faults must not reach the shared stack), a proxy in
     front of each for tm, and a fresh database and topics on them."""
     root = scratch_dir("tm-chaos-")
@@ -153,7 +171,7 @@ def world(tmp_path: Path, pg_up: None, kafka_up: None) -> Iterator[World]:
         settings = config.load(env)
         stack = cleanup.enter_context(make_stack(settings))  # dropped after the finally below
         stack.env["POSTGRES_USER"] = "postgres"
-        world = World(settings, stack, pg, kafka, pg_proxy, kafka_proxy, tmp_path)
+        world = World(settings, stack, pg, kafka, pg_proxy, kafka_proxy, tmp_path, request.param)
         try:
             yield world
         finally:
@@ -190,10 +208,12 @@ def crawler_choice(seed: int, task_id: str) -> tuple[str, str]:
 
 
 class Gateway:
-    """Produces ``new_task_message(n)`` at RATE from a thread until stopped."""
+    """Produces ``new_task_message(n)`` at RATE from a thread until stopped; event n is
+    malformed (its body is not JSON: a dead letter) when n is a multiple of MALFORMED_EVERY."""
 
     def __init__(self, world: World) -> None:
         self.sent = 0
+        self.malformed: set[bytes] = set()  # their bodies, each unique
         self.failures: list[str] = []
         self._world = world
         self._stop = threading.Event()
@@ -216,6 +236,9 @@ class Gateway:
                 self._stop.wait(ahead)
                 continue
             headers, value = new_task_message(n)
+            if n % MALFORMED_EVERY == 0:
+                value = f"not json {n}".encode()
+                self.malformed.add(value)
             try:
                 producer.produce(topic, value=value, headers=headers, on_delivery=on_delivery)
             except BufferError:
@@ -255,6 +278,7 @@ class Crawlers:
                 "bootstrap.servers": world.kafka.bootstrap,
                 "group.id": unique("crawlers"),
                 "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",  # what a crawler must do (README)
                 "log_level": 0,
             }
         )
@@ -355,6 +379,14 @@ def inflict(world: World, fault: Fault, rng: random.Random, log: list[str]) -> N
         time.sleep(hold)
         world.kafka.start()
         log.append(f"broker kill -9 and restart, down {hold:.1f} s")
+    elif kind == "member_join_leave":
+        joined = world.start_tm(member="tm-1", keep=False)
+        try:
+            time.sleep(hold + 8)  # its join, a rebalance, some batches of its own
+        finally:
+            code = joined.stop(timeout_s=60)
+        assert code == 0, f"the member that joined exited {code}:\n{joined.output()[-5000:]}"
+        log.append(f"a member joined for {hold + 8:.1f} s and left")
     else:
         target, mode = kind.split("_")
         proxy = world.pg_proxy if target == "pg" else world.kafka_proxy
@@ -396,13 +428,15 @@ def test_every_task_exactly_once_through_a_seeded_schedule_of_faults(world: Worl
             sent = gateway.stop()
         assert gateway.failures == [], replay
 
+        tasks = sent - len(gateway.malformed)
+
         def settled() -> bool:
-            if crawlers.answered() < sent:
+            if crawlers.answered() < tasks:
                 return False
             finished = stack.count("status <> 'new'")
-            return finished >= sent
+            return finished >= tasks
 
-        wait_for(settled, timeout_s=180, interval_s=1.0, what=f"all {sent} tasks finished")
+        wait_for(settled, timeout_s=180, interval_s=1.0, what=f"all {tasks} tasks finished")
     except BaseException:
         print("faults done:", "; ".join(done))
         print("tm output (last run):\n" + world.tm.output()[-20000:])
@@ -412,17 +446,28 @@ def test_every_task_exactly_once_through_a_seeded_schedule_of_faults(world: Worl
     tm = world.tm
     code = tm.stop(timeout_s=60)
     output = tm.output()
+    letters = Counter(m.value() for m in stack.read_topic(stack.dlq_topic, timeout_s=30))
+    doubled_letters = sum(n - 1 for n in letters.values())
     print("faults done:", "; ".join(done))
-    print(f"{sent} tasks, {crawlers.duplicates} duplicate crawl request(s)")
+    print(
+        f"{world.delivery}: {tasks} tasks and {len(gateway.malformed)} malformed;"
+        f" {crawlers.duplicates} duplicate crawl request(s), {doubled_letters} duplicate dead"
+        " letter(s) read with read_committed"
+    )
 
     assert code == 0, f"{replay}\n{output[-20000:]}"
     assert crawlers.failures == [], replay
     rows = stack.query("SELECT id::text, user_email, status::text, result FROM web_crawl_tasks")
-    assert len(rows) == sent, f"{replay}: {len(rows)} rows for {sent} tasks"
-    assert len({r["user_email"] for r in rows}) == sent, f"{replay}: a task was applied twice"
-    assert {r["user_email"] for r in rows} == {f"user{n}@example.com" for n in range(sent)}
+    assert len(rows) == tasks, f"{replay}: {len(rows)} rows for {tasks} tasks"
+    assert len({r["user_email"] for r in rows}) == tasks, f"{replay}: a task was applied twice"
+    assert {r["user_email"] for r in rows} == {
+        f"user{n}@example.com" for n in range(sent) if n % MALFORMED_EVERY
+    }
     assert set(crawlers.answers) == {r["id"] for r in rows}, f"{replay}: a task got no request"
     wrong = [r["id"] for r in rows if (r["status"], r["result"]) != crawlers.answers[r["id"]]]
     assert wrong == [], f"{replay}: {len(wrong)} task(s) not in their crawler's state"
-    assert stack.read_topic(stack.dlq_topic, timeout_s=5) == [], f"{replay}: dead letters"
+    assert set(letters) == gateway.malformed, f"{replay}: dead letters differ from the malformed"
     assert stack.all_committed(), f"{replay}: offsets not committed to the end"
+    if world.delivery == "exactly-once":
+        assert crawlers.duplicates == 0, f"{replay}: {crawlers.duplicates} crawl requests twice"
+        assert doubled_letters == 0, f"{replay}: {doubled_letters} dead letters twice"
