@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import HarnessError, free_port, unique
-from harness.kafka import CommitWatcher, Message, end_offsets, produce
+from harness.kafka import CommitWatcher, Message, count_records, produce
 from harness.procfs import cpu_s, pids_named
 from harness.report import note
 from harness.stack import Fresh, kafka_config, query
@@ -161,7 +161,7 @@ class Bench:
         note(f"producing {a.messages} `new` events")
         produce(self.kconfig, topic, [(None, *new_task_message(n)) for n in range(a.messages)])
         news = self.phase("new", env, topic, group, a.messages)
-        requests_out = sum(end_offsets(self.kconfig, requests, a.partitions).values())
+        requests_out = count_records(self.kconfig, requests)
         if requests_out != a.messages:
             raise HarnessError(f"{requests_out} crawl requests for {a.messages} tasks")
         ids = [r[0] for r in query(db, "SELECT id FROM web_crawl_tasks")]
@@ -177,7 +177,7 @@ class Bench:
         del updates
         done = self.phase("update", env, topic, group, 2 * a.messages)
         left = query(db, "SELECT count(*) FROM web_crawl_tasks WHERE status = 'new'")[0][0]
-        dead = sum(end_offsets(self.kconfig, dlq, a.partitions).values())
+        dead = count_records(self.kconfig, dlq)
         if left or dead:
             raise HarnessError(f"{left} tasks still new, {dead} dead letters")
         return [news, done]

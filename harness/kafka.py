@@ -183,6 +183,12 @@ def end_offsets(config: dict[str, Any], topic: str, partitions: int) -> dict[int
         reader.close()
 
 
+def count_records(config: dict[str, Any], topic: str, *, timeout_s: float = 60.0) -> int:
+    """How many records of ``topic`` a read_committed reader reads: its end offsets count too
+    the transaction markers (one per partition and transaction) of a transactional producer."""
+    return len(read_topic(config, topic, timeout_s=timeout_s))
+
+
 def group_assigned(config: dict[str, Any], group: str, topic: str) -> int:
     """How many partitions of ``topic`` the group coordinator has assigned to members of a
     stable group (0 while it rebalances)."""
