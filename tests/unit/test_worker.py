@@ -118,6 +118,19 @@ def worker(settings: Settings, pipe: Pipe) -> Iterator[Worker]:
     w.threads.shutdown()
 
 
+def start(
+    worker: Worker, settings: Settings, source: FakeSource, database: FakeDatabase, sink: FakeSink
+) -> asyncio.Task[None]:
+    """The worker's consume loop on the real pipeline, over fakes, as a task."""
+    pipeline = Pipeline(
+        settings=settings,
+        database=database,
+        sink=sink,
+        run_io=functools.partial(worker.threads.run, "io"),
+    )
+    return asyncio.create_task(worker.consumption.run(source, pipeline))
+
+
 def test_an_assignment_is_recorded_inside_the_callback_while_no_event_loop_runs(
     worker: Worker, pipe: Pipe
 ) -> None:
@@ -153,13 +166,7 @@ async def test_at_a_stop_the_last_batch_is_applied_and_acknowledged_before_revok
     consumption.on_assign(FakeAssignment([0]))  # type: ignore[arg-type]
     source = FakeSource(polls=[[new(7), new(8)]])
     database, sink = FakeDatabase(), FakeSink()
-    pipeline = Pipeline(
-        settings=settings,
-        database=database,
-        sink=sink,
-        run_io=functools.partial(worker.threads.run, "io"),
-    )
-    running = asyncio.create_task(consumption.run(source, pipeline))
+    running = start(worker, settings, source, database, sink)
     await asyncio.to_thread(source.after_first_poll.wait, 10)
     worker._stopping.set()  # the SIGTERM handler's doing
     await running
@@ -180,13 +187,7 @@ async def test_a_failed_batch_rewinds_its_partitions_pauses_and_commits_nothing(
     consumption.on_assign(FakeAssignment([0, 1]))  # type: ignore[arg-type]
     source = FakeSource(polls=[[new(3, 0), new(5, 1)], []])
     database = FakeDatabase(fail_with=DatabaseUnavailableError("connection refused"))
-    pipeline = Pipeline(
-        settings=settings,
-        database=database,
-        sink=FakeSink(),
-        run_io=functools.partial(worker.threads.run, "io"),
-    )
-    running = asyncio.create_task(consumption.run(source, pipeline))
+    running = start(worker, settings, source, database, FakeSink())
     await asyncio.to_thread(source.after_pause.wait, 10)
     worker._stopping.set()
     await running
@@ -212,13 +213,7 @@ async def test_exactly_once_commits_the_offsets_in_the_transaction_of_the_output
     consumption.on_assign(FakeAssignment([0, 1]))  # type: ignore[arg-type]
     source = FakeSource(polls=[[new(7), new(8), new(3, 1)]])
     sink = FakeSink(transactional=True)
-    pipeline = Pipeline(
-        settings=settings,
-        database=FakeDatabase(),
-        sink=sink,
-        run_io=functools.partial(worker.threads.run, "io"),
-    )
-    running = asyncio.create_task(consumption.run(source, pipeline))
+    running = start(worker, settings, source, FakeDatabase(), sink)
     await asyncio.to_thread(source.after_first_poll.wait, 10)
     worker._stopping.set()
     await running
@@ -237,13 +232,7 @@ async def test_exactly_once_an_aborted_transaction_rewinds_and_commits_nothing(
     consumption.on_assign(FakeAssignment([0]))  # type: ignore[arg-type]
     source = FakeSource(polls=[[new(3), new(4)], []])
     sink = FakeSink(transactional=True, fail_flush=True)
-    pipeline = Pipeline(
-        settings=settings,
-        database=FakeDatabase(),
-        sink=sink,
-        run_io=functools.partial(worker.threads.run, "io"),
-    )
-    running = asyncio.create_task(consumption.run(source, pipeline))
+    running = start(worker, settings, source, FakeDatabase(), sink)
     await asyncio.to_thread(source.after_pause.wait, 10)
     worker._stopping.set()
     await running
