@@ -139,7 +139,7 @@ class TransactionalSink(KafkaSink):
     def _abort(self, deadline: float) -> None:
         # Let the transaction's produce requests finish first (their AddPartitionsToTxn
         # included): an abort while the first produce is in flight can fail fatally
-        # (librdkafka issue 4849). Failed or not, they are aborted below.
+        # (librdkafka#4849). Failed or not, they are aborted below.
         try:
             self._producer.flush(min(self._call_timeout_s, self._remaining(deadline)))
         except (KafkaException, SystemError) as exc:  # a fatal state (fenced): no abort now
