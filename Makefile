@@ -107,7 +107,7 @@ soak: venv stack-up
 .PHONY: chaos
 CHAOS_MINUTES ?= 10
 chaos: venv stack-up
-	CHAOS_MINUTES=$(CHAOS_MINUTES) $(VENV)/bin/pytest tests/chaos -s -p no:cacheprovider
+	CHAOS_MINUTES=$(CHAOS_MINUTES) CHAOS_DELIVERY=at-least-once,exactly-once $(VENV)/bin/pytest tests/chaos -s -p no:cacheprovider
 
 # The OpenTelemetry Collector the trace tests export to (tests/e2e/test_tracing.py), built once
 # with the Collector Builder from the Go module proxy into .stack/otelcol/ (first time: about

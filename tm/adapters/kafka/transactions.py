@@ -6,10 +6,10 @@ of them; :meth:`TransactionalSink.flush` adds the consumer's offsets of the same
 reading with ``isolation.level=read_committed`` sees the batch's crawl requests and dead letters
 if and only if the batch's offsets are committed: once, whatever fails.
 
-Errors as librdkafka sorts them: retriable (the call is made again: the commit and the abort
-of a transaction until they are done, since a commit that timed out goes on in the background
-and must not be taken for failed; if the broker stays away the worker's heartbeats stop and the
-supervisor restarts it, and its successor's producer settles the transaction);
+Errors as librdkafka sorts them: retriable (the call is made again until the transaction
+timeout; a commit or an abort still not done by then is given up as fatal, not taken for failed,
+since a commit that timed out goes on in the background: the worker's successor, whose producer
+has the same id, settles the transaction, committed or aborted, outputs and offsets together);
 abortable (the transaction is aborted and :class:`TransactionAbortedError` raised: the caller
 rewinds and retries the batch, whose database step is idempotent); fatal, and anything neither
 retriable nor abortable (FatalError: the worker exits, and the supervisor starts a new one,
@@ -19,7 +19,6 @@ whose producer fences this one's id and aborts what it left open).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -77,6 +76,7 @@ class TransactionalSink(KafkaSink):
         self._call_timeout_s = settings.request_timeout_ms / 1000
         self._transaction_timeout_s = settings.transaction_timeout_ms / 1000
         self._open = False  # a transaction has begun and is neither committed nor aborted
+        self._given_up = False  # a call ended in FatalError: nothing more is asked of it
 
     def start(self) -> None:
         """Register the transactional id with its coordinator: a producer of a previous
@@ -121,7 +121,9 @@ class TransactionalSink(KafkaSink):
                     offsets.group_metadata,
                     self._call_timeout_s,
                 )
-            self._call(math.inf, self._producer.commit_transaction, self._call_timeout_s)
+            self._call(
+                deadline, self._producer.commit_transaction, self._call_timeout_s, resumable=True
+            )
         except _Abortable as exc:
             self._abort(deadline)
             raise TransactionAbortedError(exc.name, str(exc)) from None
@@ -149,7 +151,9 @@ class TransactionalSink(KafkaSink):
                 raise FatalError(f"abort_transaction: {exc}") from None
             raise fatal(error, "abort_transaction") from None
         try:
-            self._call(math.inf, self._producer.abort_transaction, self._call_timeout_s)
+            self._call(
+                deadline, self._producer.abort_transaction, self._call_timeout_s, resumable=True
+            )
         except _Abortable as exc:  # an abort that must be aborted: give the producer up
             raise FatalError(f"abort_transaction: {exc}") from None
         self._open = False
@@ -157,8 +161,10 @@ class TransactionalSink(KafkaSink):
         log.info("transaction aborted", extra={"fields": {"id": self.transactional_id}})
 
     def close(self, timeout_s: float) -> int:
-        """Abort a transaction left open (nothing was committed of it), then flush. A fenced
-        producer has nothing left to do: it is closed as it is."""
+        """Abort a transaction left open (nothing was committed of it), then flush. A producer
+        given up (fenced, or a call that never ended) is closed as it is."""
+        if self._given_up:
+            return 0
         try:
             self.abort()
             return super().close(timeout_s)
@@ -180,10 +186,22 @@ class TransactionalSink(KafkaSink):
     def _remaining(deadline: float) -> float:
         return max(deadline - time.monotonic(), 1.0)
 
-    def _call(self, deadline: float, call: Callable[..., Any], *args: Any) -> None:
+    def _call(
+        self, deadline: float, call: Callable[..., Any], *args: Any, resumable: bool = False
+    ) -> None:
         """``call(*args)``, made again while it fails with a retriable error, until
-        ``deadline`` (then as abortable); an abortable error raises _Abortable, any other
+        ``deadline``: then as abortable, or as fatal when the call is ``resumable`` (a commit or
+        an abort, which may still be going on). An abortable error raises _Abortable, any other
         FatalError."""
+        try:
+            self._retried(deadline, call, *args, resumable=resumable)
+        except FatalError:
+            self._given_up = True
+            raise
+
+    def _retried(
+        self, deadline: float, call: Callable[..., Any], *args: Any, resumable: bool
+    ) -> None:
         retries = 0
         while True:
             try:
@@ -199,8 +217,10 @@ class TransactionalSink(KafkaSink):
                     raise _Abortable(error.name(), text(error)) from None
                 if not error.retriable():
                     raise FatalError(f"{call.__name__}: {text(error)}") from None
-                if time.monotonic() >= deadline:  # not sent: aborting is safe
-                    raise _Abortable(error.name(), text(error)) from None
+                if time.monotonic() >= deadline:
+                    if resumable:  # it may still be going on: the successor settles it
+                        raise FatalError(f"{call.__name__}: {text(error)}") from None
+                    raise _Abortable(error.name(), text(error)) from None  # not sent: abort
                 if retries == 0:  # once per call: an outage must not flood the log
                     log.info(
                         "transactional call failed; retrying",
