@@ -1,12 +1,17 @@
-"""The librdkafka properties tm derives from its settings."""
+"""The librdkafka properties tm derives from its settings, and what it says when they fail."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from confluent_kafka import KafkaError
+
 from tm import config
 from tm.adapters.kafka import client_config, consumer_config, producer_config, transactional_id
 from tm.adapters.kafka.clients import transactional_producer_config
+from tm.adapters.kafka.errors import connection_problem
+from tm.connections import KafkaSettings
 
 
 def test_consumer_commits_by_hand_from_the_earliest_offset_with_cooperative_rebalancing() -> None:
@@ -125,3 +130,44 @@ def test_the_transactional_producer_carries_its_id_and_the_transaction_timeout()
     assert props["transaction.timeout.ms"] == 45000
     assert props["message.timeout.ms"] <= props["transaction.timeout.ms"]
     assert props["enable.idempotence"] is True
+
+
+def _tls_settings(tmp_path: Path) -> KafkaSettings:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here")
+    return config.load({"KAFKA_SECURITY_PROTOCOL": "ssl", "KAFKA_SSL_CA_LOCATION": str(ca)}).kafka
+
+
+BROKER_CERTIFICATE_REFUSED = (
+    "sasl_ssl://127.0.0.1:9192/bootstrap: error:0A000086:SSL routines::certificate verify failed"
+    " (after 3ms in state SSL_HANDSHAKE)"
+)
+
+
+@pytest.mark.parametrize(
+    "errors",
+    [
+        # The handshake failed while reading: librdkafka says _SSL.
+        [KafkaError(KafkaError._SSL, "SSL handshake failed: " + BROKER_CERTIFICATE_REFUSED)],
+        # It failed on a write: the same refusal comes as _TRANSPORT, with OpenSSL's reason.
+        [KafkaError(KafkaError._TRANSPORT, BROKER_CERTIFICATE_REFUSED)],
+        # A disconnect first, the refusal next: the refusal is what tells.
+        [
+            KafkaError(KafkaError._TRANSPORT, "Disconnected: connection reset by peer"),
+            KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"),
+            KafkaError(KafkaError._SSL, "SSL handshake failed: " + BROKER_CERTIFICATE_REFUSED),
+        ],
+    ],
+    ids=["ssl", "transport", "after-a-disconnect"],
+)
+def test_a_refused_broker_certificate_names_the_ca_and_the_host_name(
+    tmp_path: Path, errors: list[KafkaError]
+) -> None:
+    line = connection_problem(_tls_settings(tmp_path), errors)
+    assert line.startswith("KAFKA_SSL_CA_LOCATION, KAFKA_SSL_VERIFY_HOSTNAME, KAFKA_BROKERS: ")
+
+
+def test_a_handshake_the_broker_ends_names_the_client_certificate(tmp_path: Path) -> None:
+    errors = [KafkaError(KafkaError._TRANSPORT, "Disconnected: connection reset by peer")]
+    line = connection_problem(_tls_settings(tmp_path), errors)
+    assert line.startswith("KAFKA_SSL_CERTIFICATE_LOCATION, KAFKA_SSL_KEY_LOCATION")

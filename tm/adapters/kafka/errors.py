@@ -1,5 +1,7 @@
 """The one place where librdkafka's errors become tm's (tm.errors), by their error code
-(``KafkaError.code()``), never by message text."""
+(``KafkaError.code()``). The one exception is a refused broker certificate, which librdkafka
+reports as _TRANSPORT instead of _SSL when the handshake fails on a write: it is told by
+OpenSSL's reason, as librdkafka itself tells it."""
 
 from __future__ import annotations
 
@@ -91,26 +93,44 @@ def translate(exc: KafkaException, *, consumer: bool = False) -> TmError:
     return KafkaUnavailableError(text(error))
 
 
+def _refused_credentials(error: KafkaError) -> bool:
+    return error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED)  # noqa: SLF001
+
+
+# OpenSSL's "certificate verify failed" (3.x, then 1.1), as librdkafka recognises it.
+_VERIFY_FAILED = ("error:0A000086", "certificate verify failed")
+
+
+def _refused_certificate(error: KafkaError) -> bool:
+    """tm refused the broker's certificate: _SSL, or _TRANSPORT carrying OpenSSL's reason."""
+    if error.code() == KafkaError._SSL:  # noqa: SLF001
+        return True
+    return error.code() == KafkaError._TRANSPORT and any(  # noqa: SLF001
+        reason in error.str() for reason in _VERIFY_FAILED
+    )
+
+
 def connection_problem(settings: KafkaSettings, errors: Sequence[KafkaError]) -> str:
-    """Why no broker answered, in one line that starts with the settings that decide it: the
-    first error the client reported while trying (by its code), else what is left to check."""
-    k = KafkaError
-    telling = [e for e in errors if e.code() != k._ALL_BROKERS_DOWN]  # noqa: SLF001
+    """Why no broker answered, in one line that starts with the settings that decide it: a
+    refused credential or certificate if the client reported one while trying, else the first
+    error it reported, else what is left to check."""
+    telling = [e for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN]  # noqa: SLF001
     if not telling:
         return (
             f"KAFKA_BROKERS, KAFKA_SECURITY_PROTOCOL: no broker answered at"
             f" {','.join(settings.brokers)} over {settings.security_protocol.upper()} (down,"
             " unreachable, or speaking another protocol)"
         )
-    error = telling[0]
-    code = error.code()
-    if code in (k._AUTHENTICATION, k.SASL_AUTHENTICATION_FAILED):  # noqa: SLF001
+    error = next(
+        (e for e in telling if _refused_credentials(e) or _refused_certificate(e)), telling[0]
+    )
+    if _refused_credentials(error):
         names = (
             "KAFKA_SASL_OAUTHBEARER_CLIENT_ID, KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"
             if settings.sasl_mechanism == "oauthbearer"
             else "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD"
         ) + ", KAFKA_SASL_MECHANISM"
-    elif code == k._SSL:  # noqa: SLF001 (the broker's certificate: its CA, or its host name)
+    elif _refused_certificate(error):  # the broker's certificate: its CA, or its host name
         names = "KAFKA_SSL_CA_LOCATION, KAFKA_SSL_VERIFY_HOSTNAME, KAFKA_BROKERS"
     elif settings.uses_ssl:  # the broker ended the handshake: a client certificate it refused
         names = "KAFKA_SSL_CERTIFICATE_LOCATION, KAFKA_SSL_KEY_LOCATION, KAFKA_SECURITY_PROTOCOL"
