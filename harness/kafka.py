@@ -134,12 +134,19 @@ def read_topic(
         consumer.close()
 
 
+# A reader of committed offsets: the offsets committed now. With read_committed (librdkafka's
+# default) the broker answers UNSTABLE_OFFSET_COMMIT while a transaction holding offsets of the
+# group is open, and librdkafka asks again until its timeout: in exactly-once mode, where a
+# transaction is nearly always open, a look would block or time out.
+_NOT_WAITING_FOR_STABLE = {"isolation.level": "read_uncommitted", "log_level": 3}
+
+
 class OffsetReader:
     """A group's committed offsets and a topic's end offsets, per partition, read again and
     again by one consumer that never joins the group."""
 
     def __init__(self, config: dict[str, Any], *, group: str, topic: str, partitions: int) -> None:
-        self._consumer = Consumer({**config, "group.id": group, "log_level": 3})
+        self._consumer = Consumer({**config, **_NOT_WAITING_FOR_STABLE, "group.id": group})
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
 
     def committed(self) -> dict[int, int]:
@@ -400,7 +407,7 @@ class CommitWatcher(threading.Thread):
         super().__init__(name="harness-commit-watcher", daemon=True)
         self._poll_s = poll_s
         self._consumer = Consumer(
-            {**config, "group.id": group, "enable.auto.commit": False, "log_level": 3}
+            {**config, **_NOT_WAITING_FOR_STABLE, "group.id": group, "enable.auto.commit": False}
         )
         self._tps = [TopicPartition(topic, p) for p in range(partitions)]
         self._stop_event = threading.Event()

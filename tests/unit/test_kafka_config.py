@@ -130,6 +130,9 @@ def test_the_transactional_producer_carries_its_id_and_the_transaction_timeout()
     assert props["transaction.timeout.ms"] == 45000
     assert props["message.timeout.ms"] <= props["transaction.timeout.ms"]
     assert props["enable.idempotence"] is True
+    # The next transaction's AddOffsetsToTxn, refused while the last one's markers are written,
+    # is asked again within milliseconds (librdkafka's default waits 100 ms).
+    assert props["retry.backoff.ms"] <= 10
 
 
 def _tls_settings(tmp_path: Path) -> KafkaSettings:
