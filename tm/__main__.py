@@ -9,6 +9,8 @@ workers and must not load the Kafka or PostgreSQL clients (nor start an OTLP exp
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import sys
 
 from tm import config
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
             # The console and files only: each child builds its own OTLP exporter after the fork.
             logs.setup(settings.log, settings.otel, environment=settings.environment, export=False)
+            # `kill -USR1 <pid>` of the supervisor or of any child (they inherit it): every
+            # thread's stack on stderr, for a process that seems stuck.
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
             return supervisor.run(settings)
         if args.command == "send":
             from tm import traffic
