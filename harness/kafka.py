@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer, ConsumerGroupState, Producer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from harness import HarnessError, unique
@@ -209,6 +209,30 @@ def group_assigned(config: dict[str, Any], group: str, topic: str) -> int:
         for tp in member.assignment.topic_partitions
         if tp.topic == topic
     )
+
+
+def group_state(config: dict[str, Any], group: str) -> str:
+    """The group's state as its coordinator reports it (``STABLE``, ``PREPARING_REBALANCING``,
+    ``COMPLETING_REBALANCING``, ``EMPTY``, ...)."""
+    admin = AdminClient(config)
+    return str(admin.describe_consumer_groups([group])[group].result(LOOK_TIMEOUT_S).state.name)
+
+
+def describe_group(config: dict[str, Any], group: str) -> str:
+    """The coordinator's view of ``group`` in one line per member, for a failure's report:
+    its state, and each member's instance id, client id, host and partitions."""
+    admin = AdminClient(config)
+    try:
+        d = admin.describe_consumer_groups([group])[group].result(LOOK_TIMEOUT_S)
+    except KafkaException as exc:
+        return f"group {group}: not described ({exc})"
+    lines = [f"group {group}: {d.state.name}, {len(d.members)} member(s)"]
+    for m in d.members:
+        partitions = sorted(tp.partition for tp in m.assignment.topic_partitions)
+        lines.append(
+            f"  instance {m.group_instance_id} client {m.client_id} host {m.host}: {partitions}"
+        )
+    return "\n".join(lines)
 
 
 # -- paced producers -----------------------------------------------------------------------------

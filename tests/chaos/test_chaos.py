@@ -35,7 +35,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from harness import answers, free_port, unique, wait_for
-from harness.kafka import KafkaHeaders
+from harness.kafka import KafkaHeaders, describe_group
 from harness.procfs import alive, process_tree
 from harness.proxy import TcpProxy
 from harness.stack import Stack, make_stack
@@ -446,6 +446,8 @@ def test_every_task_exactly_once_through_a_seeded_schedule_of_faults(world: Worl
         wait_for(settled, timeout_s=180, interval_s=1.0, what=f"all {tasks} tasks finished")
     except BaseException:
         print("faults done:", "; ".join(done))
+        print(describe_group(stack.kafka_config, stack.group))
+        print("committed:", stack.committed(), "ends:", stack.end_offsets())
         print("tm output (last run):\n" + world.tm.output()[-20000:])
         raise
     finally:

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from harness import unique, wait_for
-from harness.kafka import Feeder
+from harness.kafka import Feeder, describe_group, group_assigned, group_state
 from harness.outcomes import (
     FAST,
     RETRYING,
@@ -251,6 +251,63 @@ def test_member_joining_under_load_gets_its_partitions_without_waiting_the_revok
             second.stop()
     assert first.process.returncode == 0, first.output()
     assert second.process.returncode == 0, second.output()
+
+
+EAGER_WAIT_S = 5.0  # a cooperative rebalance's first round is over well before this
+
+
+def test_a_static_member_killed_while_it_revokes_leaves_no_partition_unowned(
+    stack: Stack, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """Static membership (a pod's name as KAFKA_GROUP_INSTANCE_ID) and a kill -9 in the middle
+    of a rebalance: the first member is revoking partitions for a newcomer (its revoke waits
+    for a batch stuck in the database) when it is killed, and restarts with the same identity
+    before its session ends. The coordinator takes the restart for the same member and hands
+    it the assignment it had; no partition may stay without an owner."""
+    first_env = {"TM_WORKERS": "1", "KAFKA_GROUP_INSTANCE_ID": "tm-a", **SHORT_SESSION}
+    first = TmRun(stack, tmp_path, POSTGRES_QUERY_TIMEOUT="60000", **first_env, **via(proxy))
+    second: TmRun | None = None
+    again: TmRun | None = None
+    try:
+        first.wait_assigned(6)
+        proxy.blackhole()
+        expected = set()
+        for p in range(6):
+            expected |= produce_new(stack, range(p * 10, p * 10 + 10), partition=p)
+        wait_for(lambda: proxy.stuck() > 0, what="a batch stuck in the database")
+        second = TmRun(stack, tmp_path, TM_WORKERS="1", KAFKA_GROUP_INSTANCE_ID="tm-b")
+        joined = time.monotonic()
+        # The rebalance as far as it goes without the first member, whose batch is stuck: the
+        # first round of a cooperative one is over (the newcomer's first, empty, answer); an
+        # eager one is still preparing, seconds after the newcomer joined.
+        wait_for(
+            lambda: (
+                "partitions assigned" in second.output()
+                or (
+                    time.monotonic() - joined > EAGER_WAIT_S
+                    and group_state(stack.kafka_config, stack.group) == "PREPARING_REBALANCING"
+                )
+            ),
+            what="a rebalance waiting for the first member",
+        )
+        first.close()  # kill -9, before its revoke (it waits for the stuck batch)
+        again = TmRun(stack, tmp_path, **first_env)
+        proxy.restore()
+        try:
+            wait_for(
+                lambda: group_assigned(stack.kafka_config, stack.group, stack.topic) == 6,
+                timeout_s=60,
+                what="every partition owned by a member",
+            )
+        except AssertionError as exc:
+            raise AssertionError(describe_group(stack.kafka_config, stack.group)) from exc
+        for p in range(6):
+            expected |= produce_new(stack, range(100 + p * 10, 100 + p * 10 + 10), partition=p)
+        wait_all_applied(stack, expected)
+    finally:
+        first.close()
+        codes = [run.stop() for run in (second, again) if run is not None]
+    assert codes == [0, 0]
 
 
 # -- 4. SIGTERM while busy -----------------------------------------------------------------------

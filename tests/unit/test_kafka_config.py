@@ -25,10 +25,13 @@ def test_consumer_commits_by_hand_from_the_earliest_offset_with_cooperative_reba
     assert "group.instance.id" not in props
 
 
-def test_static_membership_names_each_worker_slot() -> None:
+def test_static_membership_names_each_worker_slot_and_rebalances_eagerly() -> None:
     settings = config.load({"KAFKA_GROUP_INSTANCE_ID": "tm-pod-7"}).kafka
     assert consumer_config(settings, slot=0)["group.instance.id"] == "tm-pod-7-0"
     assert consumer_config(settings, slot=3)["group.instance.id"] == "tm-pod-7-3"
+    # A static member restarted between the two rounds of a cooperative rebalance would leave
+    # the partitions it was letting go without an owner.
+    assert consumer_config(settings, slot=0)["partition.assignment.strategy"] == "range"
 
 
 def test_producer_is_idempotent_and_waits_for_all_replicas() -> None:

@@ -84,6 +84,23 @@ PRODUCER_LINGER_MS = 2
 TRANSACTION_RETRY_BACKOFF_MS = 5
 
 
+# How partitions move between members. Cooperative (incremental) rebalancing moves only the
+# partitions that change owner, in two rounds: the first takes them from their owner, which
+# rejoins once it has let them go, and the second gives them to their new owner. A static
+# member (KAFKA_GROUP_INSTANCE_ID) killed between the two rounds and restarted under its
+# identity within its session is taken by the coordinator for the same member, handed the
+# assignment of the first round, and never rejoins: the partitions it was letting go stay
+# without an owner until some other rebalance. So static members rebalance eagerly (every
+# member lets everything go, and each round's assignment is whole); static membership already
+# spares them the rebalances of restarts.
+COOPERATIVE_ASSIGNOR = "cooperative-sticky"
+EAGER_ASSIGNOR = "range"
+
+
+def assignor(settings: KafkaSettings) -> str:
+    return EAGER_ASSIGNOR if settings.group_instance_id else COOPERATIVE_ASSIGNOR
+
+
 def consumer_config(settings: KafkaSettings, *, slot: int) -> dict[str, Any]:
     config = client_config(settings)
     config.update(
@@ -92,7 +109,7 @@ def consumer_config(settings: KafkaSettings, *, slot: int) -> dict[str, Any]:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
+            "partition.assignment.strategy": assignor(settings),
             "session.timeout.ms": settings.session_timeout_ms,
             "heartbeat.interval.ms": settings.heartbeat_interval_ms,
             "queued.max.messages.kbytes": QUEUED_MAX_KBYTES,

@@ -14,7 +14,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
-from tm.adapters.kafka.clients import consumer_config
+from tm.adapters.kafka.clients import COOPERATIVE_ASSIGNOR, consumer_config
 from tm.adapters.kafka.errors import (
     check_event,
     consumer_translated,
@@ -39,16 +39,20 @@ class Assignment:
     confluent-kafka does not assign them after the callback) with their pause flag set:
     librdkafka would otherwise carry it over from an earlier assignment."""
 
-    __slots__ = ("_consumer", "_tps", "partitions")
+    __slots__ = ("_consumer", "_incremental", "_tps", "partitions")
 
-    def __init__(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+    def __init__(self, consumer: Consumer, tps: list[TopicPartition], *, incremental: bool) -> None:
         self._consumer = consumer
         self._tps = tps
+        self._incremental = incremental  # cooperative: added to the others; eager: the whole
         self.partitions = [tp.partition for tp in tps]
 
     @consumer_translated
     def take(self, *, paused: bool) -> None:
-        self._consumer.incremental_assign(self._tps)
+        if self._incremental:
+            self._consumer.incremental_assign(self._tps)
+        else:
+            self._consumer.assign(self._tps)
         if paused:
             self._consumer.pause(self._tps)
         else:
@@ -78,6 +82,7 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._on_lost = on_lost
         config = consumer_config(settings, slot=slot)
+        self._incremental = config["partition.assignment.strategy"] == COOPERATIVE_ASSIGNOR
         config["error_cb"] = lambda error: on_error(text(error), is_fatal(error))
         config["on_commit"] = _commit_reporter(on_commit)
         self.topic = settings.task_status_topic
@@ -154,7 +159,7 @@ class KafkaSource:
     # librdkafka's rebalance callbacks, in the thread that polls or closes.
 
     def _assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        self._on_assign(Assignment(consumer, tps))
+        self._on_assign(Assignment(consumer, tps, incremental=self._incremental))
 
     def _revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         self._on_revoke([tp.partition for tp in tps])
