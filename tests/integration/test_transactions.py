@@ -15,6 +15,7 @@ from harness import unique
 from harness.kafka import read_topic
 from tm.adapters import kafka
 from tm.adapters.kafka import TransactionalSink
+from tm.adapters.kafka.transactions import TransactionAbortedError
 from tm.config import Settings
 from tm.errors import FatalError
 from tm.pipeline import TransactionOffsets
@@ -116,3 +117,49 @@ def test_a_new_producer_with_the_same_id_fences_the_old_and_aborts_its_transacti
         new.close(10)
         old.close(1)
     assert values(settings, out, committed_only=True) == [b"from-the-new-one"]
+
+
+def test_offsets_taken_before_the_member_rejoined_abort_the_transaction_and_do_not_fence(
+    topics: tuple[Settings, str],
+) -> None:
+    """A static member whose session timed out (the broker out of reach for longer than it)
+    joins again under its instance id with a new member id. Offsets sent with the group
+    metadata taken before are refused with FENCED_INSTANCE_ID: this is the member's own
+    rejoin, not another process with its identity (the consumer itself is fenced then). The
+    transaction aborts and the batch is retried with fresh metadata; nothing halts."""
+    settings, out = topics
+    source_topic = settings.kafka.task_status_topic
+    config = kafka.client_config(settings.kafka)
+    member = {
+        **config,
+        "group.id": unique("tm-test-group"),
+        "group.instance.id": unique("tm-test-member"),
+        "enable.auto.commit": False,
+    }
+    before = joined(Consumer(member), source_topic)
+    stale = before.consumer_group_metadata()
+    before.close()  # a static member leaves no LeaveGroup behind: its session goes on
+    after = joined(Consumer(member), source_topic)  # the same instance, a new member id
+    producer = sink(settings, unique("tm-test-txn"))
+    try:
+        produce(producer, out, b"with-stale-offsets")
+        with pytest.raises(TransactionAbortedError) as aborted:
+            producer.flush(TransactionOffsets({0: 3}, stale))
+        assert aborted.value.cause == "FENCED_INSTANCE_ID"
+        produce(producer, out, b"retried")
+        producer.flush(TransactionOffsets({0: 3}, after.consumer_group_metadata()))
+        assert after.committed([TopicPartition(source_topic, 0)], timeout=10)[0].offset == 3
+    finally:
+        producer.close(10)
+        after.close()
+    assert values(settings, out, committed_only=True) == [b"retried"]
+
+
+def joined(consumer: Consumer, topic: str) -> Consumer:
+    """``consumer`` subscribed to ``topic`` and polled until the group gave it partitions."""
+    consumer.subscribe([topic])
+    for _ in range(60):
+        consumer.poll(0.5)
+        if consumer.assignment():
+            return consumer
+    raise AssertionError("the member got no partitions in 30 s")

@@ -25,12 +25,14 @@ _FATAL_CODES = frozenset(
         KafkaError._INVALID_ARG,  # noqa: SLF001
     }
 )
-# Another process has this member's static group instance id: the broker's code, and the one a
-# consumer reports it with (librdkafka: a consumer's only fatal error is this one, _FATAL on
-# every call from then on). A producer fenced by a newer one with its transactional id is only
-# fatal: the broker also fences a producer whose transaction outlived the transaction timeout,
-# and a restarted worker is then the cure.
-_FENCED_CODES = frozenset({KafkaError.FENCED_INSTANCE_ID})
+# Another process has this member's static group instance id, as the consumer hears it: the
+# broker's code, and the one it reports it with (librdkafka: a consumer's only fatal error is
+# this one, _FATAL on every call from then on). Only the consumer's: a transaction's offsets
+# refused with FENCED_INSTANCE_ID carry the group metadata of before this member's own rejoin
+# (its session timed out while the broker was out of reach), which librdkafka makes abortable.
+# A producer fenced by a newer one with its transactional id is only fatal: the broker also
+# fences a producer whose transaction outlived the transaction timeout, and a restarted worker
+# is then the cure.
 _CONSUMER_FENCED_CODES = frozenset({KafkaError.FENCED_INSTANCE_ID, KafkaError._FATAL})  # noqa: SLF001
 # A commit refused because the group moved to a new generation while we were not polling.
 _REBALANCING_CODES = frozenset({KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS})
@@ -48,8 +50,8 @@ def is_fatal(error: KafkaError) -> bool:
 
 
 def is_fenced(error: KafkaError, *, consumer: bool = False) -> bool:
-    """Another process took the static instance id (``consumer``: the error is a consumer's)."""
-    return error.code() in (_CONSUMER_FENCED_CODES if consumer else _FENCED_CODES)
+    """Another process took the static instance id: only a consumer's error says so."""
+    return consumer and error.code() in _CONSUMER_FENCED_CODES
 
 
 def fatal(error: KafkaError, context: str = "", *, consumer: bool = False) -> FatalError:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import KafkaException, TopicPartition
 
 from tm.adapters.kafka.clients import transactional_producer_config
-from tm.adapters.kafka.errors import fatal, is_fenced, kafka_error, kafka_exception, text
+from tm.adapters.kafka.errors import fatal, kafka_error, kafka_exception, text
 from tm.adapters.kafka.producer import KafkaSink
 from tm.connections import KafkaSettings
 from tm.errors import FatalError, KafkaUnavailableError
@@ -211,7 +211,7 @@ class TransactionalSink(KafkaSink):
                 error = kafka_error(exc)
                 if error is None:
                     raise FatalError(f"{call.__name__}: {exc}") from None
-                if error.fatal() or is_fenced(error):
+                if error.fatal():
                     raise fatal(error, call.__name__) from None
                 if error.txn_requires_abort():
                     raise _Abortable(error.name(), text(error)) from None
