@@ -3,6 +3,7 @@ consumed-message shape, for unit tests of the pipeline. No client library is moc
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -103,6 +104,9 @@ class FakeSink:
     transactional: bool = False
     committed: list[tuple[list[dict[str, Any]], dict[int, int]]] = field(default_factory=list)
     aborted: list[list[dict[str, Any]]] = field(default_factory=list)
+    # Set: the first flush waits for it (``flushing`` is set once it waits), a slow broker.
+    hold_first_flush: threading.Event | None = None
+    flushing: threading.Event = field(default_factory=threading.Event)
 
     def produce(
         self,
@@ -116,6 +120,9 @@ class FakeSink:
         self.produced.append({"topic": topic, "key": key, "value": value, "headers": dict(headers)})
 
     def flush(self, offsets: TransactionOffsets | None = None) -> None:
+        if self.hold_first_flush is not None and not self.flushing.is_set():
+            self.flushing.set()
+            self.hold_first_flush.wait(10)
         if self.fail_flush:
             if self.transactional:
                 self.abort()

@@ -242,6 +242,33 @@ async def test_exactly_once_an_aborted_transaction_rewinds_and_commits_nothing(
     assert "R 1" in pipe.read()
 
 
+async def test_batches_applied_while_a_transaction_commits_share_the_next_one(
+    exactly_once: Worker, settings: Settings
+) -> None:
+    worker = exactly_once
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0]))  # type: ignore[arg-type]
+    source = FakeSource(polls=[[new(1)], [new(2)], [new(3), new(4)], [new(5)]])
+    database = FakeDatabase()
+    hold = threading.Event()
+    sink = FakeSink(transactional=True, hold_first_flush=hold)
+    running = start(worker, settings, source, database, sink)
+    await asyncio.to_thread(sink.flushing.wait, 10)
+    # While the first transaction commits, the next batches are polled and applied...
+    while len(database.tasks) < 5:  # noqa: ASYNC110 (the fake database has no event to wait on)
+        await asyncio.sleep(0.01)
+    # ...but nothing of theirs is produced into the transaction committing.
+    assert [m["value"] for m in sink.produced] == [new(1).value()]
+    hold.set()
+    worker._stopping.set()
+    await running
+    # Two transactions: the first batch's, then the three batches that waited for it.
+    assert [(len(messages), offsets) for messages, offsets in sink.committed] == [
+        (1, {0: 2}),
+        (4, {0: 6}),
+    ]
+
+
 def test_a_thread_is_stuck_only_past_its_bound() -> None:
     bounds = {"poll": 60.0, "io": 65.0}
     now = 1000.0

@@ -2,13 +2,15 @@
 overlap on neighbouring batches:
 
 1. poll and decode (batch N+1 is polled while batch N is in the database);
-2. apply, then publish: one database call, then the batch's crawl requests and dead letters
-   are enqueued once every batch before it is acknowledged; one batch at a time, in poll
-   order, so an update never overtakes the `new` of its task;
-3. acknowledge: one flush covers every batch published so far; then the batches are done, in
-   poll order, and the commit step (tm.worker.commit) takes their offsets: by default they go
-   asynchronously with the next poll, and synchronously from the revoke callback (and so at
-   shutdown).
+2. apply: one database call per batch, one batch at a time, in poll order;
+3. publish and acknowledge: every applied batch waiting (in poll order, so an update never
+   overtakes the `new` of its task) has its crawl requests and dead letters enqueued, then one
+   flush (exactly-once: one transaction) covers them all, while the next batches are applied;
+   then the batches are done, in poll order, and the commit step (tm.worker.commit) takes their
+   offsets: by default they go asynchronously with the next poll, and synchronously from the
+   revoke callback (and so at shutdown). Nothing is enqueued while a flush waits, so a flush
+   waits for its own batches only; and a transaction that takes longer than a batch takes to
+   arrive does not make the next ones queue behind it one by one: they share the next one.
 
 The state of all this (owned partitions, batches in flight, committable offsets, backoff) is one
 pure object, tm.core.offsets.Offsets. A transient failure commits nothing of what is in flight:
@@ -54,6 +56,9 @@ PAUSED_POLL_S = 0.2  # poll timeout while backing off: keeps the group alive, wa
 # flight, or a commit just sent): short, as the next commit waits for the poll to return.
 BUSY_POLL_S = 0.005
 IDLE_POLL_S = 0.05  # nothing in flight: what a stop or a backoff's end may wait for
+# Applied batches waiting for a flush to end before they are published: the database may run
+# this far ahead of the broker, no further (a slow flush stops the loop here).
+MAX_WAITING_BATCHES = 8
 
 
 class Source(Protocol):
@@ -102,18 +107,18 @@ class Consumption:
         self._commit = commit(self.state, self._lock)
         self._source: Source | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._staging: asyncio.Task[None] | None = None  # the batch being applied, published
-        self._unacked: list[Published] = []  # published, waiting for their acknowledgements
+        self._staging: asyncio.Task[None] | None = None  # the batch being applied
+        self._applied: list[Applied] = []  # applied, waiting to be published, in poll order
         self._to_ack = asyncio.Event()
-        self._flushing = asyncio.Lock()  # held while a flush waits for acknowledgements
+        self._flushing = asyncio.Lock()  # held while batches are published and acknowledged
         self._acked = asyncio.Event()  # set when a flush ends
         self._acker: asyncio.Task[None] | None = None  # _acknowledge, while run() runs
         self._ack_failure: TransientError | None = None  # for the loop to back off
         self.applied_messages = 0
 
     async def run(self, source: Source, pipeline: Stages) -> None:
-        """Poll, decode, apply and publish one batch at a time, in order, until the stop; the
-        acknowledgements and commits follow in :meth:`_acknowledge`, off this path.
+        """Poll, decode and apply one batch at a time, in order, until the stop; publishing,
+        the acknowledgements and the commits follow in :meth:`_acknowledge`, off this path.
         The last batches reach their end before it returns; their offsets are committed by the
         revoke callback when the source leaves the group (a commit from here could wait on a
         rebalance that needs us to poll)."""
@@ -162,7 +167,7 @@ class Consumption:
                     batch = decoded.batch
                     with self._lock:
                         seq = state.admit(batch.first_offsets, batch.committable)
-                    self._staging = asyncio.create_task(self._apply_publish(pipeline, decoded, seq))
+                    self._staging = asyncio.create_task(self._apply(pipeline, decoded, seq))
 
             failure = await self._staged() or await self._drained()
             if failure is not None:
@@ -181,18 +186,18 @@ class Consumption:
             return polled
         return [m for m in polled if m.partition() in owned]
 
-    async def _apply_publish(self, pipeline: Stages, decoded: Decoded, seq: int) -> None:
-        """Apply the batch; once every batch before it is acknowledged, publish it. librdkafka's
-        flush waits for an empty queue, so a flush under way while the next batch produces
-        would wait for that batch too, and under steady load for ever more; this way a flush
-        waits for one batch's messages, while the next batch's database call runs. The failure
-        of an earlier batch fails this one too (it is retried with it)."""
+    async def _apply(self, pipeline: Stages, decoded: Decoded, seq: int) -> None:
+        """Apply the batch, then leave it to :meth:`_acknowledge` to publish once there is room
+        among the batches waiting. The failure of an earlier batch fails this one too (it is
+        retried with it)."""
         applied = await pipeline.apply(decoded, seq)
-        failure = await self._drained()
-        if failure is not None:
-            applied.fail(failure)
-            raise failure
-        self._unacked.append(applied.publish())
+        while len(self._applied) >= MAX_WAITING_BATCHES and self._ack_failure is None:
+            self._acked.clear()
+            await self._acked.wait()
+        if self._ack_failure is not None:
+            applied.fail(self._ack_failure)
+            raise self._ack_failure
+        self._applied.append(applied)
         self._to_ack.set()
 
     async def _staged(self) -> TransientError | None:
@@ -208,23 +213,24 @@ class Consumption:
         return None
 
     async def _acknowledge(self, source: Source, pipeline: Stages) -> None:
-        """Forever: wait for published batches, wait for the acknowledgement of what they
-        produced (one flush; exactly-once: the commit of their transaction, their offsets in
-        it), hand them to the commit step in poll order. A transient failure is left in
-        ``_ack_failure`` for the loop to back off."""
+        """Forever: wait for applied batches, publish every one waiting, wait for the
+        acknowledgement of what they produced (one flush; exactly-once: the commit of their
+        transaction, their offsets in it), hand them to the commit step in poll order. A
+        transient failure is left in ``_ack_failure`` for the loop to back off."""
         while True:
             await self._to_ack.wait()
             self._to_ack.clear()
-            if not self._unacked or self._ack_failure is not None:
+            if not self._applied or self._ack_failure is not None:
                 continue
             records: list[BatchRecord] = []
             recovered = False
             try:
                 async with self._flushing:  # a backoff waits for it: these batches go first
-                    published, self._unacked = self._unacked, []
-                    seqs = {batch.record.seq for batch in published}
+                    applied, self._applied = self._applied, []
+                    seqs = {batch.record.seq for batch in applied}
                     offsets = self._commit.with_outputs(seqs, source)
                     try:
+                        published = self._publish(applied)
                         records = await pipeline.acknowledge(published, offsets)
                     except TransientError as exc:
                         self._ack_failure = exc
@@ -234,7 +240,7 @@ class Consumption:
                         recovered = self._commit.done(records)
                         if offsets is not None:
                             report.transaction(committed=1)
-            finally:  # after the lock: a batch waiting to publish may go now (or learn why not)
+            finally:  # after the lock: a batch waiting for room may go now (or learn why not)
                 self._acked.set()
             if recovered:
                 self._reporter.retrying(False)  # a batch went through again
@@ -242,10 +248,25 @@ class Consumption:
                 self.applied_messages += record.size
                 report.record(record)
 
+    @staticmethod
+    def _publish(applied: list[Applied]) -> list[Published]:
+        """Enqueue the batches' outputs, in poll order; if one fails, the rest fail with it."""
+        published: list[Published] = []
+        for i, batch in enumerate(applied):
+            try:
+                published.append(batch.publish())
+            except BaseException as exc:
+                for done in published:
+                    done.fail(exc)
+                for waiting in applied[i + 1 :]:
+                    waiting.fail(exc)
+                raise
+        return published
+
     async def _drained(self) -> TransientError | None:
         """Wait until every staged batch is acknowledged (or failed); the transient failure,
         or None. A fatal one, which ended the acknowledgements, raises."""
-        while (self._unacked or self._flushing.locked()) and self._ack_failure is None:
+        while (self._applied or self._flushing.locked()) and self._ack_failure is None:
             if self._acker is not None and self._acker.done():
                 self._acker.result()
             self._acked.clear()
@@ -260,9 +281,9 @@ class Consumption:
         those of the batch just polled), pause everything, and set the time to resume."""
         consumer = self._settings
         async with self._flushing:  # a flush under way ends first (its batches may commit)
-            for published in self._unacked:
-                published.fail(failure)
-            self._unacked = []
+            for applied in self._applied:
+                applied.fail(failure)
+            self._applied = []
             self._ack_failure = None
             if await pipeline.abandon():
                 report.transaction(aborted_by="batch_failed")
