@@ -76,6 +76,13 @@ class KafkaUnavailableError(TransientError):
     """The broker did not answer or refused a request that may succeed later."""
 
 
+class PartitionsGoneError(TransientError):
+    """Exactly-once: a partition of a batch in flight was revoked or lost; the batch's outputs
+    must not be committed (the partition's new owner publishes them), so it is retried."""
+
+    cause = "partitions_gone"  # for tm_transactions_total{cause}
+
+
 class CommitDeferredError(KafkaUnavailableError):
     """The broker refused a commit because the group is rebalancing (ILLEGAL_GENERATION,
     REBALANCE_IN_PROGRESS): the batch is done; its offsets go with the next commit."""

@@ -129,3 +129,16 @@ def test_the_next_offsets_of_batches_in_flight_are_those_of_owned_partitions_the
     offsets.forget({2})  # revoked: never in a transaction of this worker again
     assert offsets.next_offsets({first}) == {0: 12, 1: 6}
     assert offsets.next_offsets({first, second}) == {0: 15, 1: 6}
+
+
+def test_a_batch_that_lost_a_partition_in_flight_is_orphaned_and_the_others_are_not() -> None:
+    offsets = owning(0, 1, 2)
+    first = offsets.admit({0: 10}, {0: 12})
+    second = offsets.admit({0: 12, 2: 7}, {0: 15, 2: 8})
+    offsets.forget({2})
+    # Its outputs for partition 2 are the new owner's to publish: not in a transaction of ours.
+    assert offsets.orphaned({second})
+    assert offsets.orphaned({first, second})
+    assert not offsets.orphaned({first})
+    third = offsets.admit({0: 15, 2: 8}, {0: 16, 2: 9})  # polled after: partition 2 left out
+    assert not offsets.orphaned({third})

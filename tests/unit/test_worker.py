@@ -269,6 +269,32 @@ async def test_batches_applied_while_a_transaction_commits_share_the_next_one(
     ]
 
 
+async def test_exactly_once_a_batch_whose_partition_went_in_flight_commits_nothing(
+    exactly_once: Worker, settings: Settings
+) -> None:
+    worker = exactly_once
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0, 1]))  # type: ignore[arg-type]
+    source = FakeSource(polls=[[new(1)], [new(2), new(5, 1)]])
+    database = FakeDatabase()
+    hold = threading.Event()
+    sink = FakeSink(transactional=True, hold_first_flush=hold)
+    running = start(worker, settings, source, database, sink)
+    await asyncio.to_thread(sink.flushing.wait, 10)
+    while len(database.tasks) < 3:  # noqa: ASYNC110 (the fake database has no event to wait on)
+        await asyncio.sleep(0.01)
+    # The second batch waits for the first one's transaction when partition 1 is lost.
+    await asyncio.to_thread(consumption.on_lost, [1])
+    hold.set()
+    await asyncio.to_thread(source.after_pause.wait, 10)
+    worker._stopping.set()
+    await running
+    # The first batch's transaction only: the second's request for partition 1's task is the
+    # new owner's to publish, so none of its outputs is committed; it is consumed again.
+    assert [(len(messages), offsets) for messages, offsets in sink.committed] == [(1, {0: 2})]
+    assert ("rewind", {0: 2}) in source.calls
+
+
 def test_a_thread_is_stuck_only_past_its_bound() -> None:
     bounds = {"poll": 60.0, "io": 65.0}
     now = 1000.0

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class InFlight:
-    """One admitted batch: its first and next offsets per partition, and whether it is done."""
+    """One admitted batch: its first and next offsets per partition, whether it is done, and
+    whether one of its partitions went (revoked or lost) while it was in flight."""
 
     seq: int
     first: dict[int, int]
     next: dict[int, int]
     acked: bool = False
+    orphaned: bool = False
 
 
 @dataclass(slots=True)
@@ -75,6 +77,12 @@ class Offsets:
             if batch.seq in seqs:
                 merged.update(batch.next)  # in poll order: a later batch's offsets are higher
         return merged
+
+    def orphaned(self, seqs: set[int]) -> bool:
+        """Whether a partition of one of the batches ``seqs`` went while it was in flight: its
+        messages of that partition are another member's to process now, so its outputs must not
+        be committed (exactly-once)."""
+        return any(batch.orphaned for batch in self._flight if batch.seq in seqs)
 
     def acked(self, seq: int) -> None:
         """Batch ``seq`` reached its end; the done prefix of the flight becomes committable."""
@@ -156,5 +164,6 @@ class Offsets:
                 mapping.pop(partition, None)
         for batch in self._flight:
             for partition in partitions:
+                if batch.next.pop(partition, None) is not None:
+                    batch.orphaned = True
                 batch.first.pop(partition, None)
-                batch.next.pop(partition, None)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from tm.core.offsets import Offsets
-from tm.errors import TmError
+from tm.errors import PartitionsGoneError, TmError
 from tm.observability import metrics
 from tm.pipeline import BatchRecord, TransactionOffsets
 
@@ -119,11 +119,18 @@ class TransactionCommit:
         self._lock = lock
 
     def with_outputs(self, seqs: set[int], source: Committer) -> TransactionOffsets:
+        """Raises PartitionsGoneError when a partition of one of the batches went while it was
+        in flight: committing the batch's outputs without that partition's offsets would have
+        its new owner publish them again."""
         # The group metadata with the offsets, not when the transaction commits: if the member
-        # leaves this generation meanwhile (a revoke that outlasts its budget), the broker
-        # refuses these offsets, and the transaction aborts, instead of committing offsets of
-        # partitions another member owns now.
+        # leaves this generation meanwhile, the broker refuses these offsets, and the
+        # transaction aborts, instead of committing offsets of partitions another member owns.
         with self._lock:
+            if self._state.orphaned(seqs):
+                raise PartitionsGoneError(
+                    "a partition of a batch in flight was revoked or lost: its transaction is"
+                    " not committed, and the batch is consumed again"
+                )
             return TransactionOffsets(self._state.next_offsets(seqs), source.group_metadata())
 
     def done(self, records: Sequence[BatchRecord]) -> bool:

@@ -41,7 +41,7 @@ from tm.core.batch import Batch
 from tm.core.decode import RawMessage
 from tm.core.offsets import Offsets
 from tm.core.policy import backoff_s
-from tm.errors import TmError, TransientError
+from tm.errors import PartitionsGoneError, TmError, TransientError
 from tm.observability import metrics
 from tm.pipeline import Applied, BatchRecord, Decoded, Published, TransactionOffsets
 from tm.protocol import Reporter
@@ -228,7 +228,14 @@ class Consumption:
                 async with self._flushing:  # a backoff waits for it: these batches go first
                     applied, self._applied = self._applied, []
                     seqs = {batch.record.seq for batch in applied}
-                    offsets = self._commit.with_outputs(seqs, source)
+                    try:
+                        offsets = self._commit.with_outputs(seqs, source)
+                    except PartitionsGoneError as exc:  # nothing produced: nothing to abort
+                        for batch in applied:
+                            batch.fail(exc)
+                        self._ack_failure = exc
+                        report.transaction(aborted_by=exc.cause)
+                        continue
                     try:
                         published = self._publish(applied)
                         records = await pipeline.acknowledge(published, offsets)
