@@ -57,6 +57,7 @@ class LogSettings(msgspec.Struct, frozen=True, kw_only=True):
     colors: bool
     directory: str | None
     pii: bool
+    progress_interval_s: float = 30.0  # TM_PROGRESS_INTERVAL_S; 0: no progress lines
 
 
 class OtelSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,6 +114,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             colors=env.flag("LOG_COLORS", False),
             directory=env.optional("LOG_DIR"),
             pii=env.flag("LOG_PII", False),
+            progress_interval_s=env.number("TM_PROGRESS_INTERVAL_S", 30.0, lo=0.0, hi=86400.0),
         ),
         otel=OtelSettings(
             enabled=env.flag("OTEL_ENABLED", False),

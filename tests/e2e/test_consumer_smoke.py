@@ -3,6 +3,7 @@ default worker count follows the CPUs tm may use and the topic's partitions."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -115,3 +116,47 @@ def test_default_worker_count_is_never_above_the_partitions(
     output = tm.output()
     assert "starting workers=1 " in output, output
     assert output.count("worker spawned") == 1, output
+
+
+@pytest.mark.parametrize("log_format", ["structured", "simple"])
+def test_progress_lines_say_what_each_worker_applied(
+    stack: Stack, tmp_path: Path, log_format: str
+) -> None:
+    """At info level, every TM_PROGRESS_INTERVAL_S, a line per worker that applied something:
+    its messages by outcome, its dead letters by reason, the rate, its lag and the p99 of the
+    end-to-end latency; nothing while idle."""
+    malformed = (None, HEADERS, b"{not json")
+    stack.produce([(None, HEADERS, orjson.dumps({**BODY, "user_email": f"u{n}@x.io"}))
+                   for n in range(40)] + [malformed])  # fmt: skip
+    tm = TmRun(stack, tmp_path, TM_WORKERS="2", TM_PROGRESS_INTERVAL_S="1", LOG_FORMAT=log_format)
+    try:
+        wait_for(lambda: sum(f["applied"] for f in progress(tm, log_format)) == 41)
+        idle = len(progress(tm, log_format))
+        time.sleep(3)  # three intervals without a message...
+        assert tm.stop() == 0
+    finally:
+        tm.close()
+    lines = progress(tm, log_format)
+    assert len(lines) == idle  # ...with no line for an interval without messages
+    assert sum(f.get("created", 0) for f in lines) == 40
+    assert sum(f.get("dlq_invalid_json", 0) for f in lines) == 1
+    for fields in lines:
+        assert fields["rate_per_s"] > 0
+        assert fields["lag"] >= 0
+        assert fields["e2e_p99_ms"] > 0
+
+
+def progress(tm: TmRun, log_format: str) -> list[dict[str, float]]:
+    """The fields of tm's progress lines so far."""
+    found = []
+    for line in tm.output().splitlines():
+        if log_format == "structured":
+            if not line.startswith("{") or '"message":"progress"' not in line.replace(" ", ""):
+                continue
+            found.append(
+                {k: v for k, v in orjson.loads(line).items() if isinstance(v, int | float)}
+            )
+        elif "]:progress " in line:
+            pairs = (item.split("=", 1) for item in line.split("]:progress ", 1)[1].split())
+            found.append({k: float(v) for k, v in pairs if v.replace(".", "", 1).isdigit()})
+    return found

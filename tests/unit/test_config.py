@@ -121,6 +121,7 @@ def test_given_values_are_parsed_into_typed_trimmed_and_normalised_settings() ->
         ("KAFKA_BROKERS", "localhost", "a list of host:port"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "an http(s) base URL"),
         ("TRACING_SAMPLING_RATE", "2", "a number in 0.0..1.0"),
+        ("TM_PROGRESS_INTERVAL_S", "-1", "a number in 0.0..86400.0"),
         ("METRICS_AVAILABLE_TIME_RANGES", "1,x", "positive integers"),
         ("KAFKA_SASL_MECHANISM", "gssapi", "one of plain"),
         ("KAFKA_SECURITY_PROTOCOL", "tls", "one of plaintext, ssl, sasl_plaintext, sasl_ssl"),

@@ -99,6 +99,9 @@ class FakeSource:
     def group_metadata(self) -> object:
         return "generation-1"
 
+    def lag(self) -> int:
+        return 0
+
 
 def new(offset: int, partition: int = 0) -> FakeMessage:
     headers = [("task_type", b"web-crawl"), ("status", b"new"), ("timestamp", TS)]

@@ -187,34 +187,39 @@ def supervisor_families(
     return families
 
 
-def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+def observe_many(histogram: Histogram, values: Iterable[float]) -> list[int]:
     """``histogram.observe(v)`` for every ``v``, with one update per bucket instead of one per
     value (each update in multiprocess mode is a write to a memory-mapped file). The bucket
     counts are exactly those of ``observe``; the sum may differ in the last bits of a float.
-    A NaN is dropped. ``histogram`` must be a child: unlabelled, or ``histogram.labels(...)``."""
+    A NaN is dropped. ``histogram`` must be a child: unlabelled, or ``histogram.labels(...)``.
+    Returns how many values went in each bucket (the last one: above the last finite bound)."""
+    bounds = histogram._upper_bounds  # noqa: SLF001
+    counts = [0] * len(bounds)
     # A NaN would break the sort; observe() counts it in no bucket (and poisons the sum).
     ordered = sorted(v for v in values if not math.isnan(v))
     if not ordered:
-        return
+        return counts
     # prometheus-client has no bulk observe; these attributes are its Histogram's internals
     # (stable since 0.4). Bucket i counts values <= bound i and above bound i-1, as observe()
     # does; the last bound is +Inf.
-    bounds = histogram._upper_bounds  # noqa: SLF001
     buckets = histogram._buckets  # noqa: SLF001
     start = 0
     for index, bound in enumerate(bounds):
         stop = bisect.bisect_right(ordered, bound, lo=start)
         if stop > start:
             buckets[index].inc(stop - start)
+            counts[index] = stop - start
         start = stop
         if start == len(ordered):
             break
     histogram._sum.inc(sum(ordered))  # noqa: SLF001
+    return counts
 
 
-def observe_latencies(latencies_s: Iterable[float]) -> None:
-    """Observe many end-to-end latencies at once (see :func:`observe_many`)."""
-    observe_many(end_to_end_latency, latencies_s)
+def observe_latencies(latencies_s: Iterable[float]) -> list[int]:
+    """Observe many end-to-end latencies at once (see :func:`observe_many`); how many went in
+    each bucket of LATENCY_BUCKETS_S (and the last, above them)."""
+    return observe_many(end_to_end_latency, latencies_s)
 
 
 def aggregated_registry(directory: str | None = None) -> CollectorRegistry:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -47,6 +49,7 @@ from tm.pipeline import Applied, BatchRecord, Decoded, Published, TransactionOff
 from tm.protocol import Reporter
 from tm.worker import report
 from tm.worker.commit import Commit, PollCommit
+from tm.worker.progress import Progress, log_progress
 from tm.worker.threads import REVOKE_BUDGET_S, ClientThreads
 
 log = logging.getLogger("tm.worker")
@@ -70,6 +73,7 @@ class Source(Protocol):
     ) -> Sequence[RawMessage]: ...
     def commit(self, committable: dict[int, int]) -> None: ...
     def group_metadata(self) -> object: ...
+    def lag(self) -> int: ...
     def rewind(self, first_offsets: dict[int, int]) -> None: ...
     def pause(self, partitions: list[int]) -> None: ...
     def resume(self, partitions: list[int]) -> None: ...
@@ -95,6 +99,7 @@ class Consumption:
         threads: ClientThreads,
         stopping: asyncio.Event,
         commit: Callable[[Offsets, threading.Lock], Commit] = PollCommit,
+        progress_interval_s: float = 0.0,
     ) -> None:
         self._settings = settings
         self._reporter = reporter
@@ -115,6 +120,7 @@ class Consumption:
         self._acker: asyncio.Task[None] | None = None  # _acknowledge, while run() runs
         self._ack_failure: TransientError | None = None  # for the loop to back off
         self.applied_messages = 0
+        self.progress = Progress(progress_interval_s, now=time.monotonic())
 
     async def run(self, source: Source, pipeline: Stages) -> None:
         """Poll, decode and apply one batch at a time, in order, until the stop; publishing,
@@ -129,6 +135,9 @@ class Consumption:
         linger_s = consumer.batch_linger_ms / 1000
         state = self.state
         self._acker = acker = asyncio.create_task(self._acknowledge(source, pipeline))
+        progress = asyncio.create_task(
+            log_progress(self.progress, functools.partial(self._threads.run, "poll", source.lag))
+        )
         try:
             while not self._stopping.is_set():
                 if state.resume_due(loop.time()):
@@ -177,6 +186,7 @@ class Consumption:
                 )
         finally:
             acker.cancel()
+            progress.cancel()
 
     def _owned(self, polled: Sequence[RawMessage]) -> Sequence[RawMessage]:
         """The polled messages of partitions still owned (a revoke can land between the fetch
@@ -253,7 +263,7 @@ class Consumption:
                 self._reporter.retrying(False)  # a batch went through again
             for record in records:
                 self.applied_messages += record.size
-                report.record(record)
+                self.progress.add(record, report.record(record))
 
     @staticmethod
     def _publish(applied: list[Applied]) -> list[Published]:

@@ -75,6 +75,7 @@ class Worker:
             threads=self.threads,
             stopping=self._stopping,
             commit=TransactionCommit if exactly_once else PollCommit,
+            progress_interval_s=settings.log.progress_interval_s,
         )
         self._database: Database | None = None
 

@@ -21,7 +21,9 @@ def transaction(*, committed: int = 0, aborted_by: str | None = None) -> None:
         metrics.transactions.labels("aborted", aborted_by).inc()
 
 
-def record(batch: BatchRecord) -> None:
+def record(batch: BatchRecord) -> list[int]:
+    """The batch's metrics (and debug line); returns how many of its messages fell in each
+    end-to-end latency bucket (metrics.LATENCY_BUCKETS_S, then above them)."""
     metrics.messages_consumed.inc(batch.size)
     metrics.batch_size.observe(batch.size)
     for outcome, count in batch.outcomes.items():
@@ -37,7 +39,7 @@ def record(batch: BatchRecord) -> None:
     if batch.transaction_s is not None:
         metrics.stage_duration.labels("transaction").observe(batch.transaction_s)
     now_ms = time.time() * 1000
-    metrics.observe_latencies((now_ms - ts) / 1000 for ts in batch.timestamps_ms)
+    latencies = metrics.observe_latencies((now_ms - ts) / 1000 for ts in batch.timestamps_ms)
     if batch.invalid_trace_contexts:
         metrics.invalid_trace_context.inc(batch.invalid_trace_contexts)
     if log.isEnabledFor(logging.DEBUG):
@@ -54,3 +56,4 @@ def record(batch: BatchRecord) -> None:
                 }
             },
         )
+    return latencies

@@ -145,6 +145,19 @@ class KafkaSource:
             self._consumer.resume([TopicPartition(self.topic, p) for p in partitions])
 
     @consumer_translated
+    def lag(self) -> int:
+        """Messages behind on the partitions assigned now: per partition, its high watermark as
+        the last fetch saw it minus the position of the next message to hand out, summed (a
+        partition not fetched yet counts 0). Local reads, no request."""
+        consumer = self._consumer
+        behind = 0
+        for tp in consumer.position(consumer.assignment()):
+            high = consumer.get_watermark_offsets(tp, cached=True)[1]
+            if tp.offset >= 0 and high >= 0:
+                behind += max(high - tp.offset, 0)
+        return behind
+
+    @consumer_translated
     def group_metadata(self) -> object:
         """The member's group metadata now (group, generation, member id), which a
         transaction's offsets carry so that the broker refuses them from a member that is no
