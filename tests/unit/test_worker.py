@@ -245,21 +245,30 @@ async def test_exactly_once_an_aborted_transaction_rewinds_and_commits_nothing(
     assert "R 1" in pipe.read()
 
 
-async def test_batches_applied_while_a_transaction_commits_share_the_next_one(
-    exactly_once: Worker, settings: Settings
-) -> None:
-    worker = exactly_once
-    consumption = worker.consumption
-    consumption.on_assign(FakeAssignment([0]))  # type: ignore[arg-type]
-    source = FakeSource(polls=[[new(1)], [new(2)], [new(3), new(4)], [new(5)]])
+async def first_transaction_held(
+    worker: Worker, settings: Settings, source: FakeSource, partitions: list[int], *, tasks: int
+) -> tuple[asyncio.Task[None], FakeSink, threading.Event]:
+    """The consume loop over ``source`` with the first transaction's commit held (a slow
+    broker) until ``tasks`` rows are applied; the loop, the sink and the event that lets the
+    commit go."""
+    worker.consumption.on_assign(FakeAssignment(partitions))  # type: ignore[arg-type]
     database = FakeDatabase()
     hold = threading.Event()
     sink = FakeSink(transactional=True, hold_first_flush=hold)
     running = start(worker, settings, source, database, sink)
     await asyncio.to_thread(sink.flushing.wait, 10)
-    # While the first transaction commits, the next batches are polled and applied...
-    while len(database.tasks) < 5:  # noqa: ASYNC110 (the fake database has no event to wait on)
+    while len(database.tasks) < tasks:  # noqa: ASYNC110 (the fake database has no event)
         await asyncio.sleep(0.01)
+    return running, sink, hold
+
+
+async def test_batches_applied_while_a_transaction_commits_share_the_next_one(
+    exactly_once: Worker, settings: Settings
+) -> None:
+    worker = exactly_once
+    source = FakeSource(polls=[[new(1)], [new(2)], [new(3), new(4)], [new(5)]])
+    # While the first transaction commits, the next batches are polled and applied...
+    running, sink, hold = await first_transaction_held(worker, settings, source, [0], tasks=5)
     # ...but nothing of theirs is produced into the transaction committing.
     assert [m["value"] for m in sink.produced] == [new(1).value()]
     hold.set()
@@ -276,18 +285,10 @@ async def test_exactly_once_a_batch_whose_partition_went_in_flight_commits_nothi
     exactly_once: Worker, settings: Settings
 ) -> None:
     worker = exactly_once
-    consumption = worker.consumption
-    consumption.on_assign(FakeAssignment([0, 1]))  # type: ignore[arg-type]
     source = FakeSource(polls=[[new(1)], [new(2), new(5, 1)]])
-    database = FakeDatabase()
-    hold = threading.Event()
-    sink = FakeSink(transactional=True, hold_first_flush=hold)
-    running = start(worker, settings, source, database, sink)
-    await asyncio.to_thread(sink.flushing.wait, 10)
-    while len(database.tasks) < 3:  # noqa: ASYNC110 (the fake database has no event to wait on)
-        await asyncio.sleep(0.01)
+    running, sink, hold = await first_transaction_held(worker, settings, source, [0, 1], tasks=3)
     # The second batch waits for the first one's transaction when partition 1 is lost.
-    await asyncio.to_thread(consumption.on_lost, [1])
+    await asyncio.to_thread(worker.consumption.on_lost, [1])
     hold.set()
     await asyncio.to_thread(source.after_pause.wait, 10)
     worker._stopping.set()
