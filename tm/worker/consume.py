@@ -202,6 +202,8 @@ class Consumption:
         retried with it)."""
         applied = await pipeline.apply(decoded, seq)
         while len(self._applied) >= MAX_WAITING_BATCHES and self._ack_failure is None:
+            if self._acker is not None and self._acker.done():
+                self._acker.result()  # a fatal error ended the acknowledgements: raise it
             self._acked.clear()
             await self._acked.wait()
         if self._ack_failure is not None:
