@@ -140,6 +140,7 @@ def test_progress_lines_say_what_each_worker_applied(
     assert len(lines) == idle  # ...with no line for an interval without messages
     assert sum(f.get("created", 0) for f in lines) == 40
     assert sum(f.get("dlq_invalid_json", 0) for f in lines) == 1
+    assert {fields["slot"] for fields in lines} <= {0, 1}
     for fields in lines:
         assert fields["rate_per_s"] > 0
         assert fields["lag"] >= 0

@@ -41,7 +41,7 @@ def buckets(**at_bound_ms: int) -> list[int]:
 
 def test_a_line_sums_the_interval_by_outcome_and_reason_with_rate_lag_and_p99() -> None:
     database = FakeDatabase()
-    progress = Progress(30.0, now=100.0)
+    progress = Progress(30.0, now=100.0, slot=1)
     progress.add(batch([new(1), new(2), new(3)], database), buckets(b10=3))
     again = batch([new(1), new(4), new(5, body=b"{not json")], database)
     progress.add(again, buckets(b10=1, b25=1))
@@ -49,6 +49,7 @@ def test_a_line_sums_the_interval_by_outcome_and_reason_with_rate_lag_and_p99() 
     assert progress.due(130.0)
     fields = progress.take(130.0, lag=42)
     assert fields == {
+        "slot": 1,
         "applied": 6,
         "created": 4,
         "duplicate": 1,

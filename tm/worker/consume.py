@@ -100,6 +100,7 @@ class Consumption:
         stopping: asyncio.Event,
         commit: Callable[[Offsets, threading.Lock], Commit] = PollCommit,
         progress_interval_s: float = 0.0,
+        slot: int = 0,
     ) -> None:
         self._settings = settings
         self._reporter = reporter
@@ -120,7 +121,7 @@ class Consumption:
         self._acker: asyncio.Task[None] | None = None  # _acknowledge, while run() runs
         self._ack_failure: TransientError | None = None  # for the loop to back off
         self.applied_messages = 0
-        self.progress = Progress(progress_interval_s, now=time.monotonic())
+        self.progress = Progress(progress_interval_s, now=time.monotonic(), slot=slot)
 
     async def run(self, source: Source, pipeline: Stages) -> None:
         """Poll, decode and apply one batch at a time, in order, until the stop; publishing,

@@ -76,6 +76,7 @@ class Worker:
             stopping=self._stopping,
             commit=TransactionCommit if exactly_once else PollCommit,
             progress_interval_s=settings.log.progress_interval_s,
+            slot=slot,
         )
         self._database: Database | None = None
 

@@ -20,8 +20,9 @@ log = logging.getLogger("tm.worker")
 
 
 class Progress:
-    def __init__(self, interval_s: float, *, now: float) -> None:
+    def __init__(self, interval_s: float, *, now: float, slot: int = 0) -> None:
         self.interval_s = interval_s  # 0: no progress lines
+        self._slot = slot  # the worker's, first in its line
         self._reset(now)
 
     def _reset(self, now: float) -> None:
@@ -51,6 +52,7 @@ class Progress:
         fields: dict[str, Any] | None = None
         if self._messages:
             fields = {
+                "slot": self._slot,
                 "applied": self._messages,
                 **dict(sorted(self._outcomes.items())),
                 **{f"dlq_{reason}": n for reason, n in sorted(self._dead_letters.items())},
