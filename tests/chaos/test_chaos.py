@@ -61,8 +61,8 @@ FAULTS = (
     "kafka_reset",
     "member_join_leave",
 )
-GAP_S = (6.0, 10.0)  # quiet time after each fault's end, so that tm gets going again
-DURATION_S = (2.0, 6.0)  # how long a fault with a duration lasts
+GAP_S = (4.0, 8.0)  # quiet time after each fault's end, so that tm gets going again
+DURATION_S = (2.0, 5.0)  # how long a fault with a duration lasts
 RATE = 150.0  # gateway tasks per second
 MALFORMED_EVERY = 50  # one gateway event in this many is malformed: a dead letter
 # tm tuned for quick recovery; the faults are short.
