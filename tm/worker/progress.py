@@ -41,9 +41,6 @@ class Progress:
         for index, count in enumerate(latency_buckets):
             self._latency_buckets[index] += count
 
-    def due(self, now: float) -> bool:
-        return self.interval_s > 0 and now - self._since >= self.interval_s
-
     def take(self, now: float, *, lag: int | None) -> dict[str, Any] | None:
         """The line's fields for the interval that ends ``now`` (None if no message was
         applied in it), and a new interval. ``lag``: messages behind on the partitions the
