@@ -196,15 +196,11 @@ def count_records(config: dict[str, Any], topic: str, *, timeout_s: float = 60.0
     return len(read_topic(config, topic, timeout_s=timeout_s))
 
 
-def _group(config: dict[str, Any], group: str) -> Any:
-    """The coordinator's description of ``group`` (confluent-kafka's ConsumerGroupDescription)."""
-    return AdminClient(config).describe_consumer_groups([group])[group].result(LOOK_TIMEOUT_S)
-
-
 def group_assigned(config: dict[str, Any], group: str, topic: str) -> int:
     """How many partitions of ``topic`` the group coordinator has assigned to members of a
     stable group (0 while it rebalances)."""
-    description = _group(config, group)
+    admin = AdminClient(config)
+    description = admin.describe_consumer_groups([group])[group].result(LOOK_TIMEOUT_S)
     if description.state != ConsumerGroupState.STABLE:
         return 0
     return sum(
@@ -218,14 +214,16 @@ def group_assigned(config: dict[str, Any], group: str, topic: str) -> int:
 def group_state(config: dict[str, Any], group: str) -> str:
     """The group's state as its coordinator reports it (``STABLE``, ``PREPARING_REBALANCING``,
     ``COMPLETING_REBALANCING``, ``EMPTY``, ...)."""
-    return str(_group(config, group).state.name)
+    admin = AdminClient(config)
+    return str(admin.describe_consumer_groups([group])[group].result(LOOK_TIMEOUT_S).state.name)
 
 
 def describe_group(config: dict[str, Any], group: str) -> str:
     """The coordinator's view of ``group`` in one line per member, for a failure's report:
     its state, and each member's instance id, client id, host and partitions."""
+    admin = AdminClient(config)
     try:
-        d = _group(config, group)
+        d = admin.describe_consumer_groups([group])[group].result(LOOK_TIMEOUT_S)
     except KafkaException as exc:
         return f"group {group}: not described ({exc})"
     lines = [f"group {group}: {d.state.name}, {len(d.members)} member(s)"]
