@@ -22,6 +22,8 @@ from tm.slots import ApiSlot, Slot, WorkerSlot
 
 log = logging.getLogger("tm.supervisor")
 
+# A silent child's stacks are printed in its signal handler: time given before the SIGKILL.
+STACK_DUMP_WAIT_S = 1.0
 MAX_BOOT_FAILURES = 3  # consecutive failures before boot, per slot, before halting
 
 
@@ -122,18 +124,26 @@ class Children:
         ]
 
     def check_heartbeats(self, now: float) -> None:
-        """SIGKILL a child that has written nothing for the heartbeat timeout; the reaper
-        restarts it."""
+        """A child that has written nothing for the heartbeat timeout is asked for its threads'
+        stacks (SIGUSR1: the faulthandler ``tm run`` registers prints them on stderr), then
+        SIGKILLed :data:`STACK_DUMP_WAIT_S` later; the reaper restarts it."""
         timeout_s = self._settings.consumer.heartbeat_timeout_ms / 1000
         for slot in self.slots:
-            if slot.pid and now - slot.last_heartbeat > timeout_s:
+            if not slot.pid:
+                continue
+            if slot.silent_since is not None:
+                if now - slot.silent_since >= STACK_DUMP_WAIT_S:
+                    self._processes.kill(slot.pid, signal.SIGKILL)
+                    slot.silent_since = None
+                    slot.last_heartbeat = now  # killed once
+            elif now - slot.last_heartbeat > timeout_s:
                 log.error(
                     "worker stopped sending heartbeats; killing it",
                     extra={"fields": {"slot": slot.number, "pid": slot.pid}},
                 )
                 slot.last_error = f"no heartbeat for {timeout_s:.0f} s"
-                self._processes.kill(slot.pid, signal.SIGKILL)
-                slot.last_heartbeat = now  # killed once
+                self._processes.kill(slot.pid, signal.SIGUSR1)
+                slot.silent_since = now
 
     def signal_workers(self, signum: int) -> None:
         for worker in self.workers:

@@ -33,6 +33,7 @@ class Slot(ABC):
     reader: LineReader = field(default_factory=LineReader)
     started_at: float = 0.0
     last_heartbeat: float = 0.0  # when the child's last line came
+    silent_since: float | None = None  # asked for its stacks, for being silent; killed next
     booted: bool = False
     joined: bool = False  # has had a first assignment (possibly empty) since it started
     retrying: bool = False  # backing off after a transient failure (database or Kafka down)
@@ -88,7 +89,7 @@ class Slot(ABC):
         self.pid, self.fd, self.reader = child.pid, child.report_fd, LineReader()
         self.started_at = self.last_heartbeat = now
         self.booted, self.joined, self.retrying = False, False, False
-        self.owned_partitions, self.restart_at = 0, None
+        self.owned_partitions, self.restart_at, self.silent_since = 0, None, None
 
     def detach(self) -> None:
         """The child is gone (reaped): close the supervisor's ends of its pipes."""

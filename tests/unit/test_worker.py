@@ -1,7 +1,7 @@
 """The worker's decisions that need no broker, with fakes of our own Protocols: ownership
 recorded inside the rebalance callbacks (whatever the event loop is doing), the pause flag an
-assignment gets, the drain order at a stop, the rewind after a failure, and heartbeats that stop
-when a client call hangs in one of the worker's threads."""
+assignment gets, the drain order at a stop, the rewind after a failure, and a client call that
+hangs in one of the worker's threads ending the worker."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tm.errors import DatabaseUnavailableError
 from tm.pipeline import Pipeline
 from tm.protocol import LineReader, Reporter
 from tm.worker import Worker
-from tm.worker.threads import POLL_STUCK_AFTER_S, stuck_thread
+from tm.worker.threads import HungCallError
 
 TS = b"2025-08-10T10:18:59.023Z"
 
@@ -299,31 +299,56 @@ async def test_exactly_once_a_batch_whose_partition_went_in_flight_commits_nothi
     assert ("rewind", {0: 2}) in source.calls
 
 
-def test_a_thread_is_stuck_only_past_its_bound() -> None:
-    bounds = {"poll": 60.0, "io": 65.0}
-    now = 1000.0
-    assert stuck_thread(now, {"poll": None, "io": None}, bounds) is None
-    assert stuck_thread(now, {"poll": now - 59, "io": now - 64}, bounds) is None
-    assert stuck_thread(now, {"poll": None, "io": now - 66}, bounds) == {
-        "thread": "io",
-        "busy_s": 66.0,
-    }
-
-
-async def test_heartbeats_stop_while_a_poll_hangs(worker: Worker, pipe: Pipe) -> None:
-    worker.threads.busy_since["poll"] = time.monotonic() - POLL_STUCK_AFTER_S - 1
-    beating = asyncio.create_task(worker.heartbeat())
-    await asyncio.sleep(0)  # one turn: the heartbeat's first round
-    beating.cancel()
-    lines = pipe.read()
-    assert "H" not in lines
-    assert any(line.startswith("F poll thread hung") for line in lines)
-
-
-async def test_heartbeats_flow_while_calls_stay_within_their_bounds(
-    worker: Worker, pipe: Pipe
+async def test_a_client_call_past_its_bound_fails_and_every_later_call_at_once(
+    worker: Worker,
 ) -> None:
-    worker.threads.busy_since["poll"] = time.monotonic()  # a poll just began
+    threads = worker.threads
+    threads.bound_s["io"] = 0.2
+    release = threading.Event()
+    try:
+        with pytest.raises(HungCallError, match="has not returned after 0 s in the io thread"):
+            await threads.run("io", release.wait, 30)
+        # The io thread is still in that call: nothing else may queue behind it.
+        with pytest.raises(HungCallError):
+            await threads.run("poll", time.sleep, 0)
+    finally:
+        release.set()
+
+
+async def test_a_call_that_raises_timeout_itself_is_not_taken_for_hung(worker: Worker) -> None:
+    def times_out() -> None:
+        raise TimeoutError("the call's own")
+
+    with pytest.raises(TimeoutError, match="the call's own"):
+        await worker.threads.run("io", times_out)
+    assert worker.threads.hung is None
+    assert await worker.threads.run("io", sum, [1, 2]) == 3
+
+
+async def test_a_flush_that_hangs_ends_the_worker_without_committing_its_batch(
+    worker: Worker, settings: Settings
+) -> None:
+    """A transactional call that librdkafka does not return from (its timeout ignored): the
+    worker ends with a fatal error at the io thread's bound, and its batch stays uncommitted
+    (the supervisor starts a new worker, which consumes it again)."""
+    consumption = worker.consumption
+    consumption.on_assign(FakeAssignment([0]))  # type: ignore[arg-type]
+    source = FakeSource(polls=[[new(7), new(8)]])
+    hang = threading.Event()
+    sink = FakeSink(hold_first_flush=hang)
+    worker.threads.bound_s["io"] = 0.5
+    running = start(worker, settings, source, FakeDatabase(), sink)
+    try:
+        with pytest.raises(HungCallError, match="in the io thread"):
+            await asyncio.wait_for(running, 30)
+    finally:
+        hang.set()
+    assert sink.acknowledged == []
+    assert consumption.state.take_all() == {}  # nothing committable
+    assert not any(call.startswith("commit") for call, _ in source.calls)
+
+
+async def test_heartbeats_flow_while_the_event_loop_turns(worker: Worker, pipe: Pipe) -> None:
     beating = asyncio.create_task(worker.heartbeat())
     await asyncio.sleep(0)
     beating.cancel()

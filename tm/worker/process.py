@@ -9,8 +9,7 @@ An unreachable or read-only database, or a broker that does not answer, is not a
 exit: the worker connects with backoff (it reports ``R 1`` and has not booted, so readiness
 says not ready); only a configuration error (bad credentials, a missing database, topics too
 small for tm) ends a worker before it boots. It tells the supervisor what it does through
-tm.protocol; its heartbeats stop while a client call hangs in one of its threads
-(tm.worker.threads).
+tm.protocol; a client call that hangs in one of its threads ends it (tm.worker.threads).
 """
 
 from __future__ import annotations
@@ -61,14 +60,8 @@ class Worker:
         self._stopping = asyncio.Event()
         exactly_once = settings.consumer.is_exactly_once
         kafka_settings = settings.kafka
-        self.threads = ClientThreads(
-            slot=slot,
-            io_bound_ms=(
-                kafka_settings.transaction_timeout_ms
-                if exactly_once
-                else kafka_settings.request_timeout_ms
-            ),
-        )
+        sink_type = TransactionalSink if exactly_once else KafkaSink
+        self.threads = ClientThreads(slot=slot, io_bound_s=sink_type.longest_call_s(kafka_settings))
         self.consumption = Consumption(
             settings.consumer,
             reporter=reporter,
@@ -209,18 +202,11 @@ class Worker:
         self._stopping.set()
 
     async def heartbeat(self) -> None:
-        """Every second: a heartbeat while no client call hangs (else, once, the reason), and
-        the worker's gauges."""
-        reported = False
+        """Every second: a heartbeat, and the worker's gauges. A client call that hangs ends
+        the worker (tm.worker.threads); an event loop that hangs stops the heartbeats, and the
+        supervisor kills the worker."""
         while True:
-            stuck = self.threads.stuck(time.monotonic())
-            if stuck is None:
-                self._reporter.heartbeat()
-                reported = False
-            elif not reported:  # no heartbeat: the supervisor kills and restarts this worker
-                log.error("worker thread hung; heartbeats stop", extra={"fields": stuck})
-                self._reporter.failed(f"{stuck['thread']} thread hung for {stuck['busy_s']} s")
-                reported = True
+            self._reporter.heartbeat()
             metrics.record_memory("worker")
             if self._database is not None:
                 in_use, idle = self._database.pool_usage()
@@ -229,11 +215,20 @@ class Worker:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _close(self, source: KafkaSource, sink: KafkaSink, database: Database) -> None:
-        # Leaving the group runs the revoke callback, which needs this loop: run it in the thread.
-        await self.threads.run("poll", source.close)
-        left = await self.threads.run("io", sink.close, 10.0)
-        if left:
-            log.error("producer closed with undelivered messages", extra={"fields": {"n": left}})
+        if self.threads.hung is not None:  # its thread is not free: the clients stay as they are
+            log.error(
+                "leaving the Kafka clients as they are",
+                extra={"fields": {"hung": self.threads.hung}},
+            )
+        else:
+            # Leaving the group runs the revoke callback, which needs this loop: run it in the
+            # thread.
+            await self.threads.run("poll", source.close)
+            left = await self.threads.run("io", sink.close, 10.0)
+            if left:
+                log.error(
+                    "producer closed with undelivered messages", extra={"fields": {"n": left}}
+                )
         await database.close(5.0)
         self.threads.shutdown()
         log.info(

@@ -1,68 +1,70 @@
-"""The worker's two client threads, timed for the heartbeat.
+"""The worker's two client threads, each call bounded.
 
 The Kafka consumer is driven from the poll thread (``poll``, ``close``: rebalance and commit
 callbacks run inside those calls); the producer's acknowledgements are awaited in the io thread.
-A call that runs longer than its thread's bound counts as hung: the worker stops its heartbeats
-and the supervisor kills and restarts it.
+A call that runs longer than its thread's bound is hung: librdkafka has calls that can block
+past their own timeout (``send_offsets_to_transaction`` while the group coordinator is
+unreachable, for one), and a C call cannot be cancelled. :meth:`ClientThreads.run` then raises
+:class:`HungCallError`, and the worker exits without touching its clients again; the supervisor
+starts a new one (whose transactional producer, exactly-once, fences the old one and aborts its
+open transaction). Nothing is lost: what the hung call was for was not committed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
+
+from tm.errors import FatalError
 
 T = TypeVar("T")
 Thread = Literal["poll", "io"]
 
 REVOKE_BUDGET_S = 20.0  # time given to the in-flight batches on revoke; < session timeout
 # A poll returns within its timeout unless a rebalance callback runs inside it, which may wait
-# REVOKE_BUDGET_S for the batches in flight and then commit; io calls (flush, commit) are
-# bounded by the Kafka request timeout, a transaction's commit or abort by the transaction
-# timeout (exactly-once).
-POLL_STUCK_AFTER_S = REVOKE_BUDGET_S + 40.0
-IO_STUCK_MARGIN_S = 30.0  # added to the producer's flush bound for the io thread
+# REVOKE_BUDGET_S for the batches in flight and then commit.
+POLL_BOUND_S = REVOKE_BUDGET_S + 40.0
+IO_BOUND_MARGIN_S = 5.0  # added to the longest an io call may take by its own bounds
+
+
+class HungCallError(FatalError):
+    """A client call ran past its thread's bound; the thread is still in it."""
 
 
 class ClientThreads:
-    def __init__(self, *, slot: int, io_bound_ms: int) -> None:
-        """``io_bound_ms``: the longest an io call may take (the Kafka request timeout, or the
-        transaction timeout in exactly-once mode)."""
+    def __init__(self, *, slot: int, io_bound_s: float) -> None:
+        """``io_bound_s``: the longest an io call may take by its own bounds (a flush: the Kafka
+        request timeout; exactly-once, a transaction's commit and the abort after it)."""
         self._executors: dict[Thread, ThreadPoolExecutor] = {
             "poll": ThreadPoolExecutor(1, thread_name_prefix=f"tm-poll-{slot}"),
             "io": ThreadPoolExecutor(1, thread_name_prefix=f"tm-io-{slot}"),
         }
-        # When the call now running in each thread began (None: idle).
-        self.busy_since: dict[str, float | None] = {"poll": None, "io": None}
-        self.stuck_after_s = {
-            "poll": POLL_STUCK_AFTER_S,
-            "io": io_bound_ms / 1000 + 5 + IO_STUCK_MARGIN_S,
+        self.bound_s: dict[Thread, float] = {
+            "poll": POLL_BOUND_S,
+            "io": io_bound_s + IO_BOUND_MARGIN_S,
         }
+        self.hung: str | None = None  # what ran past its bound, once one did
 
     async def run(self, thread: Thread, call: Callable[..., T], *args: Any) -> T:
-        """Run a blocking client call in the thread, timing it."""
-        self.busy_since[thread] = time.monotonic()
+        """Run a blocking client call in the thread; HungCallError if it runs past the
+        thread's bound, and from then on at once for any call (the threads are not free)."""
+        if self.hung is not None:
+            raise HungCallError(self.hung)
+        loop = asyncio.get_running_loop()
+        bound_s = self.bound_s[thread]
+        timeout = asyncio.timeout(bound_s)
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executors[thread], call, *args)
-        finally:
-            self.busy_since[thread] = None
-
-    def stuck(self, now: float) -> dict[str, Any] | None:
-        return stuck_thread(now, self.busy_since, self.stuck_after_s)
+            async with timeout:
+                return await loop.run_in_executor(self._executors[thread], call, *args)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the call's own TimeoutError
+            name = getattr(call, "__qualname__", repr(call))
+            self.hung = f"{name} has not returned after {bound_s:.0f} s in the {thread} thread"
+            raise HungCallError(self.hung) from None
 
     def shutdown(self) -> None:
         for executor in self._executors.values():
             executor.shutdown(wait=False)
-
-
-def stuck_thread(
-    now: float, busy_since: dict[str, float | None], stuck_after_s: dict[str, float]
-) -> dict[str, Any] | None:
-    """The first thread whose current call has run longer than its bound, or None."""
-    for thread, since in busy_since.items():
-        if since is not None and now - since > stuck_after_s[thread]:
-            return {"thread": thread, "busy_s": round(now - since, 1)}
-    return None

@@ -79,11 +79,16 @@ class KafkaSink(BufferedProducer):
         """``config``: the producer's, when not :func:`producer_config`'s (a transactional
         sink's)."""
         self.max_message_bytes = max_message_bytes
-        self._flush_timeout_s = settings.request_timeout_ms / 1000 + 5
+        self._flush_timeout_s = self.longest_call_s(settings)
         super().__init__(
             config or producer_config(settings, max_message_bytes=max_message_bytes),
             logger=logger,
         )
+
+    @staticmethod
+    def longest_call_s(settings: KafkaSettings) -> float:
+        """The longest a call of this sink takes by its own bounds (a flush)."""
+        return settings.request_timeout_ms / 1000 + 5
 
     def flush(self, offsets: TransactionOffsets | None = None) -> None:
         """Wait for the acknowledgement of everything produced since the last flush; raise

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tm.kafka")
 
 RETRY_PAUSE_S = 0.1  # between two attempts of a call that failed with a retriable error
+MIN_CALL_S = 0.5  # the least time a transactional call is given, however near its deadline
 
 
 class TransactionAbortedError(KafkaUnavailableError):
@@ -84,7 +85,7 @@ class TransactionalSink(KafkaSink):
         about the request timeout."""
         deadline = time.monotonic() + self._call_timeout_s
         try:
-            self._call(deadline, self._producer.init_transactions, self._call_timeout_s)
+            self._call(deadline, self._producer.init_transactions)
         except _Abortable as exc:  # no coordinator in time: the worker connects again later
             raise KafkaUnavailableError(f"init_transactions: {exc}") from None
 
@@ -101,11 +102,17 @@ class TransactionalSink(KafkaSink):
             self._begin()
         super().produce(topic, key=key, value=value, headers=headers, timestamp_ms=timestamp_ms)
 
+    @staticmethod
+    def longest_call_s(settings: KafkaSettings) -> float:
+        """The longest a call of this sink takes by its own bounds: a flush commits within the
+        transaction timeout, and an abort after it takes at most the request timeout."""
+        return (settings.transaction_timeout_ms + settings.request_timeout_ms) / 1000
+
     def flush(self, offsets: TransactionOffsets | None = None) -> None:
         """Commit the transaction: what was produced since the last flush, and ``offsets``
         (the next offsets of the task-status topic's partitions, with the group metadata
-        taken when they were). Blocks; raises TransactionAbortedError (the transaction was
-        aborted) or FatalError."""
+        taken when they were). Blocks, at most :meth:`longest_call_s`; raises
+        TransactionAbortedError (the transaction was aborted) or FatalError."""
         if not self._open:
             self._begin()  # a batch without outputs still commits its offsets
         deadline = time.monotonic() + self._transaction_timeout_s
@@ -119,31 +126,30 @@ class TransactionalSink(KafkaSink):
                     self._producer.send_offsets_to_transaction,
                     positions,
                     offsets.group_metadata,
-                    self._call_timeout_s,
                 )
-            self._call(
-                deadline, self._producer.commit_transaction, self._call_timeout_s, resumable=True
-            )
+            self._call(deadline, self._producer.commit_transaction, resumable=True)
         except _Abortable as exc:
-            self._abort(deadline)
+            self._abort()
             raise TransactionAbortedError(exc.name, str(exc)) from None
         self._open = False
         self._failures = []  # what failed, failed the commit: nothing left to report
 
     def abort(self) -> bool:
         """Abort the transaction in flight, if any (True): none of its messages or offsets will
-        be seen by a read_committed reader. Blocks, at most the transaction timeout."""
+        be seen by a read_committed reader. Blocks, at most the request timeout."""
         if not self._open:
             return False
-        self._abort(time.monotonic() + self._transaction_timeout_s)
+        self._abort()
         return True
 
-    def _abort(self, deadline: float) -> None:
+    def _abort(self) -> None:
+        deadline = time.monotonic() + self._call_timeout_s
         # Let the transaction's produce requests finish first (their AddPartitionsToTxn
         # included): an abort while the first produce is in flight can fail fatally
-        # (librdkafka#4849). Failed or not, they are aborted below.
+        # (librdkafka#4849). Failed or not, they are aborted below. Half the time for them,
+        # half for the abort.
         try:
-            self._producer.flush(min(self._call_timeout_s, self._remaining(deadline)))
+            self._producer.flush(self._call_timeout_s / 2)
         except (KafkaException, SystemError) as exc:  # a fatal state (fenced): no abort now
             cause = kafka_exception(exc)
             error = kafka_error(cause) if cause is not None else None
@@ -151,9 +157,7 @@ class TransactionalSink(KafkaSink):
                 raise FatalError(f"abort_transaction: {exc}") from None
             raise fatal(error, "abort_transaction") from None
         try:
-            self._call(
-                deadline, self._producer.abort_transaction, self._call_timeout_s, resumable=True
-            )
+            self._call(deadline, self._producer.abort_transaction, resumable=True)
         except _Abortable as exc:  # an abort that must be aborted: give the producer up
             raise FatalError(f"abort_transaction: {exc}") from None
         self._open = False
@@ -184,15 +188,16 @@ class TransactionalSink(KafkaSink):
 
     @staticmethod
     def _remaining(deadline: float) -> float:
-        return max(deadline - time.monotonic(), 1.0)
+        """What is left until ``deadline`` (a call is given at least MIN_CALL_S)."""
+        return max(deadline - time.monotonic(), MIN_CALL_S)
 
     def _call(
         self, deadline: float, call: Callable[..., Any], *args: Any, resumable: bool = False
     ) -> None:
-        """``call(*args)``, made again while it fails with a retriable error, until
-        ``deadline``: then as abortable, or as fatal when the call is ``resumable`` (a commit or
-        an abort, which may still be going on). An abortable error raises _Abortable, any other
-        FatalError."""
+        """``call(*args, timeout)``, made again while it fails with a retriable error, each
+        attempt's timeout what is left until ``deadline``; at the deadline, as abortable, or as
+        fatal when the call is ``resumable`` (a commit or an abort, which may still be going
+        on). An abortable error raises _Abortable, any other FatalError."""
         try:
             self._retried(deadline, call, *args, resumable=resumable)
         except FatalError:
@@ -205,7 +210,7 @@ class TransactionalSink(KafkaSink):
         retries = 0
         while True:
             try:
-                call(*args)
+                call(*args, min(self._call_timeout_s, self._remaining(deadline)))
                 return
             except KafkaException as exc:
                 error = kafka_error(exc)
