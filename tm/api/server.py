@@ -6,7 +6,9 @@ dependency clients (:mod:`tm.api.database`, :mod:`tm.api.kafka_watch`) are creat
 the fork, and checked in the background; no request waits for a dependency check.
 
 Routes: :mod:`tm.api.health` (``/api/health*``), :mod:`tm.api.task_metrics` (``/api/metrics*``),
-:mod:`tm.api.tasks` (``/api/tasks*``), :mod:`tm.api.prometheus` (``/metrics``); errors are JSON
+:mod:`tm.api.tasks` (``/api/tasks*``), :mod:`tm.api.prometheus` (``/metrics``), and the status
+page (:mod:`tm.api.page`: ``/``, ``/ui``) with what it reads besides those
+(:mod:`tm.api.partitions`, :mod:`tm.api.rates`, :mod:`tm.api.dead_letters`); errors are JSON
 (:mod:`tm.api.responses`). Nothing is logged per request.
 """
 
@@ -23,7 +25,16 @@ from typing import TYPE_CHECKING
 import uvloop
 from aiohttp import web
 
-from tm.api import health, prometheus, task_metrics, tasks
+from tm.api import (
+    dead_letters,
+    health,
+    page,
+    partitions,
+    prometheus,
+    rates,
+    task_metrics,
+    tasks,
+)
 from tm.api.context import API_KEY, Api
 from tm.api.counts import SharedCounts
 from tm.api.database import ApiDatabase
@@ -50,6 +61,10 @@ def build_app(api: Api) -> web.Application:
     task_metrics.add_routes(app)
     tasks.add_routes(app)
     prometheus.add_routes(app)
+    partitions.add_routes(app)
+    rates.add_routes(app)
+    dead_letters.add_routes(app)
+    page.add_routes(app)
     return app
 
 

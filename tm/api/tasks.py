@@ -142,7 +142,8 @@ def _iso(moment: datetime | None) -> str | None:
 # -- handlers ------------------------------------------------------------------------------------
 
 
-def _unauthorized(request: web.Request) -> web.Response | None:
+def unauthorized(request: web.Request) -> web.Response | None:
+    """The 401 answer when the request lacks the token (also for the dead letters); else None."""
     if is_authorized(request.headers.get("Authorization"), api_of(request).settings.http.api_token):
         return None
     response = json_error(401, "Missing or invalid bearer token (Authorization: Bearer <token>)")
@@ -156,7 +157,7 @@ def _unavailable(exc: DatabaseUnavailableError) -> web.Response:
 
 
 async def get_task(request: web.Request) -> web.Response:
-    denied = _unauthorized(request)
+    denied = unauthorized(request)
     if denied is not None:
         return denied
     task_id = parse_task_id(request.match_info["id"])
@@ -172,7 +173,7 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    denied = _unauthorized(request)
+    denied = unauthorized(request)
     if denied is not None:
         return denied
     try:

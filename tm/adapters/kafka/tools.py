@@ -1,11 +1,12 @@
 """The clients of the operator commands and of the API's lag watcher; none is a worker's.
 
 - :class:`Publisher`: an idempotent producer (``tm send``, ``tm dlq replay``);
-- :class:`TopicReader`: reads a topic from its start to its end at the time of the call, outside
-  any group's assignment (``tm dlq replay``);
-- :class:`GroupReader`: the cluster's metadata, how much of a topic the group's members own, and
-  the group's committed offsets beside the partitions' watermarks, without ever joining the
-  group (the API's :class:`~tm.api.kafka_watch.KafkaWatch`).
+- :class:`TopicReader`: reads a topic from its start to its end at the time of the call, or only
+  the last records of each partition, outside any group's assignment (``tm dlq replay``, the
+  status page's dead letters);
+- :class:`GroupReader`: the cluster's metadata, which partitions of a topic the group's members
+  own, and the group's committed offsets beside the partitions' watermarks, without ever joining
+  the group (the API's :class:`~tm.api.kafka_watch.KafkaWatch`).
 
 What they return is plain data (dataclasses, dicts, lists of partition numbers); what they raise is
 tm's errors, translated by :mod:`tm.adapters.kafka.errors`. Every call blocks.
@@ -22,6 +23,7 @@ from typing import Any, cast
 from confluent_kafka import (
     Consumer,
     ConsumerGroupState,
+    Message,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
@@ -159,14 +161,44 @@ class TopicReader:
                     done[partition] = True
                 if offset >= end:
                     continue
-                yield Record(
-                    partition=partition,
-                    offset=offset,
-                    key=message.key(),
-                    value=message.value(),
-                    headers=cast(Headers, message.headers() or []),
-                    timestamp_ms=message.timestamp()[1],
-                )
+                yield _record(message, partition, offset)
+
+    @translated
+    def tail(self, topic: str, count: int, *, timeout_s: float) -> list[Record]:
+        """Up to the last ``count`` records of each partition of ``topic`` (fewer where
+        transaction markers hold offsets), read from where they start up to the end at the time
+        of the call. Gives up at ``timeout_s`` with what it has; empty when the topic does not
+        exist."""
+        ends = self.ends(topic, timeout_s=timeout_s)
+        if not ends:
+            return []
+        bounds = {p: (max(low, high - count), high) for p, (low, high) in ends.items()}
+        self._consumer.assign([TopicPartition(topic, p, b[0]) for p, b in bounds.items()])
+        records: list[Record] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for message in self._consumer.consume(READ_BATCH, READ_WAIT_S):
+                partition, offset = message.partition(), message.offset()
+                if message.error() is not None or partition is None or offset is None:
+                    continue
+                if offset < bounds[partition][1]:
+                    records.append(_record(message, partition, offset))
+            # The position passes transaction markers too, which are never delivered.
+            positions = self._consumer.position([TopicPartition(topic, p) for p in bounds])
+            if all(tp.offset >= bounds[tp.partition][1] for tp in positions):
+                break
+        return records
+
+
+def _record(message: Message, partition: int, offset: int) -> Record:
+    return Record(
+        partition=partition,
+        offset=offset,
+        key=message.key(),
+        value=message.value(),
+        headers=cast(Headers, message.headers() or []),
+        timestamp_ms=message.timestamp()[1],
+    )
 
 
 # -- watching a group ----------------------------------------------------------------------------
@@ -190,6 +222,30 @@ class PartitionOffsets:
     low: int
     high: int
     committed: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member of the group, and the partitions of the watched topic it owns."""
+
+    client_id: str
+    instance_id: str | None  # its static group instance id; None: dynamic membership
+    host: str
+    partitions: tuple[int, ...]  # sorted
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """What one describe request said of the group."""
+
+    is_stable: bool
+    members: tuple[Member, ...]
+
+    @property
+    def assigned(self) -> int:
+        """Partitions of the watched topic owned by the members, if the group is stable; 0 while
+        it rebalances (or has no member)."""
+        return sum(len(m.partitions) for m in self.members) if self.is_stable else 0
 
 
 class GroupReader:
@@ -230,23 +286,31 @@ class GroupReader:
         )
 
     @translated
-    def assigned(self, topic: str, *, timeout_s: float) -> int:
-        """How many partitions of ``topic`` the members of the group own, if it is stable; 0
-        while it rebalances (or has no member)."""
+    def group(self, topic: str, *, timeout_s: float) -> Group:
+        """The group's state and, per member, the partitions of ``topic`` it owns."""
         futures = self._admin.describe_consumer_groups([self._group_id])
         try:
             description = futures[self._group_id].result(timeout_s)
         except TimeoutError as exc:
             raise KafkaUnavailableError(f"group not described in {timeout_s:.0f} s") from exc
-        if description.state != ConsumerGroupState.STABLE:
-            return 0
-        return sum(
-            1
+        members = tuple(
+            Member(
+                client_id=member.client_id,
+                instance_id=member.group_instance_id,
+                host=member.host,
+                partitions=tuple(
+                    sorted(
+                        tp.partition
+                        for tp in member.assignment.topic_partitions
+                        if tp.topic == topic
+                    )
+                    if member.assignment is not None
+                    else ()
+                ),
+            )
             for member in description.members
-            if member.assignment is not None
-            for tp in member.assignment.topic_partitions
-            if tp.topic == topic
         )
+        return Group(is_stable=description.state == ConsumerGroupState.STABLE, members=members)
 
     @translated
     def offsets(
