@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import msgspec
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from harness import unique
 from tm.adapters import kafka
+from tm.adapters.kafka import Assignment, KafkaSource
 from tm.config import Settings
 from tm.errors import KafkaUnavailableError
 
@@ -72,3 +77,64 @@ def test_describe_unreachable_broker_raises_transient(settings: Settings) -> Non
     broken = msgspec.structs.replace(settings.kafka, brokers=("127.0.0.1:1",))
     with pytest.raises(KafkaUnavailableError):
         kafka.describe(broken, timeout_s=1.5)
+
+
+def test_the_group_metadata_is_at_hand_while_a_rebalance_callback_runs(
+    settings: Settings, topic: str
+) -> None:
+    """Exactly-once takes the member's group metadata for each transaction, from the event
+    loop, while the poll thread may be inside a rebalance callback that waits for that loop.
+    Asked of librdkafka then, the call waits for the callback to return (a deadlock when the
+    callback waits for the caller); the source answers from what it took after its last poll."""
+    kafka.create_topics(settings.kafka, [topic], partitions=2)
+    kafka_settings = msgspec.structs.replace(
+        settings.kafka, task_status_topic=topic, group_id=unique("tm-test-group")
+    )
+    answered: list[object] = []
+    in_callback = threading.Event()
+    assigned = threading.Event()
+
+    def on_assign(assignment: Assignment) -> None:
+        assignment.take(paused=False)
+        assigned.set()
+
+    def on_revoke(_partitions: list[int]) -> None:
+        asker = threading.Thread(target=lambda: answered.append(first.group_metadata()))
+        asker.start()
+        asker.join(10)  # the callback waits for it, as the revoke waits for the event loop
+        in_callback.set()
+
+    def ignore(*_args: object) -> None:
+        pass
+
+    def source(
+        assign: Callable[[Assignment], None], revoke: Callable[[list[int]], None]
+    ) -> KafkaSource:
+        return KafkaSource(
+            kafka_settings,
+            slot=0,
+            on_assign=assign,
+            on_revoke=revoke,
+            on_lost=ignore,
+            on_commit=ignore,
+            on_error=ignore,
+            transactional=True,
+        )
+
+    first = source(on_assign, on_revoke)
+    second = None
+    try:
+        deadline = time.monotonic() + 60
+        while not assigned.is_set() and time.monotonic() < deadline:
+            first.poll(1, 0.2)
+        assert assigned.is_set(), "no assignment within a minute"
+        second = source(lambda a: a.take(paused=False), ignore)  # joins: a partition is revoked
+        while not in_callback.is_set() and time.monotonic() < deadline:
+            first.poll(1, 0.2)
+            second.poll(1, 0.2)
+        assert in_callback.is_set(), "no revoke within a minute"
+        assert len(answered) == 1 and answered[0] is not None  # answered inside the callback
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

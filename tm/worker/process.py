@@ -145,6 +145,7 @@ class Worker:
             on_commit=consumption.on_commit,
             on_error=_on_kafka_error,
             logger=kafka_log,
+            transactional=settings.consumer.is_exactly_once,
         )
         traces = trace_export.setup(settings) or NO_TRACER  # None when OTEL_ENABLED is false
         events = _task_events(settings)  # None when REDIS_URL is unset

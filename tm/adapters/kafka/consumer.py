@@ -23,6 +23,7 @@ from tm.adapters.kafka.errors import (
     text,
 )
 from tm.connections import KafkaSettings
+from tm.errors import KafkaUnavailableError
 
 log = logging.getLogger("tm.kafka")
 
@@ -77,7 +78,10 @@ class KafkaSource:
         on_commit: OnCommit,
         on_error: OnError,
         logger: logging.Logger | None = None,
+        transactional: bool = False,
     ) -> None:
+        """``transactional``: take the member's group metadata after every poll, for
+        :meth:`group_metadata` (exactly-once)."""
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
@@ -86,6 +90,8 @@ class KafkaSource:
         config["error_cb"] = lambda error: on_error(text(error), is_fatal(error))
         config["on_commit"] = _commit_reporter(on_commit)
         self.topic = settings.task_status_topic
+        self._transactional = transactional
+        self._group_metadata: object | None = None
         self._consumer = Consumer(config, logger=logger) if logger else Consumer(config)
         self._consumer.subscribe(
             [self.topic], on_assign=self._assign, on_revoke=self._revoke, on_lost=self._lose
@@ -112,10 +118,13 @@ class KafkaSource:
             consumer.commit(offsets=offsets, asynchronous=True)
         first = consumer.poll(timeout_s)
         if first is None:
-            return []
-        polled = (
-            [first] if max_messages == 1 else [first, *consumer.consume(max_messages - 1, linger_s)]
-        )
+            polled = []
+        elif max_messages == 1:
+            polled = [first]
+        else:
+            polled = [first, *consumer.consume(max_messages - 1, linger_s)]
+        if self._transactional:  # out of the rebalance callbacks (see group_metadata)
+            self._group_metadata = consumer.consumer_group_metadata()
         if all(m.error() is None for m in polled):
             return polled
         return [m for m in polled if _usable(m)]
@@ -157,12 +166,15 @@ class KafkaSource:
                 behind += max(high - tp.offset, 0)
         return behind
 
-    @consumer_translated
     def group_metadata(self) -> object:
-        """The member's group metadata now (group, generation, member id), which a
-        transaction's offsets carry so that the broker refuses them from a member that is no
-        longer in this generation (KIP-447). A local call: any thread."""
-        return self._consumer.consumer_group_metadata()
+        """The member's group metadata (group, generation, member id) as of the last poll,
+        which a transaction's offsets carry so that the broker refuses them from a member that
+        is no longer in that generation (KIP-447). Taken by :meth:`poll` in the poll thread,
+        after librdkafka's calls: asked of librdkafka from another thread, it waits while a
+        rebalance callback runs, and the revoke callback waits for the batches in flight."""
+        if self._group_metadata is None:
+            raise KafkaUnavailableError("no group metadata before the first poll")
+        return self._group_metadata
 
     @consumer_translated
     def close(self) -> None:
