@@ -33,6 +33,7 @@ and PostgreSQL does not need.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import re
@@ -57,6 +58,7 @@ from harness import HarnessError, free_port, report, stop_on_sigterm, unique
 from harness.kafka import OffsetReader, end_offsets
 from harness.procfs import open_fds, process_tree, pss_kib, status_kib
 from harness.report import machine
+from harness.servers import prometheus_server
 from harness.stack import Fresh, Stack, kafka_config, query
 from harness.tm import TmProcess
 from tm import config
@@ -453,14 +455,41 @@ def run_soak(
     sample_s: float,
     warmup_s: float,
     log_dir: Path,
+    dashboard_png: Path | None = None,
 ) -> SoakResult:
     """A fresh ``tm run`` on ``target`` for ``seconds`` at ``rate`` inbound messages a second,
-    sampled every ``sample_s``; then the traffic stops, tm drains it, and gets a SIGTERM."""
+    sampled every ``sample_s``; then the traffic stops, tm drains it, and gets a SIGTERM.
+    ``dashboard_png``: a Prometheus scrapes tm meanwhile, and the dashboard's main panels are
+    drawn from it there (stack.dashboard)."""
     metrics_dir = Path(tempfile.mkdtemp(prefix="tm-soak-metrics-"))
     port = free_port()
     tm = _start_tm(
         target, log_dir / "tm-soak.log", _tm_env(target, port=port, metrics_dir=metrics_dir)
     )
+    with contextlib.ExitStack() as scraped:
+        prometheus = (
+            scraped.enter_context(prometheus_server(log_dir, port, ("/metrics", "/api/metrics")))
+            if dashboard_png is not None
+            else None
+        )
+        result = _soak(target, tm, seconds, rate, sample_s, warmup_s, metrics_dir, port)
+        if prometheus is not None and dashboard_png is not None:
+            from stack import dashboard
+
+            dashboard.draw(f"http://127.0.0.1:{prometheus}", dashboard_png, seconds / 60 + 1)
+    return result
+
+
+def _soak(
+    target: Stack,
+    tm: TmProcess,
+    seconds: float,
+    rate: float,
+    sample_s: float,
+    warmup_s: float,
+    metrics_dir: Path,
+    port: int,
+) -> SoakResult:
     sampler = Sampler(tm, target, every_s=sample_s, metrics_dir=metrics_dir, port=port, rate=rate)
     traffic = Traffic(target, rate=rate)
     result = SoakResult(seconds, rate, warmup_s, sample_s, sampler.samples, log_path=tm.log_path)
@@ -674,6 +703,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"default: {WARMUP_SHARE * 100:.0f} %% of the run, at least {MIN_WARMUP_S:.0f} s",
     )
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: new)")
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="a Prometheus scrapes tm; the Grafana dashboard's main panels go to dashboard.png",
+    )
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
     if seconds <= 0 or args.sample_s <= 0 or (args.rate is not None and args.rate <= 0):
@@ -705,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             sample_s=args.sample_s,
             warmup_s=warmup_s,
             log_dir=out,
+            dashboard_png=out / "dashboard.png" if args.dashboard else None,
         )
     finally:
         for problem in stack.cleanup():

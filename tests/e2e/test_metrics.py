@@ -7,32 +7,25 @@ a PromQL query with the number of messages sent, with tm's alert rules loaded.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import free_port, wait_for
+from harness import wait_for
 from harness.kafka import Headers
+from harness.servers import RULES, get, get_json, prometheus_server, query
 from harness.stack import Stack
 from harness.tm import TmRun
 
 pytestmark = pytest.mark.e2e
 
-RULES = Path(__file__).resolve().parents[2] / "k8s" / "prometheus" / "tm-alerts.yaml"
 OUTCOMES = ("created", "duplicate", "updated", "unchanged", "task_not_found", "invalid_transition")
 REASONS = (
     "invalid_json",
@@ -73,16 +66,6 @@ def failed(task_id: uuid.UUID) -> Message:
 
 
 # -- /metrics ----------------------------------------------------------------------------------
-
-
-def get(port: int, path: str) -> tuple[int, str, bytes] | None:
-    """GET http://127.0.0.1:<port><path>: status, content type and body; None when nothing
-    answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as got:
-            return got.status, got.headers.get("Content-Type", ""), got.read()
-    except (urllib.error.URLError, ConnectionError):
-        return None
 
 
 def scrape(tm: TmRun) -> Samples | None:
@@ -270,76 +253,6 @@ def test_killed_worker_is_counted_and_its_live_series_go(stack: Stack, tmp_path:
 
 
 # -- 3. a real Prometheus server scrapes tm ----------------------------------------------------
-
-
-def get_json(port: int, path: str) -> Any:
-    got = get(port, path)
-    return None if got is None else json.loads(got[2])
-
-
-@contextmanager
-def prometheus_server(tmp_path: Path, target_port: int) -> Iterator[int]:
-    """A Prometheus scraping 127.0.0.1:``target_port`` every second, with tm's alert rules;
-    yields its port and stops it afterwards."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail(
-            "prometheus not found: run `bash stack/tools.sh` (or `apt-get install prometheus`)",
-            pytrace=False,
-        )
-    home = tmp_path / "prometheus"
-    home.mkdir()
-    shutil.copy(RULES, home / RULES.name)
-    config = home / "prometheus.yml"
-    config.write_text(
-        "global:\n"
-        "  scrape_interval: 1s\n"
-        "  evaluation_interval: 1s\n"
-        "rule_files:\n"
-        f"  - {RULES.name}\n"
-        "scrape_configs:\n"
-        "  - job_name: tm\n"
-        "    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{target_port}']\n"
-    )
-    port = free_port()
-    log = (home / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={home / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-    def ready() -> bool:
-        assert process.poll() is None, (home / "prometheus.log").read_text()
-        got = get(port, "/-/ready")
-        return got is not None and got[0] == 200
-
-    try:
-        wait_for(ready, timeout_s=30, what="prometheus ready")
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        log.close()
-
-
-def query(port: int, promql: str) -> list[Any]:
-    """The result vector of an instant query (empty while there is none)."""
-    got = get_json(port, f"/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
-    if not got or got.get("status") != "success":
-        return []
-    result: list[Any] = got["data"]["result"]
-    return result
 
 
 def test_prometheus_scrapes_tm(stack: Stack, tmp_path: Path) -> None:

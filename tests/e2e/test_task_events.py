@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -20,67 +18,16 @@ from typing import Any, cast
 
 import orjson
 import pytest
-import redis
 
-from harness import free_port, unique, wait_for
+from harness import unique, wait_for
 from harness.outcomes import FAST
+from harness.servers import RedisServer
 from harness.stack import Stack
 from harness.tm import TmRun
 
 pytestmark = pytest.mark.e2e
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-
-
-class RedisServer:
-    """Debian's redis-server on a free port, without persistence."""
-
-    def __init__(self, root: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server missing: run `STACK_REDIS=1 make stack-up` (make test does)")
-        self._binary, self._root = binary, root
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                self._binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self._root),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_for(self._answers, timeout_s=10, what="redis-server answering")
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=2)
-
-    def kill(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGKILL)
-        self._process.wait(10)
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            self._process.wait(10)
 
 
 @pytest.fixture

@@ -73,6 +73,16 @@ def one(objects: list[Obj], kind: str, name: str | None = None) -> Obj:
     return found[0]
 
 
+def tm_config(objects: list[Obj]) -> Obj:
+    """tm's settings ConfigMap (named with kustomize's hash), not the dashboard's."""
+    (found,) = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("tm-config")
+    ]
+    return found
+
+
 def secret_data(secret: Obj) -> dict[str, str]:
     data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
     data.update(secret.get("stringData") or {})

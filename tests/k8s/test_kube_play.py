@@ -35,7 +35,7 @@ from confluent_kafka.admin import AdminClient
 
 from harness import free_port, wait_for
 from harness.stack import Stack, admin_sql, make_stack
-from tests.k8s.conftest import ROOT, Obj, build, one, secret_data
+from tests.k8s.conftest import ROOT, Obj, build, one, secret_data, tm_config
 from tm import traffic
 from tm.adapters import kafka
 from tm.config import Settings
@@ -117,7 +117,7 @@ def pod_of(
     make from its template, its secretRefs renamed to ``secret``, its Secret volume to ``tls``,
     its ports as podman needs."""
     sts = one(objects, "StatefulSet", "tm")
-    config_map = copy.deepcopy(one(objects, "ConfigMap"))
+    config_map = copy.deepcopy(tm_config(objects))
     config_map["data"].update(config)
     template = copy.deepcopy(sts["spec"]["template"])
     spec = template["spec"]

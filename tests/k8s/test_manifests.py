@@ -22,7 +22,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.k8s.conftest import K8S, OVERLAYS, ROOT, Obj, container_env, one, quantity, secret_data
+from tests.k8s.conftest import (
+    K8S,
+    OVERLAYS,
+    ROOT,
+    Obj,
+    container_env,
+    one,
+    quantity,
+    secret_data,
+    tm_config,
+)
 from tm import config
 
 # Kubernetes releases validated against: an older one still supported by the big providers,
@@ -45,6 +55,7 @@ FIXED_MIB, PER_WORKER_MIB = 39 + 55, 115
 # A pod's restart besides the drain: the new pod scheduled, its init container, tm's start.
 RESTART_MARGIN_MS = 60_000
 CUSTOM = {"ScaledObject", "PodMonitor", "PrometheusRule"}
+DASHBOARD = K8S / "components" / "monitoring" / "tm-dashboard.json"
 CRD_FILES = {
     "ScaledObject": "config/crd/bases/keda.sh_scaledobjects.yaml",
     "PodMonitor": "example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml",
@@ -186,7 +197,10 @@ def test_overlay_renders_the_objects_it_should(
     ]
     expected = {
         "dev": [*base, "Namespace", "Secret", "Secret"],  # tm-secrets, tm-tls (examples)
-        "prod": [*base, "Namespace", "PodMonitor", "PrometheusRule", "ScaledObject"],
+        "prod": [
+            *base,
+            *("ConfigMap", "Namespace", "PodMonitor", "PrometheusRule", "ScaledObject"),
+        ],  # the ConfigMap: the Grafana dashboard
         "test": [*base, "Secret", "Secret"],
     }[overlay]
     assert kinds == sorted(expected)
@@ -266,7 +280,7 @@ def test_configmap_secret_and_pod_env_do_not_overlap(
     rendered: dict[str, list[Obj]], overlay: str
 ) -> None:
     objects = rendered[overlay]
-    data = one(objects, "ConfigMap")["data"]
+    data = tm_config(objects)["data"]
     assert set(data) == set(defaults_env()), "an overlay added or dropped a ConfigMap key"
     secrets = [
         o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == "tm-secrets"
@@ -447,12 +461,25 @@ def test_podmonitor_scrapes_every_tm_pod_as_job_tm(rendered: dict[str, list[Obj]
     monitor = one(objects, "PodMonitor")["spec"]
     labels = statefulset(objects)["spec"]["template"]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= labels.items()
-    (endpoint,) = monitor["podMetricsEndpoints"]
-    assert endpoint["port"] in {p["name"] for p in tm_container(objects)["ports"]}
-    assert endpoint["path"] == "/metrics"
-    relabel = {r["targetLabel"]: r for r in endpoint["relabelings"]}
-    assert relabel["job"]["replacement"] == "tm"  # the alert rules' job="tm"
-    assert relabel["instance"]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
+    metrics, counts = monitor["podMetricsEndpoints"]
+    ports = {p["name"] for p in tm_container(objects)["ports"]}
+    assert (metrics["path"], counts["path"]) == ("/metrics", "/api/metrics")
+    for endpoint in (metrics, counts):
+        assert endpoint["port"] in ports
+        relabel = {r["targetLabel"]: r for r in endpoint["relabelings"]}
+        assert relabel["job"]["replacement"] == "tm"  # the alert rules' job="tm"
+        assert relabel["instance"]["sourceLabels"] == ["__meta_kubernetes_pod_name"]
+    # The task counts' target is told apart (TmNotReady reads the /metrics one's `up`).
+    assert {r["targetLabel"]: r.get("replacement") for r in counts["relabelings"]}["scrape"]
+    assert "scrape" not in {r["targetLabel"] for r in metrics["relabelings"]}
+
+
+def test_the_dashboard_ships_as_a_configmap_for_the_grafana_sidecar(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    shipped = one(rendered["prod"], "ConfigMap", "tm-dashboard")
+    assert shipped["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert shipped["data"] == {"tm-dashboard.json": DASHBOARD.read_text()}
 
 
 def test_keda_never_scales_past_partitions_per_worker(rendered: dict[str, list[Obj]]) -> None:

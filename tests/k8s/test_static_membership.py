@@ -16,7 +16,7 @@ import pytest
 from harness import wait_for
 from harness.stack import Stack, make_stack
 from harness.tm import TmRun
-from tests.k8s.conftest import build, one
+from tests.k8s.conftest import build, tm_config
 from tm.config import Settings
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +62,7 @@ def _restart_tm_1(
 def test_a_restarted_pod_gets_its_partitions_back_without_a_rebalance(
     stack: Stack, kustomize: str, tmp_path: Path
 ) -> None:
-    config = one(build(kustomize, "prod"), "ConfigMap")["data"]
+    config = tm_config(build(kustomize, "prod"))["data"]
     env = {"TM_WORKERS": "2", "KAFKA_SESSION_TIMEOUT": config["KAFKA_SESSION_TIMEOUT"]}
     assert _restart_tm_1(stack, tmp_path, env, static=True) == []
 
@@ -70,6 +70,6 @@ def test_a_restarted_pod_gets_its_partitions_back_without_a_rebalance(
 def test_without_an_instance_id_the_same_restart_rebalances(
     stack: Stack, kustomize: str, tmp_path: Path
 ) -> None:
-    config = one(build(kustomize, "prod"), "ConfigMap")["data"]
+    config = tm_config(build(kustomize, "prod"))["data"]
     env = {"TM_WORKERS": "2", "KAFKA_SESSION_TIMEOUT": config["KAFKA_SESSION_TIMEOUT"]}
     assert _restart_tm_1(stack, tmp_path, env, static=False) != []
