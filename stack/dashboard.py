@@ -344,6 +344,8 @@ def queries(model: dict[str, Any]) -> list[tuple[str, str]]:
 
 # -- the picture -------------------------------------------------------------------------------
 
+PICTURE_RATE_INTERVAL = "15s"  # as Grafana's $__rate_interval for a Prometheus scraping every 1-3 s
+SCALED = {"bytes": (2**20, "MiB")}  # units drawn in larger steps
 PICTURED = (
     "Messages applied by outcome",
     "Lag per partition (messages)",
@@ -366,7 +368,12 @@ def instantiate(expr: str, rate_interval: str = "1m") -> str:
 
 def query_range(prometheus_url: str, expr: str, start: float, end: float, step: float) -> Any:
     params = urllib.parse.urlencode(
-        {"query": instantiate(expr), "start": start, "end": end, "step": step}
+        {
+            "query": instantiate(expr, PICTURE_RATE_INTERVAL),
+            "start": start,
+            "end": end,
+            "step": step,
+        }
     )
     url = f"{prometheus_url}/api/v1/query_range?{params}"
     with urllib.request.urlopen(url, timeout=30) as got:  # noqa: S310 (the operator's URL)
@@ -387,14 +394,15 @@ def draw(prometheus_url: str, out: Path, minutes: float) -> None:
     figure, axes = plt.subplots(3, 2, figsize=(14, 11))
     for ax, title in zip(axes.flat, PICTURED, strict=True):
         spec = specs[title]
+        divisor, unit = SCALED.get(spec.unit, (1, spec.unit))
         for query in spec.queries:
             for series in query_range(prometheus_url, query.expr, start, end, step):
-                points = [(float(t) - start, float(v)) for t, v in series["values"]]
+                points = [(float(t) - start, float(v) / divisor) for t, v in series["values"]]
                 label = query.legend
                 for key, value in series["metric"].items():
                     label = label.replace("{{" + key + "}}", value)
                 ax.plot([p[0] for p in points], [p[1] for p in points], label=label, lw=1.2)
-        ax.set_title(f"{title} ({spec.unit})")
+        ax.set_title(f"{title} ({unit})")
         ax.set_xlabel("seconds into the run")
         ax.grid(alpha=0.3)
         handles, _ = ax.get_legend_handles_labels()
