@@ -194,7 +194,8 @@ ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
             ),
             PanelSpec(
                 "Memory per process",
-                "Resident memory of each tm process.",
+                "Resident memory of each tm process (its pid label is the reporting process: "
+                "the API process reports the supervisor's).",
                 "bytes",
                 (
                     Query(
@@ -391,17 +392,29 @@ def draw(prometheus_url: str, out: Path, minutes: float) -> None:
     end = time.time()
     start = end - minutes * 60
     step = max(minutes * 60 / 300, 1.0)
+    drawn = {
+        title: [
+            (query, series)
+            for query in specs[title].queries
+            for series in query_range(prometheus_url, query.expr, start, end, step)
+        ]
+        for title in PICTURED
+    }
+    # The x axis starts with the first sample of the run, not with the window asked for.
+    t0 = min(
+        (float(s["values"][0][0]) for lines in drawn.values() for _, s in lines if s["values"]),
+        default=start,
+    )
     figure, axes = plt.subplots(3, 2, figsize=(14, 11))
     for ax, title in zip(axes.flat, PICTURED, strict=True):
         spec = specs[title]
         divisor, unit = SCALED.get(spec.unit, (1, spec.unit))
-        for query in spec.queries:
-            for series in query_range(prometheus_url, query.expr, start, end, step):
-                points = [(float(t) - start, float(v) / divisor) for t, v in series["values"]]
-                label = query.legend
-                for key, value in series["metric"].items():
-                    label = label.replace("{{" + key + "}}", value)
-                ax.plot([p[0] for p in points], [p[1] for p in points], label=label, lw=1.2)
+        for query, series in drawn[title]:
+            points = [(float(t) - t0, float(v) / divisor) for t, v in series["values"]]
+            label = query.legend
+            for key, value in series["metric"].items():
+                label = label.replace("{{" + key + "}}", value)
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, lw=1.2)
         ax.set_title(f"{title} ({unit})")
         ax.set_xlabel("seconds into the run")
         ax.grid(alpha=0.3)
