@@ -5,6 +5,7 @@ open."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import msgspec
@@ -15,7 +16,7 @@ from harness import unique
 from harness.kafka import read_topic
 from tm.adapters import kafka
 from tm.adapters.kafka import TransactionalSink
-from tm.adapters.kafka.transactions import TransactionAbortedError
+from tm.adapters.kafka.transactions import OVERRUN_S, TransactionAbortedError
 from tm.config import Settings
 from tm.errors import FatalError
 from tm.pipeline import TransactionOffsets
@@ -163,3 +164,26 @@ def joined(consumer: Consumer, topic: str) -> Consumer:
         if consumer.assignment():
             return consumer
     raise AssertionError("the member got no partitions in 30 s")
+
+
+def test_a_librdkafka_call_running_past_its_own_timeout_is_overdue(
+    topics: tuple[Settings, str],
+) -> None:
+    """What the worker's watch asks (tm.worker.threads): the call now running, once it has run
+    OVERRUN_S past the timeout it was given; nothing between calls."""
+    settings, _ = topics
+    producer = sink(settings, unique("tm-test-txn"))
+    seen: list[tuple[str | None, str | None]] = []
+
+    def call(timeout_s: float) -> None:  # stands for a librdkafka call, its timeout last
+        now = time.monotonic()
+        later = now + timeout_s + OVERRUN_S + 1
+        seen.append((producer.overdue(now), producer.overdue(later)))
+
+    try:
+        producer._call(time.monotonic() + 5, call)  # the timed call itself
+        assert seen[0][0] is None
+        assert seen[0][1] is not None and seen[0][1].startswith("call, 5 s past its")
+        assert producer.overdue(time.monotonic() + 3600) is None  # nothing runs now
+    finally:
+        producer.close(5)

@@ -315,6 +315,26 @@ async def test_a_client_call_past_its_bound_fails_and_every_later_call_at_once(
         release.set()
 
 
+async def test_a_watched_call_is_hung_as_soon_as_its_watch_says_it_is_overdue(
+    worker: Worker,
+) -> None:
+    threads = worker.threads
+    threads.watch_interval_s = 0.01
+    late: list[str] = []
+    threads.watch("io", lambda _now: late[0] if late else None)
+    release = threading.Event()
+    assert await threads.run("io", sum, [1, 2]) == 3  # on time: its answer
+    try:
+        running = asyncio.create_task(threads.run("io", release.wait, 30))
+        await asyncio.sleep(0.05)
+        assert not running.done()  # within its bound, and not overdue yet
+        late.append("send_offsets_to_transaction, 5 s past its 10.0 s timeout")
+        with pytest.raises(HungCallError, match="is stuck in send_offsets_to_transaction"):
+            await asyncio.wait_for(running, 10)
+    finally:
+        release.set()
+
+
 async def test_a_call_that_raises_timeout_itself_is_not_taken_for_hung(worker: Worker) -> None:
     def times_out() -> None:
         raise TimeoutError("the call's own")

@@ -189,6 +189,7 @@ class Worker:
             ),
             logger=kafka_log,
         )
+        self.threads.watch("io", sink.overdue)
         await self.threads.run("io", sink.start)
         log.info("transactional producer ready", extra={"fields": {"id": sink.transactional_id}})
         return sink

@@ -38,6 +38,10 @@ log = logging.getLogger("tm.kafka")
 
 RETRY_PAUSE_S = 0.1  # between two attempts of a call that failed with a retriable error
 MIN_CALL_S = 0.5  # the least time a transactional call is given, however near its deadline
+# A librdkafka call still running this long past its own timeout is stuck: librdkafka ignores
+# the timeout of some calls (send_offsets_to_transaction while the group coordinator is out of
+# reach: librdkafka#5456). The worker asks :meth:`TransactionalSink.overdue`.
+OVERRUN_S = 5.0
 
 
 class TransactionAbortedError(KafkaUnavailableError):
@@ -78,6 +82,8 @@ class TransactionalSink(KafkaSink):
         self._transaction_timeout_s = settings.transaction_timeout_ms / 1000
         self._open = False  # a transaction has begun and is neither committed nor aborted
         self._given_up = False  # a call ended in FatalError: nothing more is asked of it
+        # The librdkafka call running now, and when it should have returned by (monotonic).
+        self._running: tuple[str, float, float] | None = None  # (name, timeout, due)
 
     def start(self) -> None:
         """Register the transactional id with its coordinator: a producer of a previous
@@ -149,7 +155,7 @@ class TransactionalSink(KafkaSink):
         # (librdkafka#4849). Failed or not, they are aborted below. Half the time for them,
         # half for the abort.
         try:
-            self._producer.flush(self._call_timeout_s / 2)
+            self._timed(self._producer.flush, self._call_timeout_s / 2)
         except (KafkaException, SystemError) as exc:  # a fatal state (fenced): no abort now
             cause = kafka_exception(exc)
             error = kafka_error(cause) if cause is not None else None
@@ -210,7 +216,7 @@ class TransactionalSink(KafkaSink):
         retries = 0
         while True:
             try:
-                call(*args, min(self._call_timeout_s, self._remaining(deadline)))
+                self._timed(call, *args, min(self._call_timeout_s, self._remaining(deadline)))
                 return
             except KafkaException as exc:
                 error = kafka_error(exc)
@@ -233,3 +239,22 @@ class TransactionalSink(KafkaSink):
                     )
                 retries += 1
                 time.sleep(RETRY_PAUSE_S)
+
+    def _timed(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, its last argument its timeout, known to :meth:`overdue` while it
+        runs."""
+        timeout_s = args[-1]
+        self._running = (call.__name__, timeout_s, time.monotonic() + timeout_s + OVERRUN_S)
+        try:
+            return call(*args)
+        finally:
+            self._running = None
+
+    def overdue(self, now: float) -> str | None:
+        """The librdkafka call now running, if it has run :data:`OVERRUN_S` past its own
+        timeout (``now``: time.monotonic()); called from another thread."""
+        running = self._running
+        if running is None or now < running[2]:
+            return None
+        name, timeout_s, _ = running
+        return f"{name}, {OVERRUN_S:.0f} s past its {timeout_s:.1f} s timeout"
