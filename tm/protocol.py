@@ -6,17 +6,17 @@ counts as a sign of life. The lines:
 ``B``
     booted: connected, about to consume or serve (a slot's boot failures start again from 0).
 ``H``
-    heartbeat, every second from the child's event loop, and from a worker only while its poll
-    and io threads make progress (a stuck loop or a hung client call stops them, and the
-    supervisor kills the child after ``TM_HEARTBEAT_TIMEOUT_MS``).
+    heartbeat, every second from the child's event loop (a stuck loop stops them, and the
+    supervisor kills the child after ``TM_HEARTBEAT_TIMEOUT_MS``, its stacks printed first; a
+    worker's hung client call ends the worker itself, tm.worker.threads).
 ``A <n>``
     a worker owns n partitions now (sent after every assignment, revoke or loss).
 ``R 1`` / ``R 0``
     a worker is retrying after a transient failure (database or Kafka down) / went through
     again; readiness reports the degraded state meanwhile.
 ``F <text>``
-    the one-line reason before a fatal exit, or of a hung thread (the supervisor's halt message
-    and its "died; restarting" log line quote it).
+    the one-line reason before a fatal exit (the supervisor's halt message and its "died;
+    restarting" log line quote it).
 
 A child never blocks on its pipe: a line is dropped when the pipe is full (the supervisor
 only needs the latest state, and the next heartbeat comes a second later).

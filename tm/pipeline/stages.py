@@ -34,7 +34,7 @@ from tm.pipeline.record import NO_TRACER, BatchRecord, Decoded, Tracer
 # worker passes its producer's (which fits the DLQ topic's max.message.bytes).
 DEAD_LETTER_MAX_BYTES = 1_000_000
 # ``run_io(call, *args)``: runs a blocking call in the worker's io thread
-# (tm.worker.threads.ClientThreads.run, which times it for the heartbeat); returns its result.
+# (tm.worker.threads.ClientThreads.run, which bounds it); returns its result.
 RunIo = Callable[..., Awaitable[Any]]
 
 

@@ -3,7 +3,7 @@
 - :mod:`~tm.worker.process`: the process: connect, build the clients, run, drain, close;
 - :mod:`~tm.worker.consume`: the consume loop, its three overlapping stages and the
   rebalance and commit callbacks;
-- :mod:`~tm.worker.threads`: the poll and io threads, timed for the heartbeat;
+- :mod:`~tm.worker.threads`: the poll and io threads, each call bounded;
 - :mod:`~tm.worker.report`: the metrics of an acknowledged batch.
 """
 
