@@ -4,11 +4,14 @@ reused for a few seconds, never a failure kept."""
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tm.api import counts as counts_module
+from tm.api import shared as shared_module
 from tm.api.counts import SharedCounts
 from tm.errors import DatabaseUnavailableError
 
@@ -47,7 +50,8 @@ async def test_answers_expire(monkeypatch: pytest.MonkeyPatch) -> None:
     database.release.set()
     shared = SharedCounts(database)  # type: ignore[arg-type]
     await shared.get(1)
-    monkeypatch.setattr(counts_module, "COUNTS_TTL_S", -1.0)
+    later = time.monotonic() + counts_module.COUNTS_TTL_S + 1
+    monkeypatch.setattr(shared_module, "time", SimpleNamespace(monotonic=lambda: later))
     await shared.get(1)
     assert database.calls == [1, 1]
 

@@ -3,8 +3,8 @@ open.
 
 An answer is kept for its time to live, and requests that come while it is being read wait for
 that one read instead of starting their own; a client that goes away does not cancel the read
-the others wait for. Failures are not kept: the next request tries again. The same rules as the
-task counts' (:mod:`tm.api.counts`), for answers that take no argument.
+the others wait for. Failures are not kept: the next request tries again. The task counts
+(:mod:`tm.api.counts`) keep one per window.
 """
 
 from __future__ import annotations
