@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 
 from harness import stop_on_sigterm
-from harness.report import machine, percentile
+from harness.report import machine, note, percentile
 from harness.stack import Fresh
 from tm import config
 from tm.adapters import postgres
@@ -49,6 +49,7 @@ DEFAULT_PAGE = 100
 WARMUP_CALLS = 10  # per call kind, not timed: connections, plans, caches
 TARGET_P99_MS = 100.0
 STATUSES = ("new", "completed", "error")
+FILL_CHUNK_ROWS = 1_000_000  # rows an INSERT, each its own transaction, with a progress line
 
 _FILL_SQL = """
 INSERT INTO web_crawl_tasks (id, user_email, user_query, original_url, received_at, status,
@@ -104,10 +105,13 @@ async def _explain(conn: asyncpg.Connection, sql: str, *args: Any) -> str:
 
 async def run(settings: Settings, *, rows: int, calls: int, page: int) -> list[str]:
     out: list[str] = []
-    conn = await asyncpg.connect(**postgres.connect_kwargs(settings.postgres))
+    # The fill and the VACUUM of millions of rows take longer than a query's deadline.
+    conn = await asyncpg.connect(**postgres.connect_kwargs(settings.postgres, migrating=True))
     try:
         started = time.monotonic()
-        await conn.execute(_FILL_SQL, rows)
+        for done in range(0, rows, FILL_CHUNK_ROWS):
+            await conn.execute(_FILL_SQL, min(FILL_CHUNK_ROWS, rows - done))
+            note(f"filled {min(done + FILL_CHUNK_ROWS, rows):,} of {rows:,} rows")
         filled_s = time.monotonic() - started
         started = time.monotonic()
         await conn.execute("VACUUM ANALYZE web_crawl_tasks")
