@@ -7,6 +7,13 @@ Each migration runs in its own transaction together with its ledger row, so a fa
 the database at the previous migration. A session-level advisory lock makes a second migrator
 (another pod starting at the same time) wait instead of racing. A migration that was changed
 after it was applied is refused: fix forward with a new file.
+
+A file whose first line is ``-- tm: outside a transaction`` holds statements that PostgreSQL runs
+only outside one, the ones that change an index of a live table without locking out its writers
+(``CREATE INDEX CONCURRENTLY``, ``DROP INDEX CONCURRENTLY``). Its statements run one at a time,
+each on its own, and its ledger row is written after the last; each must therefore be safe to run
+again (``IF EXISTS``, ``IF NOT EXISTS``), since a run cut short resumes with the whole file. Such
+a file holds plain statements only, one per ``;`` at the end of a line (no function bodies).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ LEDGER_TABLE = "tm_schema_migrations"
 # Key of the advisory lock held while migrating; an arbitrary constant that is tm's alone.
 MIGRATION_LOCK_KEY = 0x746D_6D69_6772  # "tmmigr"
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+OUTSIDE_A_TRANSACTION = "-- tm: outside a transaction"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +45,28 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def outside_a_transaction(self) -> bool:
+        return self.sql.startswith(OUTSIDE_A_TRANSACTION + "\n")
+
+    def statements(self) -> list[str]:
+        """The statements of a file run outside a transaction: each ends with ``;`` at the end of
+        a line; comment lines are left out."""
+        statements: list[str] = []
+        current: list[str] = []
+        for line in self.sql.splitlines():
+            if not line.strip() or line.lstrip().startswith("--"):
+                continue
+            current.append(line)
+            if line.rstrip().endswith(";"):
+                statements.append("\n".join(current))
+                current = []
+        if current:
+            raise MigrationError(
+                f"migration {self.version:04d}_{self.name}: its last statement does not end with ;"
+            )
+        return statements
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +87,10 @@ def discover(directory: Path = SQL_DIR) -> list[Migration]:
         version = int(match.group(1))
         if version in migrations:
             raise MigrationError(f"{path.name}: version {version} is used twice")
-        migrations[version] = Migration(version, match.group(2), path.read_text(encoding="utf-8"))
+        migration = Migration(version, match.group(2), path.read_text(encoding="utf-8"))
+        if migration.outside_a_transaction:
+            migration.statements()  # refuses a file whose last statement is unfinished
+        migrations[version] = migration
     if not migrations:
         raise MigrationError(f"no migrations found in {directory}")
     return [migrations[v] for v in sorted(migrations)]
@@ -109,8 +142,12 @@ async def migrate(conn: asyncpg.Connection, directory: Path = SQL_DIR) -> list[M
         await _ensure_ledger(conn)
         done: list[Migration] = []
         for migration in (await status(conn, directory)).pending:
+            if migration.outside_a_transaction:
+                for statement in migration.statements():
+                    await conn.execute(statement)
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                if not migration.outside_a_transaction:
+                    await conn.execute(migration.sql)
                 await conn.execute(
                     f"INSERT INTO {LEDGER_TABLE} (version, name, checksum) VALUES ($1, $2, $3)",  # noqa: S608
                     migration.version,
