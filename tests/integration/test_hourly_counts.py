@@ -34,11 +34,25 @@ async def _create(db: asyncpg.Connection, n: int) -> list[uuid.UUID]:
     return ids
 
 
+MINUTES = """
+    SELECT minute, status::text, tasks FROM web_crawl_task_minute_counts
+    WHERE tasks <> 0 AND minute >= (SELECT since FROM web_crawl_task_minute_counts_since)
+    ORDER BY 1, 2
+"""
+MINUTES_EXACT = """
+    SELECT date_trunc('minute', created_at), status::text, count(*) FROM web_crawl_tasks
+    WHERE created_at >= (SELECT since FROM web_crawl_task_minute_counts_since)
+    GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
 async def _assert_matches(db: asyncpg.Connection) -> None:
     for hours in (1, 2, 3, 5, 24, 72):
         got = tuple(await db.fetchrow("SELECT * FROM get_web_crawl_metrics($1)", hours))
         want = tuple(await db.fetchrow(EXACT, hours))
         assert got == want, f"hours={hours}"
+    minutes = [tuple(row) for row in await db.fetch(MINUTES)]
+    assert minutes == [tuple(row) for row in await db.fetch(MINUTES_EXACT)]
 
 
 async def test_counts_follow_inserts_updates_moves_and_deletes(db: asyncpg.Connection) -> None:
@@ -68,6 +82,7 @@ async def test_counts_follow_inserts_updates_moves_and_deletes(db: asyncpg.Conne
     await db.execute("TRUNCATE web_crawl_tasks")
     await _assert_matches(db)
     assert await db.fetchval("SELECT count(*) FROM web_crawl_task_hourly_counts") == 0
+    assert await db.fetchval("SELECT count(*) FROM web_crawl_task_minute_counts") == 0
 
 
 async def test_original_create_and_update_are_counted(db: asyncpg.Connection) -> None:
@@ -97,4 +112,42 @@ async def test_the_hourly_counters_migration_counts_the_rows_written_before_it(
     )
     for migration in every[3:]:
         await conn.execute(migration.sql)
+    # The minute counters, added later to a table that had rows, count from a minute to come:
+    # until then the windows are counted from the hourly counters and the table.
+    assert await conn.fetchval("SELECT since > now() FROM web_crawl_task_minute_counts_since")
     await _assert_matches(conn)
+    await _assert_matches_since_any_minute(conn)
+
+
+async def test_counts_since_any_minute_of_an_hour(db: asyncpg.Connection) -> None:
+    """The partial first hour of a window is counted from the minute counters and its first
+    minute; exact at the hour's edges and in between."""
+    ids = await _create(db, 120)
+    for i, task_id in enumerate(ids):
+        await db.execute(
+            "UPDATE web_crawl_tasks SET created_at = now() - $2::interval WHERE id = $1",
+            task_id,
+            timedelta(minutes=1 + 4 * i),
+        )
+    finished = ids[::3]
+    await db.fetch(
+        "SELECT * FROM tm_apply_status_updates($1::uuid[], $2::task_status[], $3::text[],"
+        " $4::timestamptz[])",
+        finished,
+        ["completed" if i % 2 else "error" for i in range(len(finished))],
+        ["r"] * len(finished),
+        [datetime.now(UTC)] * len(finished),
+    )
+    await _assert_matches_since_any_minute(db)
+
+
+async def _assert_matches_since_any_minute(db: asyncpg.Connection) -> None:
+    top = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    for hours_back in (1, 3, 6):
+        for minute in (0, 1, 17, 29, 30, 31, 44, 59):
+            since = top - timedelta(hours=hours_back) + timedelta(minutes=minute, seconds=7)
+            got = tuple(await db.fetchrow("SELECT * FROM tm_web_crawl_metrics_since($1)", since))
+            want = tuple(
+                await db.fetchrow(EXACT.replace("now() - interval '1 hour' * $1", "$1"), since)
+            )
+            assert got == want, since

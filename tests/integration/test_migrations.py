@@ -38,6 +38,8 @@ EXPECTED_FUNCTIONS = {
     "tm_create_tasks",
     "tm_apply_status_updates",
     "tm_count_tasks",
+    "tm_list_tasks_by_status",
+    "tm_web_crawl_metrics_since",
 }
 EXPECTED_VIEWS = {
     "completed_web_crawl_tasks",
@@ -46,7 +48,6 @@ EXPECTED_VIEWS = {
 }
 EXPECTED_INDEXES = {
     "web_crawl_tasks_pkey",
-    "idx_web_crawl_tasks_status_created_at",
     "idx_web_crawl_tasks_created_at_id",
 }
 
@@ -161,8 +162,10 @@ def _file_name(migration: migrations.Migration) -> str:
     return f"{migration.version:04d}_{migration.name}.sql"
 
 
-async def _connect(settings: Settings, schema: str) -> asyncpg.Connection:
-    kwargs = postgres.connect_kwargs(settings.postgres)
+async def _connect(
+    settings: Settings, schema: str, *, migrating: bool = False
+) -> asyncpg.Connection:
+    kwargs = postgres.connect_kwargs(settings.postgres, migrating=migrating)
     kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
     return await asyncpg.connect(**kwargs)
 
@@ -340,11 +343,11 @@ async def test_migrate_creates_the_table_enum_trigger_functions_and_views(
         """SELECT t.tgname, t.tgfoid::regproc::text AS function, pg_get_triggerdef(t.oid) AS def
            FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
            JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = $1 AND c.relname = 'web_crawl_tasks' AND NOT t.tgisinternal""",
+           WHERE n.nspname = $1 AND c.relname = 'web_crawl_tasks' AND NOT t.tgisinternal
+             AND t.tgname = 'update_web_crawl_tasks_updated_at'""",
         schema,
     )
     assert trigger is not None
-    assert trigger["tgname"] == "update_web_crawl_tasks_updated_at"
     assert trigger["function"] == "update_updated_at_column"
     assert "BEFORE UPDATE" in trigger["def"]
     assert "FOR EACH ROW" in trigger["def"]
@@ -559,3 +562,100 @@ async def test_python_task_status_equals_the_database_enum(
         schema,
     )
     assert [row["enumlabel"] for row in rows] == [status.value for status in TaskStatus]
+
+
+LARGE_TABLE_ROWS = 2_000_000
+
+
+async def test_the_status_index_goes_without_stopping_writers_on_a_large_live_table(
+    settings: Settings, schema: str, tmp_path: Path
+) -> None:
+    """A table of millions of tasks and a long transaction reading it (a report, a backup): the
+    migration that drops the status index waits for that reader, and meanwhile the consumer's
+    writes go through. A plain DROP INDEX would queue every writer behind its own wait."""
+    migrator = await _connect(settings, schema, migrating=True)
+    reader = await _connect(settings, schema)
+    writer = await _connect(settings, schema)
+    try:
+        before = tmp_path / "before"
+        before.mkdir()
+        for migration in migrations.discover():
+            if migration.version < 9:
+                (before / _file_name(migration)).write_text(migration.sql, encoding="utf-8")
+        await migrations.migrate(migrator, before)
+        await migrator.execute(
+            "INSERT INTO web_crawl_tasks (user_email, user_query, original_url, received_at,"
+            " status, created_at) SELECT 'a@example.com', 'q', 'https://example.com', now(),"
+            " (ARRAY['new', 'completed', 'error'])[1 + g % 3]::task_status,"
+            " now() - g * interval '100 milliseconds' FROM generate_series(1, $1) g",
+            LARGE_TABLE_ROWS,
+        )
+        async with reader.transaction():
+            await reader.fetchval("SELECT count(*) FROM web_crawl_tasks WHERE status = 'new'")
+            migrating = asyncio.create_task(migrations.migrate(migrator))
+            pid = migrator.get_server_pid()
+            waits = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+            for _ in range(1200):  # until the migration waits for the reader (at most a minute)
+                if await writer.fetchval(waits, pid) or migrating.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not migrating.done(), "the migration did not wait for the open transaction"
+            await writer.execute("SET lock_timeout = '5s'")
+            task_id = await writer.fetchval(
+                "SELECT create_web_crawl_task('b@example.com', 'q', 'https://example.com',"
+                " now(), 'new', now(), now())"
+            )
+            outcome = await writer.fetchval(
+                "SELECT outcome FROM tm_apply_status_updates(ARRAY[$1::uuid],"
+                " ARRAY['completed'::task_status], ARRAY['done'], ARRAY[now()])",
+                task_id,
+            )
+            assert outcome == "updated"
+            assert not migrating.done()
+        applied = await migrating
+        assert [m.version for m in applied] == [9]
+        assert "idx_web_crawl_tasks_status_created_at" not in await _indexes(migrator, schema)
+        count = await migrator.fetchval("SELECT count(*) FROM web_crawl_tasks")
+        assert count == LARGE_TABLE_ROWS + 1
+    finally:
+        for connection in (migrator, reader, writer):
+            await connection.close()
+
+
+async def test_a_migration_outside_a_transaction_runs_its_statements_alone_and_resumes(
+    conn: asyncpg.Connection, sql_copy: Path
+) -> None:
+    """CREATE INDEX CONCURRENTLY cannot run in a transaction; such a file runs statement by
+    statement, and its ledger row comes after the last, so a run that fails part-way is resumed
+    by the next one."""
+    await migrations.migrate(conn, sql_copy)
+    later = sql_copy / "0099_concurrent_index.sql"
+    statements = (
+        "-- tm: outside a transaction\n"
+        "-- an index built without locking writers out\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS web_crawl_tasks_finished_at\n"
+        "    ON web_crawl_tasks (finished_at);\n"
+    )
+    later.write_text(statements + "SELECT 1 / 0;\n", encoding="utf-8")
+
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await migrations.migrate(conn, sql_copy)
+    assert 99 not in [row["version"] for row in await _ledger(conn)]
+    assert await _relation_exists(conn, "web_crawl_tasks_finished_at")
+
+    later.write_text(statements, encoding="utf-8")
+    assert [m.version for m in await migrations.migrate(conn, sql_copy)] == [99]
+    assert 99 in [row["version"] for row in await _ledger(conn)]
+    assert not await _holds_migration_lock(conn)
+
+
+async def test_a_migration_outside_a_transaction_must_end_its_statements(
+    conn: asyncpg.Connection, sql_copy: Path
+) -> None:
+    (sql_copy / "0099_unfinished.sql").write_text(
+        "-- tm: outside a transaction\nDROP INDEX CONCURRENTLY IF EXISTS nothing\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(MigrationError, match="0099_unfinished: its last statement"):
+        await migrations.migrate(conn, sql_copy)
+    assert not await _relation_exists(conn, "web_crawl_tasks")

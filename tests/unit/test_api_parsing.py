@@ -136,7 +136,8 @@ def test_list_results_are_cut_where_the_query_cuts() -> None:
     for with_status in (False, True):
         for with_after in (False, True):
             sql = database.list_sql(status=with_status, after=with_after)
-            assert f"left(result, {database.LIST_RESULT_CHARS + 1})" in sql
+            chars = database.LIST_RESULT_CHARS + 1
+            assert (f"$1, {chars}" if with_status else f"left(result, {chars})") in sql
     moment = datetime(2025, 1, 1, tzinfo=UTC)
     row = {
         "id": uuid.UUID(int=7),

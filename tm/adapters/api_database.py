@@ -6,9 +6,9 @@ database is down at start. Every query has a deadline, and its errors leave this
 (:func:`tm.adapters.postgres.translated`). Rows are returned as asyncpg gives them, typed as
 :class:`Row`: read them by column name.
 
-Each query is served by an index (``tm/sql/0001_schema.sql``): the windowed counts and the
-listing by status by ``(status, created_at, id)``, the listing of all tasks by
-``(created_at, id)``, a task by its primary key.
+Each query is served by an index (``tm/sql/0001_schema.sql``): a task by its primary key, the rest
+by ``(created_at, id)``; the windowed counts and the listing by status with the hourly counts
+beside it (``tm/sql/0004_hourly_counts.sql``, ``tm/sql/0007_hot_updates.sql``).
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ TASK_SQL = (
     "SELECT id, user_email, user_query, original_url, received_at, status, result, finished_at,"
     " created_at, updated_at FROM find_web_crawl_task_by_id($1)"
 )
-# Newest first; the row comparison (created_at, id) < ($x, $y) is an index range condition: on
-# (created_at, id), and after the equality on status on (status, created_at, id). Not the
-# tempting (status, created_at, id) < ($s, $x, $y): btree then positions the scan on the status
-# equality and walks every newer task of that status up to the cursor (measured on 1,000,000
-# rows: 1,000-4,000 buffers a page deep in the table instead of 5).
+# Newest first; the row comparison (created_at, id) < ($x, $y) is an index range condition on
+# (created_at, id). Not the tempting (status, created_at, id) < ($s, $x, $y), which is no range.
 # left(result, 1001) reads only a prefix of a compressed value; 1001 characters means "cut"
-# (LIST_RESULT_CHARS + 1; the SQL is spelled out in full, never assembled).
+# (LIST_RESULT_CHARS + 1; the SQL is spelled out in full, never assembled). No index holds the
+# status (an index on it would make every status update write every index): a listing by status
+# is tm_list_tasks_by_status (tm/sql/0007_hot_updates.sql), which reads only the hours that hold
+# tasks of that status.
 _LIST_SQL = {
     (False, False): "SELECT id, user_email, user_query, original_url, received_at, status,"
     " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
@@ -54,12 +54,11 @@ _LIST_SQL = {
     " WHERE (created_at, id) < ($2::timestamptz, $3::uuid)"
     " ORDER BY created_at DESC, id DESC LIMIT $1",
     (True, False): "SELECT id, user_email, user_query, original_url, received_at, status,"
-    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
-    " WHERE status = $2::task_status ORDER BY created_at DESC, id DESC LIMIT $1",
+    " result, finished_at, created_at, updated_at"
+    " FROM tm_list_tasks_by_status($2::task_status, $1, 1001)",
     (True, True): "SELECT id, user_email, user_query, original_url, received_at, status,"
-    " left(result, 1001) AS result, finished_at, created_at, updated_at FROM web_crawl_tasks"
-    " WHERE status = $2::task_status AND (created_at, id) < ($3::timestamptz, $4::uuid)"
-    " ORDER BY created_at DESC, id DESC LIMIT $1",
+    " result, finished_at, created_at, updated_at"
+    " FROM tm_list_tasks_by_status($2::task_status, $1, 1001, $3::timestamptz, $4::uuid)",
 }
 
 
