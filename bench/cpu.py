@@ -180,6 +180,15 @@ class Bench:
         dead = count_records(self.kconfig, dlq)
         if left or dead:
             raise HarnessError(f"{left} tasks still new, {dead} dead letters")
+        query(db, "VACUUM web_crawl_tasks")
+        heap, indexes = query(
+            db,
+            "SELECT pg_relation_size('web_crawl_tasks'), pg_indexes_size('web_crawl_tasks')",
+        )[0]
+        note(
+            f"table after VACUUM: {a.messages:,} finished tasks, {heap / a.messages:.0f} B a row"
+            f" in the heap, {indexes / a.messages:.0f} B in its indexes"
+        )
         return [news, done]
 
     def phase(self, kind: str, env: dict[str, str], topic: str, group: str, target: int) -> Phase:

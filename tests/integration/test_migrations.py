@@ -40,6 +40,7 @@ EXPECTED_FUNCTIONS = {
     "tm_count_tasks",
     "tm_list_tasks_by_status",
     "tm_web_crawl_metrics_since",
+    "tm_status_outcome",
 }
 EXPECTED_VIEWS = {
     "completed_web_crawl_tasks",

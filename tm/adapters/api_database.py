@@ -39,7 +39,7 @@ TASK_SQL = (
     " created_at, updated_at FROM find_web_crawl_task_by_id($1)"
 )
 # Newest first; the row comparison (created_at, id) < ($x, $y) is an index range condition on
-# (created_at, id). Not the tempting (status, created_at, id) < ($s, $x, $y), which is no range.
+# (created_at, id).
 # left(result, 1001) reads only a prefix of a compressed value; 1001 characters means "cut"
 # (LIST_RESULT_CHARS + 1; the SQL is spelled out in full, never assembled). No index holds the
 # status (an index on it would make every status update write every index): a listing by status
