@@ -1,6 +1,6 @@
 """A steady load's latency with and without ``tm db prune`` running beside it:
 
-    python -m bench.prune [--rows 4000000] [--rate 1000] [--seconds 90] [--rounds 2]
+    python -m bench.prune [--rows 5000000] [--rate 1000] [--seconds 60] [--rounds 3]
                           [--days 30] [--batch-size 5000] [--pause 0.2] [--workers 2]
                           [--partitions 6] [--json FILE]
 
@@ -9,7 +9,8 @@ gateway ``new`` events, the latency of each from its Kafka CreateTime to its cra
 readable and to its offset being committed), with the table first filled with ``--rows`` tasks
 created between ``--days`` + 1 and ``--days`` + 30 days ago (one ``INSERT ... SELECT
 generate_series`` per chunk; 10 % still ``new``, the rest ``completed`` or ``error``; the insert
-trigger keeps the hourly counts). Then, ``--rounds`` times, a phase of the load alone and a phase
+trigger keeps the hourly counts), a checkpoint and one phase of load not counted. Then,
+``--rounds`` times, a phase of the load alone and a phase
 of the same load with ``python -m tm db prune --days D`` started just before it and stopped
 (SIGTERM, between two batches) just after it. The report gives each phase's p99s, the median of
 each mode's, and the ratio the target holds: pruning keeps the load's p99 within 20 % of the
@@ -139,12 +140,15 @@ class PruneBench(latency.Run):
                     last = min(first + FILL_CHUNK - 1, p.rows)
                     await conn.execute(_FILL_SQL, first, last, p.days, p.rows)
                 await conn.execute("VACUUM ANALYZE web_crawl_tasks")
+                # The fill's pages are flushed now, not by a checkpoint in the first phase.
+                await conn.execute("CHECKPOINT")
             finally:
                 await conn.close()
 
         asyncio.run(run(self.db))
         self.fill_s = time.monotonic() - started
-        note(f"filled in {self.fill_s:.0f} s")
+        note(f"filled in {self.fill_s:.0f} s; a phase of load to settle, not counted")
+        self.phase(self.p.rate)
 
     def measure(self, *, with_prune: bool) -> Phase:
         prune: subprocess.Popen[str] | None = None
@@ -312,10 +316,10 @@ def _parse(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m bench.prune", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--rows", type=int, default=4_000_000, help="old tasks filled (4000000)")
+    parser.add_argument("--rows", type=int, default=5_000_000, help="old tasks filled (5000000)")
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s of the load (1000)")
-    parser.add_argument("--seconds", type=float, default=90.0, help="per phase (90)")
-    parser.add_argument("--rounds", type=int, default=2, help="pairs of phases (2)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="per phase (60)")
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of phases (3)")
     parser.add_argument("--days", type=int, default=30, help="the prune's --days (30)")
     parser.add_argument("--batch-size", type=int, default=5000, help="the prune's (5000)")
     parser.add_argument("--pause", type=float, default=0.2, help="the prune's, seconds (0.2)")
