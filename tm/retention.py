@@ -41,7 +41,9 @@ MAX_PAUSE_S = 3600.0
 RETRY_ATTEMPTS = 5  # per batch, as the consumer retries a lost race with backoff
 RETRY_BACKOFF_S = 0.1  # doubled at each attempt: 0.1, 0.2, 0.4, 0.8 s
 RETRY_SQLSTATES = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock wait
-PRUNE_LOCK_KEY = 0x746D_7072_756E  # "tmprun": one prune at a time (a CronJob and a hand run)
+# One prune of a table at a time (a CronJob's and one by hand): an advisory lock on this key
+# and the table's oid, so that prunes of two schemas (two tms, or tests) do not exclude each other.
+PRUNE_LOCK_KEY = 0x746D_7072  # "tmpr"
 _FIRST = (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))  # before every (created_at, id)
 
 # One batch. `batch` is the next rows of the walk, whatever their status (so the cursor passes
@@ -153,12 +155,13 @@ async def prune(
     (nothing done); tm's errors for a database failure."""
     stop = stop or asyncio.Event()
     async with postgres.translated():
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", PRUNE_LOCK_KEY):
+        table = await conn.fetchval("SELECT 'web_crawl_tasks'::regclass::oid::int")
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", PRUNE_LOCK_KEY, table):
             return None
         try:
             return await _prune(conn, options, stop, on_batch)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", PRUNE_LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", PRUNE_LOCK_KEY, table)
 
 
 async def _prune(
