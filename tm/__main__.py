@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _db_prune(args: argparse.Namespace, settings: config.Settings) -> int:
-    from tm import commands, retention
+    from tm import commands
+    from tm.adapters import retention
 
     if args.days is not None and not 1 <= args.days <= config.MAX_RETENTION_DAYS:
         raise ConfigError("--days", str(args.days), f"an integer in 1..{config.MAX_RETENTION_DAYS}")

@@ -13,8 +13,7 @@ import time
 
 import msgspec
 
-from tm import retention
-from tm.adapters import kafka, migrations, postgres
+from tm.adapters import kafka, migrations, postgres, retention
 from tm.config import Settings
 from tm.connections import PostgresSettings
 from tm.errors import DatabaseUnavailableError, TmError
@@ -50,8 +49,9 @@ def db_prune(
     is_dry_run: bool = False,
 ) -> int:
     """Delete the finished tasks older than ``days`` (default TM_RETENTION_DAYS) in batches
-    (:mod:`tm.retention`); log a progress line every TM_PROGRESS_INTERVAL_S and one line at the
-    end. SIGTERM or SIGINT stops it between two batches, and the run is recorded as stopped."""
+    (:mod:`tm.adapters.retention`); log a progress line every TM_PROGRESS_INTERVAL_S and one
+    line at the end. SIGTERM or SIGINT stops it between two batches, and the run is recorded
+    as stopped."""
     logs.setup(settings.log, settings.otel, environment=settings.environment)
     log = logging.getLogger("tm.retention")
     days = days if days is not None else settings.retention.days

@@ -1,6 +1,6 @@
-"""tm.retention on a real PostgreSQL: which rows a prune deletes (finished and older than the
-cutoff, never a `new` one), the hourly counts after it, its batches, the dry run, rows another
-transaction holds, one prune at a time, and the run it records."""
+"""tm.adapters.retention on a real PostgreSQL: which rows a prune deletes (finished and older
+than the cutoff, never a `new` one), the hourly counts after it, its batches, the dry run, rows
+another transaction holds, one prune at a time, and the run it records."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from tm import retention
-from tm.adapters import postgres
+from tm.adapters import postgres, retention
+from tm.adapters.retention import Options
 from tm.config import Settings
-from tm.retention import Options
 
 pytestmark = pytest.mark.integration
 

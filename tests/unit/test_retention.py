@@ -1,5 +1,6 @@
-"""tm.retention's batch loop against a fake connection: a batch that loses a race (deadlock,
-serialization failure) is tried again, a few times; another database error stops the run."""
+"""tm.adapters.retention's batch loop against a fake connection: a batch that loses a race
+(deadlock, serialization failure) is tried again, a few times; another database error stops
+the run."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tm import retention
+from tm.adapters import retention
+from tm.adapters.retention import Options
 from tm.errors import DatabaseUnavailableError, FatalError
-from tm.retention import Options
 
 CUTOFF = datetime(2026, 1, 1, tzinfo=UTC)
 
