@@ -27,6 +27,15 @@ SELECT count(*) FROM (
 ) kept USING (hour, status)
 WHERE exact.tasks IS DISTINCT FROM kept.tasks
 """
+MINUTES_RECOUNT_DIFFERS = """
+SELECT count(*) FROM (
+    SELECT date_trunc('minute', created_at) AS minute, status, count(*) AS tasks
+    FROM web_crawl_tasks GROUP BY 1, 2
+) exact FULL JOIN (
+    SELECT minute, status, tasks FROM web_crawl_task_minute_counts WHERE tasks <> 0
+) kept USING (minute, status)
+WHERE exact.tasks IS DISTINCT FROM kept.tasks
+"""
 
 
 @pytest.fixture
@@ -96,11 +105,12 @@ async def test_the_hourly_counts_equal_a_recount_after_a_prune(db: asyncpg.Conne
         await insert(db, status, timedelta(days=days), 20)
     await retention.prune(db, Options(days=30, batch_size=7, pause_s=0))
     assert await db.fetchval(RECOUNT_DIFFERS) == 0
+    assert await db.fetchval(MINUTES_RECOUNT_DIFFERS) == 0
     assert await statuses(db) == {"new": 20, "completed": 20}
     # The counters brought to zero before the cutoff are removed, not kept for ever.
-    assert (
-        await db.fetchval("SELECT count(*) FROM web_crawl_task_hourly_counts WHERE tasks = 0") == 0
-    )
+    for counters in ("web_crawl_task_hourly_counts", "web_crawl_task_minute_counts"):
+        zeros = await db.fetchval(f"SELECT count(*) FROM {counters} WHERE tasks = 0")
+        assert zeros == 0, counters
     window = await db.fetchrow("SELECT * FROM get_web_crawl_metrics(24 * 365)")
     assert tuple(window) == (20, 20, 0, 40)
 

@@ -97,6 +97,8 @@ WITH previous AS (
 ), empty_hours AS (
     -- Counters the deletes brought to zero; an update of a task of that hour recreates its own.
     DELETE FROM web_crawl_task_hourly_counts WHERE hour < date_trunc('hour', $2) AND tasks = 0
+), empty_minutes AS (
+    DELETE FROM web_crawl_task_minute_counts WHERE minute < date_trunc('minute', $2) AND tasks = 0
 )
 INSERT INTO tm_prune_runs (started_at, finished_at, cutoff, retention_days, deleted_rows,
                            batches, duration_s, is_complete, deleted_rows_total)
