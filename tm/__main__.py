@@ -25,6 +25,22 @@ def _parser() -> argparse.ArgumentParser:
         dest="db_command", required=True, metavar="db-command"
     )
     db.add_parser("migrate", help="apply pending migrations (a second run does nothing)")
+    prune = db.add_parser(
+        "prune", help="delete finished tasks older than the retention period, in small batches"
+    )
+    prune.add_argument(
+        "--days", type=int, default=None, help="retention in days (default TM_RETENTION_DAYS)"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, do not delete")
+    prune.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows read per batch, one transaction each (default 5000)",
+    )
+    prune.add_argument(
+        "--pause", type=float, default=None, help="seconds between batches (default 0.2)"
+    )
 
     sub.add_parser("run", help="consume task events: the supervisor and its workers")
     send = sub.add_parser("send", help="sample traffic in the producers' wire format")
@@ -104,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             from tm import commands
 
+            if args.db_command == "prune":
+                return _db_prune(args, settings)
             return commands.db_migrate(settings)
         if args.command == "check":
             from tm import commands
@@ -130,6 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _db_prune(args: argparse.Namespace, settings: config.Settings) -> int:
+    from tm import commands
+    from tm.adapters import retention
+
+    if args.days is not None and not 1 <= args.days <= config.MAX_RETENTION_DAYS:
+        raise ConfigError("--days", str(args.days), f"an integer in 1..{config.MAX_RETENTION_DAYS}")
+    batch_size = retention.BATCH_SIZE if args.batch_size is None else args.batch_size
+    if not 1 <= batch_size <= retention.MAX_BATCH_SIZE:
+        raise ConfigError(
+            "--batch-size", str(batch_size), f"an integer in 1..{retention.MAX_BATCH_SIZE}"
+        )
+    pause_s = retention.PAUSE_S if args.pause is None else args.pause
+    if not 0 <= pause_s <= retention.MAX_PAUSE_S:
+        raise ConfigError("--pause", str(pause_s), f"seconds in 0..{retention.MAX_PAUSE_S:g}")
+    return commands.db_prune(
+        settings, days=args.days, batch_size=batch_size, pause_s=pause_s, is_dry_run=args.dry_run
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The operator commands behind ``tm db migrate``, ``tm check [--config-only]`` and
-``tm topics create``.
+"""The operator commands behind ``tm db migrate``, ``tm db prune``, ``tm check [--config-only]``
+and ``tm topics create``.
 
 Each returns the process exit status and prints one line per thing it did or found.
 """
@@ -7,14 +7,17 @@ Each returns the process exit status and prints one line per thing it did or fou
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 import time
 
 import msgspec
 
-from tm.adapters import kafka, migrations, postgres
+from tm.adapters import kafka, migrations, postgres, retention
 from tm.config import Settings
 from tm.connections import PostgresSettings
 from tm.errors import DatabaseUnavailableError, TmError
+from tm.observability import logs
 
 CHECK_TIMEOUT_S = 5.0  # per dependency; long enough for a slow broker, short for a probe
 
@@ -35,6 +38,65 @@ def db_migrate(settings: Settings) -> int:
     if not applied:
         print("schema is up to date; nothing to apply")
     return 0
+
+
+def db_prune(
+    settings: Settings,
+    *,
+    days: int | None,
+    batch_size: int = retention.BATCH_SIZE,
+    pause_s: float = retention.PAUSE_S,
+    is_dry_run: bool = False,
+) -> int:
+    """Delete the finished tasks older than ``days`` (default TM_RETENTION_DAYS) in batches
+    (:mod:`tm.adapters.retention`); log a progress line every TM_PROGRESS_INTERVAL_S and one
+    line at the end. SIGTERM or SIGINT stops it between two batches, and the run is recorded
+    as stopped."""
+    logs.setup(settings.log, settings.otel, environment=settings.environment)
+    log = logging.getLogger("tm.retention")
+    days = days if days is not None else settings.retention.days
+    if days is None:
+        log.info("retention is not set (TM_RETENTION_DAYS or --days): nothing deleted")
+        return 0
+    options = retention.Options(
+        days=days, batch_size=batch_size, pause_s=pause_s, is_dry_run=is_dry_run
+    )
+    outcome = asyncio.run(_prune(settings, options, log))
+    if outcome is None:
+        log.warning("another tm db prune is running: nothing done")
+        return 0
+    if not outcome.is_complete:
+        log.warning("prune stopped before the cutoff", extra={"fields": outcome.fields()})
+        return 130
+    message = "prune dry run: would delete" if is_dry_run else "pruned"
+    log.info(message, extra={"fields": outcome.fields()})
+    return 0
+
+
+async def _prune(
+    settings: Settings, options: retention.Options, log: logging.Logger
+) -> retention.Outcome | None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    interval_s = settings.log.progress_interval_s
+    next_line = time.monotonic() + interval_s
+
+    def progress(outcome: retention.Outcome) -> None:
+        nonlocal next_line
+        now = time.monotonic()
+        if interval_s > 0 and now >= next_line:
+            next_line = now + interval_s
+            fields = outcome.fields()
+            fields["rate_per_s"] = round(outcome.deleted / max(outcome.duration_s, 1e-9), 1)
+            log.info("prune progress", extra={"fields": fields})
+
+    conn = await postgres.connect(settings.postgres)
+    try:
+        return await retention.prune(conn, options, stop=stop, on_batch=progress)
+    finally:
+        await conn.close()
 
 
 def check_config(settings: Settings) -> int:

@@ -86,6 +86,12 @@ class MetricsSettings(msgspec.Struct, frozen=True, kw_only=True):
     directory: str | None
 
 
+class RetentionSettings(msgspec.Struct, frozen=True, kw_only=True):
+    # TM_RETENTION_DAYS: finished tasks (completed, error) created longer ago than this are
+    # removed by `tm db prune`. None (unset): keep every task; `tm db prune` deletes nothing.
+    days: int | None = None
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     environment: str
     kafka: KafkaSettings
@@ -96,6 +102,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http: HttpSettings
     redis: RedisSettings
     metrics: MetricsSettings
+    retention: RetentionSettings = RetentionSettings()
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
@@ -130,6 +137,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         http=_http(env),
         redis=connections.redis(env),
         metrics=MetricsSettings(directory=env.optional("PROMETHEUS_MULTIPROC_DIR")),
+        retention=RetentionSettings(
+            days=env.optional_integer("TM_RETENTION_DAYS", lo=1, hi=MAX_RETENTION_DAYS)
+        ),
     )
 
 
@@ -157,6 +167,7 @@ def _consumer(env: Environ) -> ConsumerSettings:
 
 
 MAX_WORKERS = 256  # the largest TM_WORKERS accepted
+MAX_RETENTION_DAYS = 36_500  # a century: a bigger value is a typo, not a policy
 
 
 def default_workers(*, root: Path = Path("/"), affinity: int | None = None) -> int:

@@ -88,6 +88,19 @@ class Environ:
 
         return self._parse(name, default, parse, f"an integer in {lo}..{hi}")
 
+    def optional_integer(self, name: str, *, lo: int, hi: int) -> int | None:
+        """An integer in lo..hi, or None when unset or empty (a setting whose absence means
+        "off", such as TM_RETENTION_DAYS)."""
+
+        def parse(raw: str) -> int | None:
+            try:
+                value = int(raw)
+            except ValueError:
+                return None
+            return value if lo <= value <= hi else None
+
+        return self._parse(name, None, parse, f"an integer in {lo}..{hi}")
+
     def number(self, name: str, default: float, *, lo: float, hi: float) -> float:
         def parse(raw: str) -> float | None:
             try:

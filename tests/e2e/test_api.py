@@ -4,7 +4,10 @@ consumer-group lag on /metrics."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -282,7 +285,7 @@ def test_task_metrics_count_rows_by_creation_window(stack: Stack, tmp_path: Path
     assert default.headers["Content-Type"] == PROMETHEUS_TYPE
     text = default.body.decode()
     assert text.endswith("\n") and not text.endswith("\n\n")
-    stamp = int(text.rsplit(" ", 1)[1])
+    stamp = int(text.split("web_crawl_metrics_timestamp{", 1)[1].split("\n", 1)[0].split()[1])
     assert abs(stamp - time.time()) < 60
     assert text == (
         "# HELP web_crawl_new_tasks_total Web crawl tasks created in the last 48h that are now"
@@ -303,6 +306,9 @@ def test_task_metrics_count_rows_by_creation_window(stack: Stack, tmp_path: Path
         "# HELP web_crawl_metrics_timestamp Unix time in seconds when these counts were read\n"
         "# TYPE web_crawl_metrics_timestamp gauge\n"
         f'web_crawl_metrics_timestamp{{time_range="48h"}} {stamp}\n'
+        "# HELP tm_prune_deleted_rows_total Finished tasks deleted by tm db prune, all runs\n"
+        "# TYPE tm_prune_deleted_rows_total counter\n"
+        "tm_prune_deleted_rows_total 0\n"  # no prune yet: no tm_prune_last_* either
     )
 
     expected = {1: (3, 2, 1, 6), 24: (3, 2, 1, 6), 72: (7, 3, 1, 11), 168: (7, 3, 3, 13)}
@@ -346,6 +352,41 @@ def test_task_metrics_count_rows_by_creation_window(stack: Stack, tmp_path: Path
         body = reply.json()
         assert set(body) == {"error", "timestamp"}, raw
         assert body["error"] == INVALID_HOURS, raw
+
+
+def test_task_metrics_carry_the_last_prune_run(stack: Stack, tmp_path: Path) -> None:
+    insert(
+        stack,
+        rows_of("completed", "40 days", 5)
+        + rows_of("error", "40 days", 2)
+        + rows_of("new", "40 days", 3)
+        + rows_of("completed", "2 days", 4),
+    )
+    pruned = subprocess.run(
+        [sys.executable, "-m", "tm", "db", "prune", "--days", "30", "--batch-size", "3"],
+        env={**os.environ, **stack.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    tm = TmRun(stack, tmp_path, TM_WORKERS="1")
+    try:
+        wait_status(tm.port, "/api/health/live", 200)
+        reply = get(tm.port, "/api/metrics")
+    finally:
+        assert tm.stop() == 0, tm.output()
+
+    assert reply.status == 200
+    values = dict(line.split(" ") for line in reply.body.decode().splitlines() if line[0] != "#")
+    assert int(values["tm_prune_deleted_rows_total"]) == 7
+    assert int(values["tm_prune_last_deleted_rows"]) == 7
+    assert int(values["tm_prune_last_batches"]) == 4  # 10 old rows, 3 a batch
+    assert int(values["tm_prune_last_complete"]) == 1
+    assert float(values["tm_prune_last_duration_seconds"]) >= 0
+    assert abs(float(values["tm_prune_last_run_timestamp_seconds"]) - time.time()) < 120
+    assert stack.count("status = 'new'") == 3 and stack.count() == 7
 
 
 # -- /api/tasks --------------------------------------------------------------------------------

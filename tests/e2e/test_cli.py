@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from harness.stack import query, with_database
 from tm.adapters import migrations
+from tm.config import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -85,3 +89,92 @@ def test_topics_create_only_when_missing(topic: str) -> None:
     assert sorted(second.stdout.splitlines()) == sorted(
         [f"exists {topic}", f"exists {topic}-requests", f"exists {topic}.dlq"]
     )
+
+
+# -- tm db prune -------------------------------------------------------------------------------
+
+PLAIN = {"LOG_FORMAT": "structured", "LOG_COLORS": "false"}
+
+
+def _fill(database: str, settings: Settings) -> None:
+    """Old tasks: 6 completed and 2 error 40 days old, 3 `new` 400 days old; young: 2 completed
+    an hour old."""
+    query(
+        with_database(settings, database),
+        "INSERT INTO web_crawl_tasks (user_email, user_query, original_url, received_at, status,"
+        " result, finished_at, created_at)"
+        " SELECT 'u@example.com', 'q', 'https://example.com/', t, s, r, f, t"
+        " FROM unnest($1::task_status[], $2::interval[]) AS x(s, age),"
+        " LATERAL (SELECT now() - x.age AS t,"
+        "   CASE WHEN x.s = 'new' THEN NULL ELSE 'r' END AS r,"
+        "   CASE WHEN x.s = 'new' THEN NULL ELSE now() - x.age END AS f) y",
+        ["completed"] * 6 + ["error"] * 2 + ["new"] * 3 + ["completed"] * 2,
+        [timedelta(days=40)] * 8 + [timedelta(days=400)] * 3 + [timedelta(hours=1)] * 2,
+    )
+
+
+def _lines(done: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_db_prune_without_retention_says_so_and_deletes_nothing(
+    database: str, settings: Settings
+) -> None:
+    env = {"POSTGRES_DB": database, **PLAIN}
+    tm("db", "migrate", env=env)
+    _fill(database, settings)
+    done = tm("db", "prune", env=env)
+    assert done.returncode == 0, done.stderr
+    (line,) = _lines(done)
+    assert line["message"] == "retention is not set (TM_RETENTION_DAYS or --days): nothing deleted"
+    rows = query(with_database(settings, database), "SELECT count(*) FROM web_crawl_tasks")
+    assert rows[0][0] == 13
+
+
+def test_db_prune_dry_run_then_prune_report_rows_batches_and_cutoff(
+    database: str, settings: Settings
+) -> None:
+    env = {"POSTGRES_DB": database, "TM_RETENTION_DAYS": "30", **PLAIN}
+    tm("db", "migrate", env=env)
+    _fill(database, settings)
+    dry = tm("db", "prune", "--dry-run", "--batch-size", "4", env=env)
+    done = tm("db", "prune", "--batch-size", "4", "--pause", "0", env=env)
+    again = tm("db", "prune", "--days", "1", env=env)
+
+    assert dry.returncode == 0, dry.stderr
+    (line,) = _lines(dry)
+    assert line["message"] == "prune dry run: would delete"
+    assert (line["deleted"], line["batches"], line["read"], line["dry_run"]) == (8, 3, 11, True)
+    assert done.returncode == 0, done.stderr
+    (line,) = _lines(done)
+    assert line["message"] == "pruned"
+    assert (line["deleted"], line["batches"], line["read"], line["days"]) == (8, 3, 11, 30)
+    cutoff = datetime.fromisoformat(str(line["cutoff"]))
+    assert timedelta(days=29) < datetime.now(UTC) - cutoff < timedelta(days=31)
+    assert isinstance(line["duration_s"], float)
+    assert again.returncode == 0, again.stderr
+    assert _lines(again)[0]["deleted"] == 0  # --days overrides: the hour-old tasks are younger
+    rows = query(
+        with_database(settings, database),
+        "SELECT status::text, count(*) FROM web_crawl_tasks GROUP BY 1 ORDER BY 1",
+    )
+    assert [tuple(r) for r in rows] == [("completed", 2), ("new", 3)]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "error"),
+    [
+        ((), {"TM_RETENTION_DAYS": "thirty"}, "TM_RETENTION_DAYS='thirty' is invalid"),
+        (("--days", "0"), {}, "--days='0' is invalid"),
+        (("--batch-size", "0"), {"TM_RETENTION_DAYS": "30"}, "--batch-size='0' is invalid"),
+        (("--pause", "-1"), {"TM_RETENTION_DAYS": "30"}, "--pause='-1.0' is invalid"),
+    ],
+)
+def test_db_prune_refuses_a_bad_setting_with_one_line(
+    args: tuple[str, ...], env: dict[str, str], error: str
+) -> None:
+    done = tm("db", "prune", *args, env=env)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"tm: {error}: expected ")

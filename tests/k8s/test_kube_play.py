@@ -111,15 +111,22 @@ def stack(settings: Settings, pg_up: None, kafka_up: None) -> Iterator[Stack]:
 
 
 def pod_of(
-    objects: list[Obj], *, name: str, config: dict[str, str], secret: str, tls: str
+    objects: list[Obj],
+    *,
+    name: str,
+    config: dict[str, str],
+    secret: str,
+    tls: str,
+    template: Obj | None = None,
 ) -> list[Obj]:
     """The ConfigMap (with ``config`` merged in) and the pod ``name`` that the StatefulSet would
-    make from its template, its secretRefs renamed to ``secret``, its Secret volume to ``tls``,
-    its ports as podman needs."""
-    sts = one(objects, "StatefulSet", "tm")
+    make from its template (or that ``template`` describes), its secretRefs renamed to
+    ``secret``, its Secret volume to ``tls``, its ports as podman needs."""
     config_map = copy.deepcopy(tm_config(objects))
     config_map["data"].update(config)
-    template = copy.deepcopy(sts["spec"]["template"])
+    if template is None:
+        template = one(objects, "StatefulSet", "tm")["spec"]["template"]
+    template = copy.deepcopy(template)
     spec = template["spec"]
     for container in spec.get("initContainers", []) + spec["containers"]:
         for source in container.get("envFrom", []):
@@ -138,7 +145,7 @@ def pod_of(
     # StatefulSet's) it restarts `tm db migrate` as soon as it exits, then fails to remove
     # it ("cannot remove container ... as it is running"). OnFailure runs it once, and still
     # restarts tm if it crashes.
-    spec["restartPolicy"] = "OnFailure"
+    spec["restartPolicy"] = "OnFailure" if spec.get("restartPolicy") != "Never" else "Never"
     # podman makes an emptyDir a named volume of the volume's name, shared by every pod on the
     # machine (and tm empties its metrics directory at start): one per pod, as in Kubernetes.
     for volume in spec["volumes"]:
@@ -262,3 +269,58 @@ def _check_pod(podman: Podman, stack: Stack, *, name: str, port: int, token: str
     wait_for(stack.all_committed, timeout_s=30, what="every message committed")
     requests = stack.read_topic(stack.requests_topic)
     assert len(requests) == TASKS
+
+
+def test_the_prune_cronjob_pod_runs_under_podman_kube_play_and_prunes(
+    podman: Podman, settings: Settings, pg_up: None, kafka_up: None, kustomize: str, tmp_path: Path
+) -> None:
+    """The CronJob's pod (its job template, as the Job it makes would run it) against a migrated
+    database with old finished tasks, old `new` ones and recent ones: it deletes the old finished
+    tasks only, records its run, and exits 0."""
+    objects = build(kustomize, "test")
+    cron = one(objects, "CronJob", "tm-prune")
+    template = copy.deepcopy(cron["spec"]["jobTemplate"]["spec"]["template"])
+    template["spec"]["restartPolicy"] = "Never"  # a failure shows as the exit code, not a retry
+    rendered_secret = one(objects, "Secret", "tm-secrets")
+    suffix = uuid.uuid4().hex[:8]
+    name = f"tm-prune-{suffix}"
+    secret, tls = f"tm-secrets-{suffix}", f"tm-tls-{suffix}"
+    with make_stack(settings) as stack:
+        stack.query(
+            "INSERT INTO web_crawl_tasks (user_email, user_query, original_url, received_at,"
+            " status, created_at) SELECT 'a@example.com', 'q', 'https://example.com', now(), s,"
+            " now() - d * interval '1 day' FROM (VALUES ('completed'::task_status, 40, 7),"
+            " ('error', 45, 3), ('new', 50, 2), ('completed', 2, 4)) v (s, d, n),"
+            " generate_series(1, v.n)"
+        )
+        config = {**stack.env, "TM_RETENTION_DAYS": "30"}
+        documents = pod_of(
+            objects, name=name, config=config, secret=secret, tls=tls, template=template
+        )
+        play_file = tmp_path / "prune.yaml"
+        play_file.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+        secret_file = tmp_path / "secret.json"
+        secret_file.write_text(json.dumps(_podman_secret(rendered_secret)))
+        podman.run("secret", "create", secret, str(secret_file))
+        tls_file = tmp_path / "tls.json"
+        tls_file.write_text(json.dumps(_podman_secret(one(objects, "Secret", "tm-tls"))))
+        podman.run("secret", "create", tls, str(tls_file))
+        container = f"{name}-prune"
+        try:
+            podman.run("kube", "play", str(play_file), timeout=300)
+            wait_for(
+                lambda: not podman.inspect(container)["State"]["Running"],
+                timeout_s=120,
+                what="the prune pod to finish",
+            )
+            state = podman.inspect(container)["State"]
+            logs = podman.run("logs", container, check=False)
+        finally:
+            podman.run("kube", "down", str(play_file), timeout=120, check=False)
+            podman.run("secret", "rm", secret, tls, check=False)
+        assert state["ExitCode"] == 0, logs[-4000:]
+        left = stack.query("SELECT status::text, count(*) FROM web_crawl_tasks GROUP BY 1")
+        assert {row[0]: row[1] for row in left} == {"new": 2, "completed": 4}
+        runs = stack.query("SELECT deleted_rows, retention_days FROM tm_prune_runs")
+        assert [tuple(row) for row in runs] == [(10, 30)]
+    assert '"deleted":10' in logs.replace(" ", ""), logs[-2000:]

@@ -137,12 +137,20 @@ def workers_per_pod(objects: list[Obj]) -> int:
     return int(-(-quantity(tm_container(objects)["resources"]["limits"]["cpu"]) // 1))
 
 
+def pod_template(obj: Obj) -> Obj:
+    """The pod template of a StatefulSet, a Job or a CronJob."""
+    spec = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+    template: Obj = spec["template"]
+    return template
+
+
 def every_container(objects: list[Obj]) -> list[tuple[str, Obj, Obj]]:
-    """(where, pod spec, container) of every pod template: the StatefulSet's and the Job's."""
+    """(where, pod spec, container) of every pod template: the StatefulSet's, the Job's and
+    the CronJob's."""
     out = []
     for obj in objects:
-        if obj["kind"] in ("StatefulSet", "Job"):
-            spec = obj["spec"]["template"]["spec"]
+        if obj["kind"] in ("StatefulSet", "Job", "CronJob"):
+            spec = pod_template(obj)["spec"]
             for c in spec.get("initContainers", []) + spec["containers"]:
                 out.append((f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}", spec, c))
     return out
@@ -188,6 +196,7 @@ def test_overlay_renders_the_objects_it_should(
     kinds = sorted(o["kind"] for o in rendered[overlay])
     base = [
         "ConfigMap",
+        "CronJob",
         "Job",
         "NetworkPolicy",
         "PodDisruptionBudget",
@@ -413,6 +422,35 @@ def test_migration_runs_before_tm(rendered: dict[str, list[Obj]], overlay: str) 
     assert job_container["image"] == init[0]["image"] == tm["image"]
     assert job_container["envFrom"] == init[0]["envFrom"] == tm["envFrom"]
     assert job["spec"]["ttlSecondsAfterFinished"] > 0  # so the next image's Job can be created
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prune_runs_hourly_one_at_a_time_as_the_migration_runs(
+    rendered: dict[str, list[Obj]], overlay: str
+) -> None:
+    objects = with_secret(rendered[overlay])
+    cron = one(objects, "CronJob", "tm-prune")
+    job = one(objects, "Job", "tm-migrate")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    minute, hour, *_ = cron["spec"]["schedule"].split()
+    assert minute.isdigit() and hour == "*"  # hourly
+    spec, migrate = pod_template(cron)["spec"], job["spec"]["template"]["spec"]
+    (prune,) = spec["containers"]
+    assert prune["args"] == ["db", "prune"]
+    # The migration Job's pod with another command: image, env, volumes, lockdown, resources.
+    for key in ("image", "envFrom", "securityContext", "volumeMounts", "resources"):
+        assert prune[key] == migrate["containers"][0][key], key
+    for key in ("securityContext", "volumes", "automountServiceAccountToken"):
+        assert spec[key] == migrate[key], key
+    # A run stopped by its deadline gets SIGTERM and the grace period to record what it did.
+    assert cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] < 3600
+    env = container_env(objects, spec, prune)
+    assert env.get("TM_RETENTION_DAYS", "") == ("30" if overlay == "prod" else "")
+    labels = pod_template(cron)["metadata"]["labels"]
+    policy = one(objects, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]
+    assert policy.items() <= labels.items()  # reaches PostgreSQL
+    for service in (o for o in objects if o["kind"] == "Service"):
+        assert not service["spec"]["selector"].items() <= labels.items()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

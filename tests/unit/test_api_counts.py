@@ -29,6 +29,10 @@ class FakeDatabase:
             raise DatabaseUnavailableError("down")
         return hours, 0, 0, hours
 
+    async def last_prune_run(self) -> None:
+        self.calls.append(-1)
+        await self.release.wait()
+
 
 async def test_concurrent_requests_share_one_query() -> None:
     database = FakeDatabase()
@@ -78,3 +82,14 @@ async def test_a_client_going_away_does_not_cancel_the_query() -> None:
     answer: Any = await second
     assert answer[1] == (24, 0, 0, 24)
     assert database.calls == [24]
+
+
+async def test_the_last_prune_run_is_shared_too() -> None:
+    database = FakeDatabase()
+    shared = SharedCounts(database)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(shared.last_prune_run()) for _ in range(3)]
+    await asyncio.sleep(0)
+    database.release.set()
+    assert await asyncio.gather(*waiting) == [None, None, None]
+    assert await shared.last_prune_run() is None
+    assert database.calls == [-1]

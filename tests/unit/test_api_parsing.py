@@ -9,7 +9,8 @@ import pytest
 from multidict import MultiDict
 
 from tm.api import database
-from tm.api.task_metrics import MAX_HOURS, parse_hours, render
+from tm.api.database import PruneRun
+from tm.api.task_metrics import MAX_HOURS, parse_hours, render, render_prune
 from tm.api.tasks import (
     BadRequestError,
     decode_cursor,
@@ -58,6 +59,33 @@ def test_metrics_text_is_gauges_labelled_by_time_range_with_a_whole_second_times
     assert lines[11] == 'web_crawl_total_tasks_count{time_range="6h"} 6'
     assert lines[14] == 'web_crawl_metrics_timestamp{time_range="6h"} 1700000000'
     assert all(line.split()[-1] == "gauge" for line in lines if line.startswith("# TYPE"))
+
+
+def test_prune_text_has_the_total_alone_before_a_run_then_the_last_run() -> None:
+    assert render_prune(None).decode().splitlines() == [
+        "# HELP tm_prune_deleted_rows_total Finished tasks deleted by tm db prune, all runs",
+        "# TYPE tm_prune_deleted_rows_total counter",
+        "tm_prune_deleted_rows_total 0",
+    ]
+    run = PruneRun(
+        finished_at_s=1_700_000_000.25,
+        deleted_rows=7,
+        duration_s=1.5,
+        batches=4,
+        is_complete=False,
+        deleted_rows_total=70,
+    )
+    text = render_prune(run).decode()
+    values = dict(line.split(" ") for line in text.splitlines() if not line.startswith("#"))
+    assert values == {
+        "tm_prune_deleted_rows_total": "70",
+        "tm_prune_last_run_timestamp_seconds": "1700000000.250",
+        "tm_prune_last_deleted_rows": "7",
+        "tm_prune_last_duration_seconds": "1.500",
+        "tm_prune_last_batches": "4",
+        "tm_prune_last_complete": "0",
+    }
+    assert text.endswith("\n") and "\n\n" not in text
 
 
 def test_cursor_round_trip_keeps_microseconds() -> None:

@@ -10,7 +10,16 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["bench.api", "bench.cpu", "bench.e2e", "bench.latency", "bench.soak", "loadtests"]
+    "module",
+    [
+        "bench.api",
+        "bench.cpu",
+        "bench.e2e",
+        "bench.latency",
+        "bench.prune",
+        "bench.soak",
+        "loadtests",
+    ],
 )
 def test_help_prints_usage(module: str) -> None:
     done = subprocess.run(

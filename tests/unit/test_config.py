@@ -122,6 +122,8 @@ def test_given_values_are_parsed_into_typed_trimmed_and_normalised_settings() ->
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "an http(s) base URL"),
         ("TRACING_SAMPLING_RATE", "2", "a number in 0.0..1.0"),
         ("TM_PROGRESS_INTERVAL_S", "-1", "a number in 0.0..86400.0"),
+        ("TM_RETENTION_DAYS", "0", "an integer in 1..36500"),
+        ("TM_RETENTION_DAYS", "30d", "an integer in 1..36500"),
         ("METRICS_AVAILABLE_TIME_RANGES", "1,x", "positive integers"),
         ("KAFKA_SASL_MECHANISM", "gssapi", "one of plain"),
         ("KAFKA_SECURITY_PROTOCOL", "tls", "one of plaintext, ssl, sasl_plaintext, sasl_ssl"),
@@ -141,6 +143,12 @@ def test_bad_value_names_variable_value_and_expectation(
     assert message.startswith(f"{variable}={value!r} is invalid: expected ")
     assert expected in message
     assert "\n" not in message
+
+
+def test_retention_is_off_unless_set() -> None:
+    assert config.load({}).retention.days is None
+    assert config.load({"TM_RETENTION_DAYS": ""}).retention.days is None
+    assert config.load({"TM_RETENTION_DAYS": "30"}).retention.days == 30
 
 
 def test_sasl_without_credentials_is_refused() -> None:

@@ -34,6 +34,11 @@ METRICS_SQL = (
     "SELECT new_tasks_count, completed_tasks_count, error_tasks_count, total_tasks_count"
     " FROM get_web_crawl_metrics($1)"
 )
+# The last `tm db prune` run (tm/sql/0008_prune_runs.sql), by its primary key's index.
+PRUNE_SQL = (
+    "SELECT extract(epoch FROM finished_at)::float8, deleted_rows, duration_s, batches,"
+    " is_complete, deleted_rows_total FROM tm_prune_runs ORDER BY id DESC LIMIT 1"
+)
 TASK_SQL = (
     "SELECT id, user_email, user_query, original_url, received_at, status, result, finished_at,"
     " created_at, updated_at FROM find_web_crawl_task_by_id($1)"
@@ -71,6 +76,18 @@ class Row(Protocol):
     """A row of a query: its columns by name (an asyncpg Record; a dict will do in tests)."""
 
     def __getitem__(self, column: str, /) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PruneRun:
+    """The last ``tm db prune`` (a row of ``tm_prune_runs``)."""
+
+    finished_at_s: float  # unix time
+    deleted_rows: int
+    duration_s: float
+    batches: int
+    is_complete: bool  # False: stopped by a signal before the cutoff
+    deleted_rows_total: int  # over every run so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +142,20 @@ class ReadPool:
         if row is None:
             return 0, 0, 0, 0
         return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+    async def last_prune_run(self) -> PruneRun | None:
+        """The last ``tm db prune`` run recorded; None before the first."""
+        row = await self._fetch(PRUNE_SQL, one=True)
+        if row is None:
+            return None
+        return PruneRun(
+            finished_at_s=float(row[0]),
+            deleted_rows=int(row[1]),
+            duration_s=float(row[2]),
+            batches=int(row[3]),
+            is_complete=bool(row[4]),
+            deleted_rows_total=int(row[5]),
+        )
 
     async def task(self, task_id: str) -> Row | None:
         row: Row | None = await self._fetch(TASK_SQL, task_id, one=True)

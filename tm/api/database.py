@@ -20,6 +20,7 @@ from tm.adapters.api_database import (
     LIST_RESULT_CHARS,
     POOL_SIZE,
     TASK_SQL,
+    PruneRun,
     ReadPool,
     Row,
     list_sql,
@@ -28,7 +29,7 @@ from tm.api.check import Check
 from tm.connections import PostgresSettings
 from tm.errors import DatabaseUnavailableError
 
-__all__ = ["LIST_RESULT_CHARS", "TASK_SQL", "ApiDatabase", "Row", "list_sql"]
+__all__ = ["LIST_RESULT_CHARS", "TASK_SQL", "ApiDatabase", "PruneRun", "Row", "list_sql"]
 
 log = logging.getLogger("tm.api")
 
@@ -104,6 +105,10 @@ class ApiDatabase:
     async def web_crawl_metrics(self, hours: int) -> tuple[int, int, int, int]:
         """(new, completed, error, total) tasks created in the last ``hours``: one call."""
         return await self._pool.web_crawl_metrics(hours)
+
+    async def last_prune_run(self) -> PruneRun | None:
+        """The last ``tm db prune`` run recorded (None before the first): one row."""
+        return await self._pool.last_prune_run()
 
     async def task(self, task_id: str) -> Row | None:
         return await self._pool.task(task_id)

@@ -10,6 +10,10 @@ not 6).
 
 Requests for the same window within a few seconds share one query
 (:mod:`tm.api.counts`); ``web_crawl_metrics_timestamp`` says when the counts were read.
+
+The text also carries what the last ``tm db prune`` did (``tm_prune_*``, from the table
+``tm_prune_runs``): a prune runs as a CronJob whose pod is gone before Prometheus could scrape
+it, so its figures are read from the database like the counts.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from aiohttp import web
 
 from tm.api.context import api_of
 from tm.api.counts import Counts
+from tm.api.database import PruneRun
 from tm.api.responses import iso, json_error, json_response, prometheus_response
 from tm.errors import DatabaseUnavailableError
 
@@ -71,13 +76,49 @@ def render(hours: int, counts: Counts, timestamp_s: float) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-async def _counts(request: web.Request) -> tuple[int, float, Counts] | web.Response:
+def render_prune(run: PruneRun | None) -> bytes:
+    """The Prometheus text of the last ``tm db prune`` run: the total alone before the first."""
+    total = 0 if run is None else run.deleted_rows_total
+    lines = [
+        "# HELP tm_prune_deleted_rows_total Finished tasks deleted by tm db prune, all runs",
+        "# TYPE tm_prune_deleted_rows_total counter",
+        f"tm_prune_deleted_rows_total {total}",
+    ]
+    if run is not None:
+        for name, help_text, value in (
+            (
+                "tm_prune_last_run_timestamp_seconds",
+                "Unix time when the last tm db prune ended",
+                f"{run.finished_at_s:.3f}",
+            ),
+            ("tm_prune_last_deleted_rows", "Tasks the last tm db prune deleted", run.deleted_rows),
+            (
+                "tm_prune_last_duration_seconds",
+                "How long the last tm db prune ran",
+                f"{run.duration_s:.3f}",
+            ),
+            ("tm_prune_last_batches", "Batches of the last tm db prune", run.batches),
+            (
+                "tm_prune_last_complete",
+                "1 when the last tm db prune reached its cutoff, 0 when it was stopped",
+                int(run.is_complete),
+            ),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def _counts(
+    request: web.Request, *, with_prune: bool = False
+) -> tuple[int, float, Counts, PruneRun | None] | web.Response:
     api = api_of(request)
     hours = parse_hours(request.query.getall("hours", []), api.settings.http.metrics_default_hours)
     if hours is None:
         return json_error(400, INVALID_HOURS)
     try:
-        return hours, *await api.counts.get(hours)
+        read_at, counts = await api.counts.get(hours)
+        prune = await api.counts.last_prune_run() if with_prune else None
+        return hours, read_at, counts, prune
     except DatabaseUnavailableError as exc:
         # The database check logs the outage once; a scrape every 15 s must not log each time.
         log.debug("metrics unavailable", extra={"fields": {"error": str(exc)}})
@@ -88,18 +129,18 @@ async def _counts(request: web.Request) -> tuple[int, float, Counts] | web.Respo
 
 
 async def metrics_text(request: web.Request) -> web.Response:
-    result = await _counts(request)
+    result = await _counts(request, with_prune=True)
     if isinstance(result, web.Response):
         return result
-    hours, read_at, counts = result
-    return prometheus_response(render(hours, counts, read_at))
+    hours, read_at, counts, prune = result
+    return prometheus_response(render(hours, counts, read_at) + render_prune(prune))
 
 
 async def metrics_json(request: web.Request) -> web.Response:
     result = await _counts(request)
     if isinstance(result, web.Response):
         return result
-    hours, read_at, (new, completed, error, total) = result
+    hours, read_at, (new, completed, error, total), _ = result
     return json_response(
         {
             "newTasksCount": new,
