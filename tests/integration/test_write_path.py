@@ -10,7 +10,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from tm.adapters import postgres
 from tm.adapters.api_database import list_sql
+from tm.config import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -147,3 +149,55 @@ async def test_the_listing_by_status_cuts_results_where_the_api_says(
     await db.fetch(UPDATE, [task_id], ["completed"], ["y" * 5000], [datetime.now(UTC)])
     rows = await db.fetch(list_sql(status=True, after=False), 10, "completed")
     assert [len(row["result"]) for row in rows] == [1001]
+
+
+async def test_a_session_that_began_on_an_empty_table_never_reads_it_whole(
+    db: asyncpg.Connection, settings: Settings, schema: str
+) -> None:
+    """A worker's session caches the plans of the batch functions after a few calls. Cached while
+    the table was empty, a plan that reads the table whole is the cheapest, and it stayed until
+    the table was next analyzed: every later batch read every row. Batches must find their rows
+    through the primary key whatever the table held when the session began."""
+    await db.execute("ALTER TABLE web_crawl_tasks SET (autovacuum_enabled = false)")
+    now = datetime.now(UTC)
+    for _ in range(8):  # enough calls for the plan cache to settle on one plan
+        ids = [uuid.uuid4()]
+        await db.fetch(CREATE, ids * 2, ["a@example.com"] * 2, ["q"] * 2, ["u"] * 2, [now] * 2)
+        await db.fetch(UPDATE, ids * 2, ["error", "completed"], ["x", "y"], [now, now])
+        await db.fetch(UPDATE, ids, ["completed"], ["z"], [now])
+    kwargs = postgres.connect_kwargs(settings.postgres)
+    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
+    other = await asyncpg.connect(**kwargs)
+    try:
+        await other.execute(
+            "INSERT INTO web_crawl_tasks (user_email, user_query, original_url, received_at)"
+            " SELECT 'b@example.com', 'q', 'u', now() FROM generate_series(1, 20000)"
+        )
+        some = [
+            row["id"]
+            for row in await other.fetch(
+                "SELECT id FROM web_crawl_tasks WHERE status = 'new' LIMIT 4"
+            )
+        ]
+    finally:
+        await other.close()
+
+    # The session's counts not yet reported (its migration's scans among them) show here too:
+    # what counts is the difference across the calls, within one transaction.
+    scans = (
+        "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = 'web_crawl_tasks'::regclass"
+    )
+    async with db.transaction():
+        before = await db.fetchval(scans)
+        fresh = uuid.uuid4()
+        created = await db.fetch(
+            CREATE, [fresh, some[0]], ["c@example.com"] * 2, ["q"] * 2, ["u"] * 2, [now] * 2
+        )
+        updated = await db.fetch(UPDATE, some[1:3], ["completed"] * 2, ["r"] * 2, [now] * 2)
+        repeated = await db.fetch(
+            UPDATE, [some[3]] * 2, ["error", "completed"], ["e", "r"], [now] * 2
+        )
+        after = await db.fetchval(scans)
+    assert [row["outcome"] for row in created] == ["created", "duplicate"]
+    assert [row["outcome"] for row in updated + repeated] == ["updated"] * 4
+    assert after - before == 0

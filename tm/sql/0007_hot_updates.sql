@@ -142,6 +142,17 @@ BEGIN
 END
 $$;
 
+-- A session caches the plans of these functions after a few calls. Cached while the table was
+-- empty or small, the cheapest plan of their lookups by id (and of the UPDATE's join) reads the
+-- table whole, and a session kept it until the table was next analyzed: a worker that started
+-- on a new table read every row at every batch (seen as 20-130 ms database calls at 5,000
+-- tasks a second in benchmarks on fresh databases). Their lookups are by primary key whatever
+-- the table holds, so a sequential scan is never what they want.
+ALTER FUNCTION tm_create_tasks(uuid[], text[], text[], text[], timestamptz[])
+    SET enable_seqscan = off;
+ALTER FUNCTION tm_apply_status_updates(uuid[], task_status[], text[], timestamptz[])
+    SET enable_seqscan = off;
+
 -- Tasks of one status, newest first, strictly before (p_before_created_at, p_before_id) when
 -- given, at most p_limit; result cut to p_result_chars characters. The hours come from the hourly
 -- counts, newest first, skipping the hours without a task of that status; each hour's range ends
