@@ -79,27 +79,12 @@ class Environ:
         return path
 
     def integer(self, name: str, default: int, *, lo: int, hi: int) -> int:
-        def parse(raw: str) -> int | None:
-            try:
-                value = int(raw)
-            except ValueError:
-                return None
-            return value if lo <= value <= hi else None
-
-        return self._parse(name, default, parse, f"an integer in {lo}..{hi}")
+        return self._parse(name, default, _integer_in(lo, hi), f"an integer in {lo}..{hi}")
 
     def optional_integer(self, name: str, *, lo: int, hi: int) -> int | None:
         """An integer in lo..hi, or None when unset or empty (a setting whose absence means
         "off", such as TM_RETENTION_DAYS)."""
-
-        def parse(raw: str) -> int | None:
-            try:
-                value = int(raw)
-            except ValueError:
-                return None
-            return value if lo <= value <= hi else None
-
-        return self._parse(name, None, parse, f"an integer in {lo}..{hi}")
+        return self._parse(name, None, _integer_in(lo, hi), f"an integer in {lo}..{hi}")
 
     def number(self, name: str, default: float, *, lo: float, hi: float) -> float:
         def parse(raw: str) -> float | None:
@@ -172,6 +157,19 @@ class Environ:
             return raw
         shown = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", raw)  # never print a password
         raise ConfigError(name, shown, "redis://[user:password@]host[:port][/db]")
+
+
+def _integer_in(lo: int, hi: int) -> Callable[[str], int | None]:
+    """A parser of an integer in lo..hi (None for anything else)."""
+
+    def parse(raw: str) -> int | None:
+        try:
+            value = int(raw)
+        except ValueError:
+            return None
+        return value if lo <= value <= hi else None
+
+    return parse
 
 
 def _why(exc: Exception) -> str:
