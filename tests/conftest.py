@@ -49,12 +49,30 @@ async def schema(settings: Settings, pg_up: None) -> AsyncIterator[str]:
         await admin.close()
 
 
+async def connect_to_schema(
+    settings: Settings, schema: str, *, migrating: bool = False
+) -> asyncpg.Connection:
+    """A session whose search_path is ``schema`` (``migrating``: without tm's query deadlines,
+    as `tm db migrate` connects)."""
+    kwargs = postgres.connect_kwargs(settings.postgres, migrating=migrating)
+    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
+    return await asyncpg.connect(**kwargs)
+
+
 @pytest.fixture
 async def conn(settings: Settings, schema: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection whose search_path is the fresh schema (nothing migrated yet)."""
-    kwargs = postgres.connect_kwargs(settings.postgres)
-    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
-    connection = await asyncpg.connect(**kwargs)
+    connection = await connect_to_schema(settings, schema)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def other_conn(settings: Settings, schema: str) -> AsyncIterator[asyncpg.Connection]:
+    """A second session on the same schema: another transaction, as a second pod or worker."""
+    connection = await connect_to_schema(settings, schema)
     try:
         yield connection
     finally:

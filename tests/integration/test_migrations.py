@@ -8,14 +8,14 @@ import datetime as dt
 import hashlib
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from tm.adapters import migrations, postgres
+from tests.conftest import connect_to_schema
+from tm.adapters import migrations
 from tm.config import Settings
 from tm.core.messages import TaskStatus
 from tm.errors import MigrationError
@@ -161,24 +161,6 @@ $$;
 
 def _file_name(migration: migrations.Migration) -> str:
     return f"{migration.version:04d}_{migration.name}.sql"
-
-
-async def _connect(
-    settings: Settings, schema: str, *, migrating: bool = False
-) -> asyncpg.Connection:
-    kwargs = postgres.connect_kwargs(settings.postgres, migrating=migrating)
-    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
-    return await asyncpg.connect(**kwargs)
-
-
-@pytest.fixture
-async def other_conn(settings: Settings, schema: str) -> AsyncIterator[asyncpg.Connection]:
-    """A second connection to the same fresh schema, as a second pod would have."""
-    connection = await _connect(settings, schema)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 @pytest.fixture
@@ -574,9 +556,9 @@ async def test_the_status_index_goes_without_stopping_writers_on_a_large_live_ta
     """A table of millions of tasks and a long transaction reading it (a report, a backup): the
     migration that drops the status index waits for that reader, and meanwhile the consumer's
     writes go through. A plain DROP INDEX would queue every writer behind its own wait."""
-    migrator = await _connect(settings, schema, migrating=True)
-    reader = await _connect(settings, schema)
-    writer = await _connect(settings, schema)
+    migrator = await connect_to_schema(settings, schema, migrating=True)
+    reader = await connect_to_schema(settings, schema)
+    writer = await connect_to_schema(settings, schema)
     try:
         before = tmp_path / "before"
         before.mkdir()

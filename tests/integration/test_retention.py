@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import asyncpg
 import pytest
 
-from tm.adapters import postgres, retention
+from tm.adapters import retention
 from tm.adapters.retention import Options
-from tm.config import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -36,18 +34,6 @@ SELECT count(*) FROM (
 ) kept USING (minute, status)
 WHERE exact.tasks IS DISTINCT FROM kept.tasks
 """
-
-
-@pytest.fixture
-async def other(settings: Settings, schema: str) -> AsyncIterator[asyncpg.Connection]:
-    """A second session on the test's schema: another transaction, as the consumer's."""
-    kwargs = postgres.connect_kwargs(settings.postgres)
-    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
-    connection = await asyncpg.connect(**kwargs)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def insert(db: asyncpg.Connection, status: str, age: timedelta, count: int) -> list[str]:
@@ -137,12 +123,12 @@ async def test_a_dry_run_counts_and_deletes_nothing(db: asyncpg.Connection) -> N
 
 
 async def test_a_row_another_transaction_holds_is_passed_over_not_waited_for(
-    db: asyncpg.Connection, other: asyncpg.Connection
+    db: asyncpg.Connection, other_conn: asyncpg.Connection
 ) -> None:
     ids = await insert(db, "error", timedelta(days=60), 5)
-    async with other.transaction():
+    async with other_conn.transaction():
         # The consumer in the middle of an update (error -> completed) of one of them.
-        await other.execute(
+        await other_conn.execute(
             "SELECT 1 FROM web_crawl_tasks WHERE id = $1 FOR UPDATE", uuid.UUID(ids[2])
         )
         outcome = await asyncio.wait_for(retention.prune(db, Options(days=30, pause_s=0)), 10)
@@ -153,10 +139,10 @@ async def test_a_row_another_transaction_holds_is_passed_over_not_waited_for(
     assert again is not None and again.deleted == 1
 
 
-async def test_one_prune_at_a_time(db: asyncpg.Connection, other: asyncpg.Connection) -> None:
+async def test_one_prune_at_a_time(db: asyncpg.Connection, other_conn: asyncpg.Connection) -> None:
     await insert(db, "completed", timedelta(days=60), 3)
     table = await db.fetchval("SELECT 'web_crawl_tasks'::regclass::oid::int")
-    await other.execute("SELECT pg_advisory_lock($1, $2)", retention.PRUNE_LOCK_KEY, table)
+    await other_conn.execute("SELECT pg_advisory_lock($1, $2)", retention.PRUNE_LOCK_KEY, table)
     assert await retention.prune(db, Options(days=30, pause_s=0)) is None
     assert await statuses(db) == {"completed": 3}
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from tm.adapters import postgres
+from tests.conftest import connect_to_schema
 from tm.adapters.api_database import list_sql
 from tm.config import Settings
 
@@ -165,9 +165,7 @@ async def test_a_session_that_began_on_an_empty_table_never_reads_it_whole(
         await db.fetch(CREATE, ids * 2, ["a@example.com"] * 2, ["q"] * 2, ["u"] * 2, [now] * 2)
         await db.fetch(UPDATE, ids * 2, ["error", "completed"], ["x", "y"], [now, now])
         await db.fetch(UPDATE, ids, ["completed"], ["z"], [now])
-    kwargs = postgres.connect_kwargs(settings.postgres)
-    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
-    other = await asyncpg.connect(**kwargs)
+    other = await connect_to_schema(settings, schema)
     try:
         await other.execute(
             "INSERT INTO web_crawl_tasks (user_email, user_query, original_url, received_at)"

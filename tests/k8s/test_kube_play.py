@@ -174,6 +174,17 @@ def _podman_secret(secret: Obj) -> dict[str, str]:
     return {k: base64.b64encode(v.encode()).decode() for k, v in secret_data(secret).items()}
 
 
+def _create_secrets(
+    podman: Podman, objects: list[Obj], directory: Path, *, secret: str, tls: str
+) -> None:
+    """The rendered Secrets tm-secrets and tm-tls in podman's store as ``secret`` and ``tls``
+    (removed by the test)."""
+    for rendered, name in (("tm-secrets", secret), ("tm-tls", tls)):
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(_podman_secret(one(objects, "Secret", rendered))))
+        podman.run("secret", "create", name, str(path))
+
+
 def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
     request = urllib.request.Request(url)  # noqa: S310 (http://127.0.0.1 only)
     if token:
@@ -201,12 +212,7 @@ def test_the_statefulset_pod_runs_under_podman_kube_play_and_consumes(
     documents = pod_of(objects, name=name, config=config, secret=secret, tls=tls)
     play_file = tmp_path / "pod.yaml"
     play_file.write_text(yaml.safe_dump_all(documents, sort_keys=False))
-    secret_file = tmp_path / "secret.json"
-    secret_file.write_text(json.dumps(_podman_secret(rendered_secret)))
-    podman.run("secret", "create", secret, str(secret_file))
-    tls_file = tmp_path / "tls.json"
-    tls_file.write_text(json.dumps(_podman_secret(one(objects, "Secret", "tm-tls"))))
-    podman.run("secret", "create", tls, str(tls_file))
+    _create_secrets(podman, objects, tmp_path, secret=secret, tls=tls)
     try:
         podman.run("kube", "play", str(play_file), timeout=300)
         _check_pod(podman, stack, name=name, port=port, token=token)
@@ -281,7 +287,6 @@ def test_the_prune_cronjob_pod_runs_under_podman_kube_play_and_prunes(
     cron = one(objects, "CronJob", "tm-prune")
     template = copy.deepcopy(cron["spec"]["jobTemplate"]["spec"]["template"])
     template["spec"]["restartPolicy"] = "Never"  # a failure shows as the exit code, not a retry
-    rendered_secret = one(objects, "Secret", "tm-secrets")
     suffix = uuid.uuid4().hex[:8]
     name = f"tm-prune-{suffix}"
     secret, tls = f"tm-secrets-{suffix}", f"tm-tls-{suffix}"
@@ -299,12 +304,7 @@ def test_the_prune_cronjob_pod_runs_under_podman_kube_play_and_prunes(
         )
         play_file = tmp_path / "prune.yaml"
         play_file.write_text(yaml.safe_dump_all(documents, sort_keys=False))
-        secret_file = tmp_path / "secret.json"
-        secret_file.write_text(json.dumps(_podman_secret(rendered_secret)))
-        podman.run("secret", "create", secret, str(secret_file))
-        tls_file = tmp_path / "tls.json"
-        tls_file.write_text(json.dumps(_podman_secret(one(objects, "Secret", "tm-tls"))))
-        podman.run("secret", "create", tls, str(tls_file))
+        _create_secrets(podman, objects, tmp_path, secret=secret, tls=tls)
         container = f"{name}-prune"
         try:
             podman.run("kube", "play", str(play_file), timeout=300)
