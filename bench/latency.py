@@ -656,8 +656,13 @@ def _parse(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     options = _parse(argv)
     stop_on_sigterm()
+    return drive(Run(options), options.json_path)
+
+
+def drive(run: Run, json_path: Path | None) -> int:
+    """Execute ``run``, always close it, print its report and write its figures to ``json_path``;
+    the exit status (0: every check passed). bench.prune's run goes the same way."""
     command = shlex.join(sys.orig_argv)
-    run = Run(options)
     try:
         run.execute()
     except BaseException as exc:
@@ -668,8 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         run.close()
         run.notes.append(f"tm's log: {run.log_dir / 'tm.log'}")
         print(run.render(command), flush=True)
-        if options.json_path is not None:
-            options.json_path.write_text(json.dumps(run.summary(command), indent=1) + "\n")
+        if json_path is not None:
+            json_path.write_text(json.dumps(run.summary(command), indent=1) + "\n")
     return 0 if run.ok else 1
 
 

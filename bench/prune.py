@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import shlex
@@ -32,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from typing import Any
 import asyncpg
 
 from bench import latency
-from harness import HarnessError, stop_on_sigterm
+from harness import stop_on_sigterm
 from harness.report import note
 from harness.stack import query
 from tm.adapters import postgres
@@ -241,7 +239,7 @@ class PruneBench(latency.Run):
                 out[which] = statistics.median(pruned) / statistics.median(alone)
         return out
 
-    def report(self, command: str) -> str:
+    def render(self, command: str) -> str:
         p = self.p
         out = ["# Steady load with and without `tm db prune`", "", f"command: `{command}`", ""]
         out += [
@@ -294,7 +292,7 @@ class PruneBench(latency.Run):
             out += ["## The run did not finish", "", "```", self.error.rstrip(), "```", ""]
         return "\n".join(out)
 
-    def figures(self, command: str) -> dict[str, Any]:
+    def summary(self, command: str) -> dict[str, Any]:
         return {
             "command": command,
             "tm": self.tm_source,
@@ -348,21 +346,7 @@ def _parse(argv: list[str] | None) -> Options:
 def main(argv: list[str] | None = None) -> int:
     options = _parse(argv)
     stop_on_sigterm()
-    command = shlex.join(sys.orig_argv)
-    run = PruneBench(options)
-    try:
-        run.execute()
-    except BaseException as exc:
-        run.error = str(exc) if isinstance(exc, HarnessError) else traceback.format_exc()
-        if isinstance(exc, KeyboardInterrupt | SystemExit):
-            run.error = f"interrupted ({type(exc).__name__})"
-    finally:
-        run.close()
-        run.notes.append(f"tm's log: {run.log_dir / 'tm.log'}")
-        print(run.report(command), flush=True)
-        if options.json_path is not None:
-            options.json_path.write_text(json.dumps(run.figures(command), indent=1) + "\n")
-    return 0 if run.ok else 1
+    return latency.drive(PruneBench(options), options.json_path)
 
 
 if __name__ == "__main__":
