@@ -384,6 +384,121 @@ async def test_mixed_update_batch_returns_outcomes_in_input_order(
     }
 
 
+async def test_update_batch_of_distinct_tasks_returns_every_outcome_in_input_order(
+    db: asyncpg.Connection,
+) -> None:
+    """No task twice: the valid transitions are written by one statement, the others decided
+    one by one after it; the outcomes still come back in input order."""
+    first, second = await _task_in(db, "new", None), await _task_in(db, "new", None)
+    failed = await _task_in(db, "error", "timeout")
+    done = await _task_in(db, "completed", "page")
+    unknown = uuid.uuid4()
+
+    outcomes = await apply_updates(
+        db,
+        [
+            Update(done, "error", "late"),
+            Update(first, "completed", "page 1"),
+            Update(unknown, "completed", "page"),
+            Update(failed, "error", "timeout"),
+            Update(second, "error", "dns failure"),
+        ],
+    )
+
+    assert outcomes == [
+        (1, Outcome.INVALID_TRANSITION),
+        (2, Outcome.UPDATED),
+        (3, Outcome.TASK_NOT_FOUND),
+        (4, Outcome.UNCHANGED),
+        (5, Outcome.UPDATED),
+    ]
+    stored = {
+        row["id"]: (row["status"], row["result"])
+        for row in await db.fetch("SELECT id, status, result FROM web_crawl_tasks")
+    }
+    assert stored == {
+        first: ("completed", "page 1"),
+        second: ("error", "dns failure"),
+        failed: ("error", "timeout"),
+        done: ("completed", "page"),
+    }
+
+
+async def _until_waiting_for_a_lock(
+    observer: asyncpg.Connection, waiter: asyncpg.Connection, call: asyncio.Task[object]
+) -> None:
+    waits = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+    for _ in range(1200):  # at most a minute
+        if await observer.fetchval(waits, waiter.get_server_pid()) or call.done():
+            break
+        await asyncio.sleep(0.05)
+    assert not call.done(), "the call did not wait for the other transaction"
+
+
+async def test_an_update_waiting_for_a_concurrent_change_decides_on_the_changed_row(
+    db: asyncpg.Connection, other_db: asyncpg.Connection
+) -> None:
+    """Another transaction finishes the task while the batch waits for it: the batch's
+    `error` is then a transition from `completed`, refused, and the other's result stays."""
+    task_id = await _task_in(db, "new", None)
+    bystander = await _task_in(db, "new", None)
+    later = FINISHED_AT + dt.timedelta(minutes=1)
+
+    async with other_db.transaction():
+        await other_db.execute(
+            "UPDATE web_crawl_tasks SET status = 'completed', result = 'their page',"
+            " finished_at = $2 WHERE id = $1",
+            task_id,
+            FINISHED_AT,
+        )
+        call = asyncio.create_task(
+            apply_updates(
+                db,
+                [
+                    Update(bystander, "completed", "page", later),
+                    Update(task_id, "error", "x", later),
+                ],
+            )
+        )
+        await _until_waiting_for_a_lock(other_db, db, call)
+
+    assert await call == [(1, Outcome.UPDATED), (2, Outcome.INVALID_TRANSITION)]
+    row = await _row(db, task_id)
+    assert (row["status"], row["result"]) == ("completed", "their page")
+    assert (await _row(db, bystander))["status"] == "completed"
+
+
+@pytest.mark.parametrize("other_commits", [True, False], ids=["other-commits", "other-aborts"])
+async def test_a_create_batch_meeting_an_uncommitted_insert_of_one_of_its_tasks(
+    db: asyncpg.Connection, other_db: asyncpg.Connection, other_commits: bool
+) -> None:
+    """Another worker is inserting one of the batch's tasks: the batch waits for it, and the
+    task is created once, by whichever transaction commits it; the counts follow the rows."""
+    shared, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    transaction = other_db.transaction()
+    await transaction.start()
+    try:
+        assert await create_tasks(other_db, [NewTask(shared, user_email="other@example.com")]) == [
+            (1, shared, Outcome.CREATED)
+        ]
+        call = asyncio.create_task(create_tasks(db, [NewTask(a), NewTask(shared), NewTask(b)]))
+        await _until_waiting_for_a_lock(other_db, db, call)
+    finally:
+        if other_commits:
+            await transaction.commit()
+        else:
+            await transaction.rollback()
+
+    expected = Outcome.DUPLICATE if other_commits else Outcome.CREATED
+    assert await call == [(1, a, Outcome.CREATED), (2, shared, expected), (3, b, Outcome.CREATED)]
+    assert await _count(db) == 3
+    owner = (await _row(db, shared))["user_email"]
+    assert owner == ("other@example.com" if other_commits else "ann@example.com")
+    counted = await db.fetchval("SELECT sum(tasks) FROM web_crawl_task_hourly_counts")
+    assert counted == 3
+
+
 @pytest.mark.parametrize(
     ("bad_task", "sqlstate"),
     [
