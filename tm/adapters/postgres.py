@@ -205,27 +205,29 @@ def translate_error(exc: BaseException) -> BaseException:
     return exc
 
 
-# The columns of a batch travel as JSON arrays, one parameter each, unpacked into the set-based
+# The columns of a batch travel as text, one parameter each, unpacked into the set-based
 # functions' array arguments by the server. asyncpg's own array encoding costs the client about
 # 6 µs per row (per element it checks, through Python-level ABC isinstance calls, whether the
-# element is itself an array); orjson writes the same columns in about 0.5 µs a row, and the
-# server's JSON parse costs less than the difference. A subquery over one set-returning
-# function yields its rows in the function's order, which ARRAY() keeps.
+# element is itself an array). Free text (e-mails, queries, URLs, results) goes as a JSON array,
+# which orjson writes in about 0.5 µs a row; ids, statuses and instants, which never hold a
+# comma, go as comma-separated values, which the server splits in about half the time it parses
+# the same values as JSON (0.3 µs a value less). A subquery over one set-returning function
+# yields its rows in the function's order, which ARRAY() keeps.
 _CREATE_SQL = """
 SELECT outcome FROM tm_create_tasks(
-    ARRAY(SELECT json_array_elements_text($1::json))::uuid[],
+    string_to_array($1, ',')::uuid[],
     ARRAY(SELECT json_array_elements_text($2::json)),
     ARRAY(SELECT json_array_elements_text($3::json)),
     ARRAY(SELECT json_array_elements_text($4::json)),
-    ARRAY(SELECT json_array_elements_text($5::json))::timestamptz[]
+    string_to_array($5, ',')::timestamptz[]
 ) ORDER BY ord
 """
 _UPDATE_SQL = """
 SELECT outcome FROM tm_apply_status_updates(
-    ARRAY(SELECT json_array_elements_text($1::json))::uuid[],
-    ARRAY(SELECT json_array_elements_text($2::json))::task_status[],
+    string_to_array($1, ',')::uuid[],
+    string_to_array($2, ',')::task_status[],
     ARRAY(SELECT json_array_elements_text($3::json)),
-    ARRAY(SELECT json_array_elements_text($4::json))::timestamptz[]
+    string_to_array($4, ',')::timestamptz[]
 ) ORDER BY ord
 """
 
@@ -236,10 +238,12 @@ def _json(values: list[Any]) -> str:
 
 
 def _instants(moments: list[datetime]) -> str:
-    """A timestamptz column as JSON text: RFC 3339 in UTC, which the server reads back exactly.
-    In UTC because a header's offset may be anything Python accepts (-19:25, say) and
-    PostgreSQL's timestamptz input refuses offsets beyond ±15:59."""
-    return _json([m if m.tzinfo is UTC else m.astimezone(UTC) for m in moments])
+    """A timestamptz column as comma-separated RFC 3339 in UTC, which the server reads back
+    exactly. In UTC because a header's offset may be anything Python accepts (-19:25, say) and
+    PostgreSQL's timestamptz input refuses offsets beyond ±15:59. orjson writes them (the JSON
+    array's brackets and quotes are cut) several times faster than datetime.isoformat()."""
+    quoted = orjson.dumps([m if m.tzinfo is UTC else m.astimezone(UTC) for m in moments])
+    return quoted[2:-2].replace(b'","', b",").decode()
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
@@ -305,7 +309,7 @@ class Database:
 async def _create(conn: asyncpg.Connection, creates: list[NewTask]) -> list[str]:
     rows = await conn.fetch(
         _CREATE_SQL,
-        _json([t.id for t in creates]),
+        ",".join([t.id for t in creates]),
         _json([t.user_email for t in creates]),
         _json([t.user_query for t in creates]),
         _json([t.base_url for t in creates]),
@@ -317,8 +321,8 @@ async def _create(conn: asyncpg.Connection, creates: list[NewTask]) -> list[str]
 async def _update(conn: asyncpg.Connection, updates: list[StatusUpdate]) -> list[str]:
     rows = await conn.fetch(
         _UPDATE_SQL,
-        _json([u.id for u in updates]),
-        _json([u.status.value for u in updates]),
+        ",".join([u.id for u in updates]),
+        ",".join([u.status.value for u in updates]),
         _json([u.result for u in updates]),
         _instants([u.finished_at for u in updates]),
     )
