@@ -41,6 +41,7 @@ EXPECTED_FUNCTIONS = {
     "tm_list_tasks_by_status",
     "tm_web_crawl_metrics_since",
     "tm_status_outcome",
+    "tm_touch_updated_at",
 }
 EXPECTED_VIEWS = {
     "completed_web_crawl_tasks",
@@ -331,9 +332,10 @@ async def test_migrate_creates_the_table_enum_trigger_functions_and_views(
         schema,
     )
     assert trigger is not None
-    assert trigger["function"] == "update_updated_at_column"
-    assert "BEFORE UPDATE" in trigger["def"]
-    assert "FOR EACH ROW" in trigger["def"]
+    # The original's name; a statement trigger since (a row trigger locks every updated row).
+    assert trigger["function"] == "tm_touch_updated_at"
+    assert "AFTER UPDATE" in trigger["def"]
+    assert "FOR EACH STATEMENT" in trigger["def"]
     assert await _functions(conn, schema) == EXPECTED_FUNCTIONS
     assert await _views(conn, schema) == EXPECTED_VIEWS
     assert await _indexes(conn, schema) == EXPECTED_INDEXES
