@@ -6,7 +6,9 @@ answer they fail with one line saying so; they never skip.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -57,6 +59,19 @@ async def connect_to_schema(
     kwargs = postgres.connect_kwargs(settings.postgres, migrating=migrating)
     kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
     return await asyncpg.connect(**kwargs)
+
+
+async def until_waiting_for_a_lock(
+    observer: asyncpg.Connection, pid: int, call: asyncio.Future[Any]
+) -> None:
+    """Returns once the session `pid` waits for a lock (at most a minute); `call`, the work that
+    should be waiting, must still be running."""
+    waits = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+    for _ in range(1200):
+        if await observer.fetchval(waits, pid) or call.done():
+            break
+        await asyncio.sleep(0.05)
+    assert not call.done(), "it did not wait for the other transaction"
 
 
 @pytest.fixture

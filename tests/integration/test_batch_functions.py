@@ -7,15 +7,14 @@ import asyncio
 import datetime as dt
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
 import pytest
 
-from tm.adapters import postgres
+from tests.conftest import until_waiting_for_a_lock
 from tm.adapters.postgres import translate_error
-from tm.config import Settings
 from tm.core.messages import Outcome
 from tm.errors import RowRejectedError
 
@@ -74,20 +73,6 @@ async def apply_updates(db: asyncpg.Connection, updates: Sequence[Update]) -> li
         [u.finished_at for u in updates],
     )
     return [(row["ord"], row["outcome"]) for row in rows]
-
-
-@pytest.fixture
-async def other_db(
-    settings: Settings, schema: str, db: asyncpg.Connection
-) -> AsyncIterator[asyncpg.Connection]:
-    """A second connection to ``db``'s migrated schema, as a second worker would have."""
-    kwargs = postgres.connect_kwargs(settings.postgres)
-    kwargs["server_settings"] = {**kwargs["server_settings"], "search_path": f'"{schema}"'}
-    connection = await asyncpg.connect(**kwargs)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def _row(db: asyncpg.Connection, task_id: uuid.UUID) -> asyncpg.Record:
@@ -167,7 +152,7 @@ async def test_redelivered_new_of_a_finished_task_is_unchanged(
 
 
 async def test_overlapping_create_batches_in_opposite_orders_never_deadlock(
-    db: asyncpg.Connection, other_db: asyncpg.Connection
+    db: asyncpg.Connection, other_conn: asyncpg.Connection
 ) -> None:
     """Two workers with overlapping redelivered batches (a rebalance): the rows are inserted in
     id order whatever the input order, so neither waits for a row the other waits behind."""
@@ -176,7 +161,7 @@ async def test_overlapping_create_batches_in_opposite_orders_never_deadlock(
         tasks = [NewTask(uuid.uuid4()) for _ in range(ids_per_round)]
 
         results = await asyncio.gather(
-            create_tasks(db, tasks), create_tasks(other_db, tasks[::-1]), return_exceptions=True
+            create_tasks(db, tasks), create_tasks(other_conn, tasks[::-1]), return_exceptions=True
         )
 
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -424,19 +409,8 @@ async def test_update_batch_of_distinct_tasks_returns_every_outcome_in_input_ord
     }
 
 
-async def _until_waiting_for_a_lock(
-    observer: asyncpg.Connection, waiter: asyncpg.Connection, call: asyncio.Task[object]
-) -> None:
-    waits = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
-    for _ in range(1200):  # at most a minute
-        if await observer.fetchval(waits, waiter.get_server_pid()) or call.done():
-            break
-        await asyncio.sleep(0.05)
-    assert not call.done(), "the call did not wait for the other transaction"
-
-
 async def test_an_update_waiting_for_a_concurrent_change_decides_on_the_changed_row(
-    db: asyncpg.Connection, other_db: asyncpg.Connection
+    db: asyncpg.Connection, other_conn: asyncpg.Connection
 ) -> None:
     """Another transaction finishes the task while the batch waits for it: the batch's
     `error` is then a transition from `completed`, refused, and the other's result stays."""
@@ -444,8 +418,8 @@ async def test_an_update_waiting_for_a_concurrent_change_decides_on_the_changed_
     bystander = await _task_in(db, "new", None)
     later = FINISHED_AT + dt.timedelta(minutes=1)
 
-    async with other_db.transaction():
-        await other_db.execute(
+    async with other_conn.transaction():
+        await other_conn.execute(
             "UPDATE web_crawl_tasks SET status = 'completed', result = 'their page',"
             " finished_at = $2 WHERE id = $1",
             task_id,
@@ -460,7 +434,7 @@ async def test_an_update_waiting_for_a_concurrent_change_decides_on_the_changed_
                 ],
             )
         )
-        await _until_waiting_for_a_lock(other_db, db, call)
+        await until_waiting_for_a_lock(other_conn, db.get_server_pid(), call)
 
     assert await call == [(1, Outcome.UPDATED), (2, Outcome.INVALID_TRANSITION)]
     row = await _row(db, task_id)
@@ -470,20 +444,20 @@ async def test_an_update_waiting_for_a_concurrent_change_decides_on_the_changed_
 
 @pytest.mark.parametrize("other_commits", [True, False], ids=["other-commits", "other-aborts"])
 async def test_a_create_batch_meeting_an_uncommitted_insert_of_one_of_its_tasks(
-    db: asyncpg.Connection, other_db: asyncpg.Connection, other_commits: bool
+    db: asyncpg.Connection, other_conn: asyncpg.Connection, other_commits: bool
 ) -> None:
     """Another worker is inserting one of the batch's tasks: the batch waits for it, and the
     task is created once, by whichever transaction commits it; the counts follow the rows."""
     shared, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
 
-    transaction = other_db.transaction()
+    transaction = other_conn.transaction()
     await transaction.start()
     try:
-        assert await create_tasks(other_db, [NewTask(shared, user_email="other@example.com")]) == [
-            (1, shared, Outcome.CREATED)
-        ]
+        assert await create_tasks(
+            other_conn, [NewTask(shared, user_email="other@example.com")]
+        ) == [(1, shared, Outcome.CREATED)]
         call = asyncio.create_task(create_tasks(db, [NewTask(a), NewTask(shared), NewTask(b)]))
-        await _until_waiting_for_a_lock(other_db, db, call)
+        await until_waiting_for_a_lock(other_conn, db.get_server_pid(), call)
     finally:
         if other_commits:
             await transaction.commit()
