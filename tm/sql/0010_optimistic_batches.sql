@@ -1,16 +1,16 @@
 -- The batch functions try the common case first, with the cheapest statement that can decide it,
--- and fall back to 0007's statements (the same ones, unchanged in what they decide) for the rows
--- that the first statement could not:
+-- and fall back to the earlier statements (the same ones, unchanged in what they decide) for the
+-- rows that the first statement could not:
 --
 -- 1. tm_create_tasks: a batch of tasks that are all new to the table, the common case, is a plain
 --    INSERT. `ON CONFLICT DO NOTHING` inserts speculatively (one more WAL record and one more index
 --    probe a row) and the statement also had to look up the ids it did not insert; together about
 --    a third of PostgreSQL's CPU per new task (measured on one backend: 9.7 -> 6.4 µs a row). A
 --    repeated id (in the batch, already stored, or inserted meanwhile by another worker) raises
---    unique_violation: the insert is undone with its subtransaction and the whole batch goes
---    through 0006's statement, which decides created / duplicate / unchanged row by row. The rows
---    are still inserted in id order, so that two workers inserting overlapping batches wait for
---    each other in one order.
+--    unique_violation: the insert is undone with its subtransaction (its rows left for vacuum)
+--    and the whole batch goes through 0006's statement, which decides created / duplicate /
+--    unchanged row by row. The rows are still inserted in id order, so that two workers inserting
+--    overlapping batches wait for each other in one order.
 -- 2. tm_apply_status_updates: in a batch in which no task appears twice, every row whose
 --    transition is valid against the task's current version is updated by one UPDATE, which finds
 --    each task once (0007 read each task with `FOR UPDATE` and then updated it: two visits and a
