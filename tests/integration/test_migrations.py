@@ -602,6 +602,40 @@ async def test_the_status_index_goes_without_stopping_writers_on_a_large_live_ta
             await connection.close()
 
 
+async def test_replacing_the_updated_at_trigger_gives_up_behind_a_long_transaction(
+    settings: Settings, schema: str, tmp_path: Path
+) -> None:
+    """The migration that replaces the trigger needs the table's exclusive lock, and writers
+    queue behind its wait: behind a long reader it fails after its lock timeout, nothing of it
+    applied and the writers free again, and applies once the reader is gone."""
+    migrator = await connect_to_schema(settings, schema, migrating=True)
+    reader = await connect_to_schema(settings, schema)
+    try:
+        before = tmp_path / "before"
+        before.mkdir()
+        for migration in migrations.discover():
+            if migration.version < 10:
+                (before / _file_name(migration)).write_text(migration.sql, encoding="utf-8")
+        await migrations.migrate(migrator, before)
+        async with reader.transaction():
+            await reader.fetchval("SELECT count(*) FROM web_crawl_tasks")
+            with pytest.raises(asyncpg.LockNotAvailableError):  # not a wait as long as the reader's
+                await asyncio.wait_for(migrations.migrate(migrator), 60)
+        assert 10 not in [row["version"] for row in await _ledger(migrator)]
+        assert "tm_touch_updated_at" not in await _functions(migrator, schema)
+        task_id = await migrator.fetchval(
+            "SELECT create_web_crawl_task('b@example.com', 'q', 'https://example.com',"
+            " now(), 'new', now(), now())"
+        )
+        assert task_id is not None
+
+        assert [m.version for m in await migrations.migrate(migrator)] == [10]
+        assert "tm_touch_updated_at" in await _functions(migrator, schema)
+    finally:
+        for connection in (migrator, reader):
+            await connection.close()
+
+
 async def test_a_migration_outside_a_transaction_runs_its_statements_alone_and_resumes(
     conn: asyncpg.Connection, sql_copy: Path
 ) -> None:

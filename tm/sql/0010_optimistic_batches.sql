@@ -31,6 +31,13 @@
 --
 -- Same arguments, results and outcomes as before.
 
+-- Replacing the trigger needs the table's exclusive lock, which waits for every transaction that
+-- holds a lock on the table (a long report, say), and every writer queues behind that wait. So
+-- it waits at most 5 s: past that, this migration fails with a lock timeout, nothing of it
+-- applied, and `tm db migrate` (its Job retries) tries again later, instead of holding the
+-- consumers up for as long as the report runs.
+SET LOCAL lock_timeout = '5s';
+
 CREATE OR REPLACE FUNCTION tm_create_tasks(
     p_ids           uuid[],
     p_user_emails   text[],
