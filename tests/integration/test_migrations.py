@@ -164,6 +164,16 @@ def _file_name(migration: migrations.Migration) -> str:
     return f"{migration.version:04d}_{migration.name}.sql"
 
 
+def _migrations_before(version: int, directory: Path) -> Path:
+    """``directory`` holding the migrations older than ``version``: a database migrated from it
+    was last migrated before that one."""
+    directory.mkdir()
+    for migration in migrations.discover():
+        if migration.version < version:
+            (directory / _file_name(migration)).write_text(migration.sql, encoding="utf-8")
+    return directory
+
+
 @pytest.fixture
 def sql_copy(tmp_path: Path) -> Path:
     """A private copy of sql/ that a test may edit."""
@@ -562,12 +572,7 @@ async def test_the_status_index_goes_without_stopping_writers_on_a_large_live_ta
     reader = await connect_to_schema(settings, schema)
     writer = await connect_to_schema(settings, schema)
     try:
-        before = tmp_path / "before"
-        before.mkdir()
-        for migration in migrations.discover():
-            if migration.version < 9:
-                (before / _file_name(migration)).write_text(migration.sql, encoding="utf-8")
-        await migrations.migrate(migrator, before)
+        await migrations.migrate(migrator, _migrations_before(9, tmp_path / "before"))
         await migrator.execute(
             "INSERT INTO web_crawl_tasks (user_email, user_query, original_url, received_at,"
             " status, created_at) SELECT 'a@example.com', 'q', 'https://example.com', now(),"
@@ -611,12 +616,7 @@ async def test_replacing_the_updated_at_trigger_gives_up_behind_a_long_transacti
     migrator = await connect_to_schema(settings, schema, migrating=True)
     reader = await connect_to_schema(settings, schema)
     try:
-        before = tmp_path / "before"
-        before.mkdir()
-        for migration in migrations.discover():
-            if migration.version < 10:
-                (before / _file_name(migration)).write_text(migration.sql, encoding="utf-8")
-        await migrations.migrate(migrator, before)
+        await migrations.migrate(migrator, _migrations_before(10, tmp_path / "before"))
         async with reader.transaction():
             await reader.fetchval("SELECT count(*) FROM web_crawl_tasks")
             with pytest.raises(asyncpg.LockNotAvailableError):  # not a wait as long as the reader's
